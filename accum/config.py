@@ -1,0 +1,270 @@
+"""The one typed schema of a training run: dataclass fields <- YAML <- command-line flags.
+
+Every key of a run config is a field of `RunConfig`, every field is a flag of
+scripts/train.py (`batch_size` <-> `--batch-size`), and unknown keys are errors.
+Validation is pydantic's; `ConfigError` turns its report into one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """Bad user input: the message is one line naming the value and the fix (exit code 2)."""
+
+
+Auto = Literal["auto"]
+
+
+class RunConfig(BaseModel):
+    """A whole training run. Sizes are in samples; steps are optimizer steps."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    # -- what to train ------------------------------------------------------
+    task: Literal["classification", "clm"] = Field("classification", description="sequence classification or causal LM")
+    model: str | None = Field(None, description="local path or hub name of a transformers model")
+    model_config_overrides: dict[str, Any] | None = Field(
+        None, description="build the model from this config instead of loading weights (model_type plus sizes)"
+    )
+    tokenizer: str | None = Field(None, description="tokenizer path or name; defaults to --model")
+    trust_remote_code: bool = Field(False, description="allow code from a model repo to run (off by default)")
+    dropout: float | None = Field(None, ge=0, le=1, description="override every dropout probability of the model")
+
+    # -- data -----------------------------------------------------------------
+    dataset: str | None = Field(None, description="a `datasets` name (needs the hub) instead of local files")
+    train_file: str | None = Field(None, description="local csv/json/jsonl/parquet/txt file for training")
+    eval_file: str | None = Field(None, description="local file for evaluation; else a split of the train file")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of the train data held out when no eval file")
+    text_column: str = Field("text", description="column holding the input text")
+    label_column: str = Field("label", description="column holding the class label (classification)")
+    max_seq_len: int = Field(128, gt=0, description="tokens per sample, after truncation")
+    max_train_samples: int | None = Field(None, gt=0, description="use only the first N training samples")
+    max_eval_samples: int | None = Field(None, gt=0, description="use only the first N evaluation samples")
+
+    # -- batch: any two of these determine the third ----------------------------
+    batch_size: int = Field(32, gt=0, description="target effective batch: micro x accumulation x processes")
+    micro_batch_size: int | Auto = Field("auto", description="samples per forward/backward per process, or auto (probe)")
+    grad_accum_steps: int | Auto = Field("auto", description="micro-batches per optimizer step, or auto (derived)")
+    eval_batch_size: int | Auto = Field("auto", description="evaluation batch per process, or auto (probe)")
+    allow_batch_rounding: bool = Field(False, description="round a target batch that cannot be split exactly")
+    max_memory: str | float | None = Field(
+        None, description="planner memory budget: bytes ('8GiB') or a fraction of device memory (0.5)"
+    )
+    safety_margin: float = Field(0.1, ge=0, lt=1, description="share of the budget kept free by the planner")
+    objective: Literal["largest", "throughput"] = Field("largest", description="planner: largest fit or fastest fit")
+    plan_cache: str | None = Field(None, description="plan cache file; default ~/.cache/accum/plans.json")
+    replan: bool = Field(False, description="ignore a cached plan and probe again")
+
+    # -- optimisation -----------------------------------------------------------
+    optimizer: Literal["adamw", "adamw_8bit", "lion_8bit", "sgd"] = Field("adamw", description="optimizer")
+    lr: float = Field(1e-4, gt=0, description="learning rate at base_batch_size")
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field("none", description="LR rule when the batch differs from base")
+    base_batch_size: int | None = Field(None, gt=0, description="batch the LR was tuned for; default batch_size")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="decay, in optimizer steps")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup, in optimizer steps")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
+    max_grad_norm: float | None = Field(1.0, description="clip to this global norm; null or 0 logs the norm only")
+    loss_normalization: Literal["auto", "tokens", "samples", "mean"] = Field(
+        "auto", description="exact over tokens/samples of the window, or Accelerate's mean of means; auto picks by task"
+    )
+
+    # -- length -------------------------------------------------------------------
+    epochs: float | None = Field(None, gt=0, description="passes over the training data")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; wins over epochs")
+
+    # -- precision and speed ----------------------------------------------------------
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
+        None, description="no|fp16|bf16; default: what the accelerate config says"
+    )
+    use_amp: bool = Field(False, description="alias: mixed precision fp16 on CUDA, bf16 on CPU")
+    compile: bool = Field(False, description="torch.compile the model")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+    seed: int = Field(42, description="seed for weights, data order and dropout")
+    num_workers: int = Field(0, ge=0, description="data loader workers (0 keeps resume exact)")
+
+    # -- output -----------------------------------------------------------------------
+    output_dir: str = Field("runs/default", description="where config, plan, metrics and checkpoints go")
+    overwrite: bool = Field(False, description="allow writing into an output dir that holds a finished run")
+    save_every: int = Field(0, ge=0, description="checkpoint every N optimizer steps (0: only at the end)")
+    keep_checkpoints: int = Field(2, gt=0, description="keep the last K checkpoints")
+    resume_from_checkpoint: str | None = Field(None, description="'latest' or a checkpoint path")
+    allow_batch_change: bool = Field(False, description="resume with another effective batch than the checkpoint's")
+    log_every: int = Field(1, gt=0, description="console line every N optimizer steps")
+    eval_every: int = Field(0, ge=0, description="evaluate every N optimizer steps (0: only at the end)")
+    report_to: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="experiment tracker")
+    skip_nonfinite: bool = Field(False, description="skip a window whose loss is NaN/inf instead of stopping")
+
+    @field_validator("micro_batch_size", "grad_accum_steps", "eval_batch_size")
+    @classmethod
+    def _positive_or_auto(cls, value: int | str) -> int | str:
+        if value != "auto" and int(value) <= 0:
+            raise ValueError("must be a positive integer or 'auto'")
+        return value
+
+    @field_validator("max_memory")
+    @classmethod
+    def _memory_parses(cls, value: str | float | None) -> str | float | None:
+        if value is not None:
+            parse_memory(value)
+        return value
+
+    @model_validator(mode="after")
+    def _has_model_and_data(self) -> RunConfig:
+        if self.model is None and self.model_config_overrides is None:
+            raise ValueError("give `model` (a path or name) or `model_config_overrides` (build from a config)")
+        return self
+
+    def resolved_loss_normalization(self) -> str:
+        """tokens for clm, samples for classification, unless the config names one."""
+        if self.loss_normalization != "auto":
+            return self.loss_normalization
+        return "tokens" if self.task == "clm" else "samples"
+
+
+_MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                 "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(value: str | float | int) -> float:
+    """Return bytes for '8GiB' / '512MB' / 1e9, or a fraction in (0, 1] for 0.5. Raises ConfigError."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in _MEMORY_UNITS:
+            raise ConfigError(f"memory {value!r} is not a size: write e.g. 8GiB, 512MB, or a fraction like 0.5")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    if number <= 0:
+        raise ConfigError(f"memory {value!r} must be positive")
+    return number * _MEMORY_UNITS[unit]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _scalar_types(annotation: Any) -> set[type]:
+    """The plain types a field accepts (Literal values count as their type)."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return set().union(*(_scalar_types(arg) for arg in typing.get_args(annotation)))
+    if origin is Literal:
+        return {type(arg) for arg in typing.get_args(annotation)}
+    if annotation is type(None):
+        return set()
+    return {origin or annotation}
+
+
+def _parse_cli_value(raw: str, annotation: Any) -> Any:
+    """Turn a flag's text into the field's type; pydantic then validates it."""
+    kinds = _scalar_types(annotation)
+    if raw.lower() in ("null", "none") and type(None) in typing.get_args(annotation):
+        return None
+    if dict in kinds:
+        try:
+            return yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{raw!r} is not a YAML mapping: {exc.problem}") from None
+    if bool in kinds and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return raw.lower() in ("true", "1", "yes")
+    for kind in (int, float):
+        if kind in kinds:
+            try:
+                return kind(raw)
+            except ValueError:
+                pass
+    return raw
+
+
+ALIASES = {"target_batch_size": "batch_size", "use_amp": "use_amp", "resume": "resume_from_checkpoint"}
+
+
+def build_arg_parser(description: str = "") -> argparse.ArgumentParser:
+    """A parser with --config and one flag per RunConfig field (help text from the schema)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="run config YAML; flags override its keys")
+    for name, field in RunConfig.model_fields.items():
+        flags = [_flag(name)] + [_flag(alias) for alias, target in ALIASES.items() if target == name and alias != name]
+        if field.annotation is bool:
+            parser.add_argument(*flags, dest=name, nargs="?", const="true", default=None, help=field.description)
+        else:
+            parser.add_argument(*flags, dest=name, default=None, help=field.description)
+    return parser
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """pydantic's report as one line: `key: problem (got value)`; the first problem only."""
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("int", "literal", "str")))
+    if error["type"] == "extra_forbidden":
+        close = _closest_key(key)
+        hint = f"; did you mean {close!r}?" if close else "; see `scripts/train.py --help` for the keys"
+        return f"unknown config key {key!r}{hint}"
+    got = error.get("input")
+    message = error["msg"].replace("Value error, ", "")
+    where = f"{key}: " if key else ""
+    return f"{where}{message} (got {got!r})"[:400]
+
+
+def _closest_key(key: str) -> str | None:
+    import difflib
+
+    matches = difflib.get_close_matches(key, list(RunConfig.model_fields), n=1)
+    return matches[0] if matches else None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a run config file into a dict. Raises ConfigError on a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist: check the path given to --config")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+def make_config(values: dict[str, Any]) -> RunConfig:
+    """Validate a dict into a RunConfig. Raises ConfigError with one line."""
+    try:
+        return RunConfig(**{str(k): v for k, v in values.items()})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    except TypeError as exc:  # e.g. a non-string key
+        raise ConfigError(f"config keys must be names: {exc}") from None
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, set[str]]:
+    """Config file, then flags. Returns the config and the set of keys given on the command line."""
+    parser = build_arg_parser("Fine-tune with exact gradient accumulation.")
+    args = parser.parse_args(argv)
+    values = load_yaml(args.config) if args.config else {}
+    cli: dict[str, Any] = {}
+    for name, field in RunConfig.model_fields.items():
+        raw = getattr(args, name)
+        if raw is not None:
+            cli[name] = _parse_cli_value(raw, field.annotation)
+    values.update(cli)
+    return make_config(values), set(cli)
+
+
+def config_to_json(config: RunConfig) -> str:
+    """The resolved config as JSON text (what is saved next to every run)."""
+    return json.dumps(config.model_dump(), indent=2, sort_keys=True)
