@@ -1,0 +1,187 @@
+"""`python -m accum plan|estimate`: a plan for people who only want one.
+
+    python -m accum plan --model configs/models/tiny-gpt2.json --seq-len 128 --batch-size 256
+    python -m accum plan --model gpt2-tiny --seq-len 128 --batch-size 256 --json
+    python -m accum estimate ...      (accum/estimate.py; plans without running anything)
+
+Bad input prints one line on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from accum.config import ConfigError
+
+# A GPT-2 small enough to probe in seconds on a laptop CPU.
+BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
+    "gpt2-tiny": {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 1000, "n_positions": 1024,
+                  "bos_token_id": 0, "eos_token_id": 0},
+}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is a ConfigError (one line, exit code 2) instead of usage text."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="python -m accum", description="Plan micro-batch and accumulation for a target batch.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+    plan = commands.add_parser("plan", help="probe real steps and print the plan")
+    plan.add_argument("--model", required=True,
+                      help="a local model directory, a JSON file of a transformers config, inline JSON, "
+                           f"or one of: {', '.join(BUILTIN_CONFIGS)}")
+    plan.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sample")
+    plan.add_argument("--batch-size", "--target-batch-size", dest="batch_size", type=_positive_int, required=True,
+                      help="target effective batch: micro x accumulation x processes")
+    plan.add_argument("--max-memory", default=None, help="budget: bytes ('8GiB') or a fraction of device memory (0.5)")
+    plan.add_argument("--safety-margin", type=float, default=0.1, help="share of the budget kept free")
+    plan.add_argument("--objective", default="largest", help="largest | throughput")
+    plan.add_argument("--num-processes", type=_positive_int, default=None,
+                      help="plan for this many processes (default: this launch's)")
+    plan.add_argument("--optimizer", default="adamw", help="adamw | sgd: the step probed includes its state")
+    plan.add_argument("--allow-rounding", action="store_true", help="round a target that cannot be split exactly")
+    plan.add_argument("--replan", action="store_true", help="ignore a cached plan")
+    plan.add_argument("--cache", default=None, help="plan cache file (default ~/.cache/accum/plans.json)")
+    plan.add_argument("--no-cache", action="store_true", help="neither read nor write the plan cache")
+    plan.add_argument("--json", action="store_true", help="print the Plan as JSON")
+    plan.add_argument("--seed", type=int, default=0, help="seed for weights and random tokens")
+    return parser
+
+
+def load_model(spec: str):
+    """A causal LM from a model directory, a config JSON file, inline JSON or a built-in name.
+    Raises ConfigError when the spec is none of these."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(spec)
+    if path.is_dir():
+        return AutoModelForCausalLM.from_pretrained(path)
+    if spec in BUILTIN_CONFIGS:
+        values = dict(BUILTIN_CONFIGS[spec])
+    elif path.is_file():
+        try:
+            values = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--model {spec!r} is not a JSON config: {exc}") from None
+    elif spec.lstrip().startswith("{"):
+        try:
+            values = json.loads(spec)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--model {spec!r} is not valid JSON: {exc}") from None
+    else:
+        raise ConfigError(
+            f"--model {spec!r} is neither a model directory, a config JSON file nor one of "
+            f"{', '.join(BUILTIN_CONFIGS)}"
+        )
+    if not isinstance(values, dict) or "model_type" not in values:
+        raise ConfigError(f"--model {spec!r}: a config needs a 'model_type' key, e.g. \"gpt2\"")
+    values = dict(values)
+    model_type = values.pop("model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **values)
+        return AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--model {spec!r}: cannot build a causal LM: {str(exc).splitlines()[0]}") from None
+
+
+def _token_batches(vocab_size: int, seq_len: int, seed: int):
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def make_batch(size: int) -> dict[str, Any]:
+        ids = torch.randint(0, vocab_size, (size, seq_len), generator=generator)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    return make_batch
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from accum.probe import OBJECTIVES, format_probe_table, memory_budget, plan_for
+
+    if args.objective not in OBJECTIVES:
+        raise ConfigError(f"--objective {args.objective!r} is unknown: use one of {', '.join(OBJECTIVES)}")
+    if args.optimizer not in ("adamw", "sgd"):
+        raise ConfigError(f"--optimizer {args.optimizer!r} is unknown: use adamw or sgd")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    memory_budget(args.max_memory, args.safety_margin, device)  # bad budgets fail before the model loads
+    torch.manual_seed(args.seed)
+    model = load_model(args.model).to(device)
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and args.seq_len > limit:
+        raise ConfigError(f"--seq-len {args.seq_len} exceeds the model's {limit} positions: use {limit} or less")
+    optimizer_type = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.SGD
+    optimizer = optimizer_type(model.parameters(), lr=1e-4)
+    plan = plan_for(
+        model,
+        _token_batches(model.config.vocab_size, args.seq_len, args.seed),
+        args.batch_size,
+        optimizer=optimizer,
+        max_memory=args.max_memory,
+        safety_margin=args.safety_margin,
+        objective=args.objective,
+        cache_path=False if args.no_cache else args.cache,
+        replan=args.replan,
+        allow_rounding=args.allow_rounding,
+        progress=not args.json,
+        num_processes=args.num_processes or 1,
+    )
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return 0
+    if plan.probes:
+        print(format_probe_table(list(plan.probes)))
+    else:
+        print("(plan from the cache, no probes; --replan probes again)")
+    print(f"device {device}, seq len {args.seq_len}, optimizer {args.optimizer}, source {plan.source}")
+    print(plan.banner())
+    return 0
+
+
+def run_estimate(argv: list[str]) -> int:
+    try:
+        from accum.estimate import estimate_main
+    except ImportError as exc:
+        print(f"accum estimate is not available in this install ({exc})", file=sys.stderr)
+        return 1
+    return int(estimate_main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m accum`. Returns the exit code: 0, 2 for bad input."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "estimate":
+            return run_estimate(argv[1:])
+        if not argv or argv[0] in ("-h", "--help"):
+            build_parser().print_help()
+            return 0 if argv else 2
+        args = build_parser().parse_args(argv)
+        return run_plan(args)
+    except ConfigError as exc:
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The plan cache: one JSON file of plans, keyed by what decides how much memory a step takes.
+
+A hit costs zero probes. Writes are atomic (a temporary file, then os.replace), so a killed
+process never leaves half a file; a corrupt file is reported in one line and ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import accum
+
+logger = logging.getLogger(__name__)
+
+
+def default_cache_path() -> Path:
+    """$ACCUM_CACHE_DIR/plans.json, else ~/.cache/accum/plans.json."""
+    root = os.environ.get("ACCUM_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "accum"
+    return base / "plans.json"
+
+
+class PlanCache:
+    """Plans stored as {key: plan dict} in one JSON file at `path` (default: `default_cache_path()`)."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None):
+        self.path = Path(path) if path is not None else default_cache_path()
+
+    @staticmethod
+    def key(
+        model_id: str,
+        seq_len: int | None,
+        precision: str,
+        device_name: str,
+        device_memory: int,
+        num_processes: int,
+        extra: dict[str, Any] | None = None,
+    ) -> str:
+        """A readable key; `extra` (budget, objective, optimizer, ...) enters as a short hash."""
+        parts = [
+            str(model_id),
+            f"seq={seq_len}",
+            str(precision),
+            str(device_name),
+            f"mem={int(device_memory)}",
+            f"procs={int(num_processes)}",
+            f"accum={accum.__version__}",
+        ]
+        if extra:
+            digest = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode()).hexdigest()[:12]
+            parts.append(f"extra={digest}")
+        return "|".join(parts)
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            logger.warning("plan cache %s unreadable (%s): ignored", self.path, exc)
+            return {}
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            logger.warning("plan cache %s is corrupt (%s): ignored, it will be rewritten", self.path, exc)
+            return {}
+        if not isinstance(data, dict):
+            logger.warning("plan cache %s holds %s, not a mapping: ignored", self.path, type(data).__name__)
+            return {}
+        return data
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The plan dict stored under `key`, or None (missing, unreadable or corrupt file)."""
+        value = self._load().get(key)
+        return value if isinstance(value, dict) else None
+
+    def put(self, key: str, plan_dict: dict[str, Any]) -> None:
+        """Store `plan_dict` under `key`, atomically. An unwritable cache is logged, never raised."""
+        data = self._load()
+        data[key] = plan_dict
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".plans.", suffix=".tmp")
+            try:
+                with os.fdopen(handle, "w") as file:
+                    json.dump(data, file, indent=1, sort_keys=True)
+                os.replace(tmp, self.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            logger.warning("plan cache %s not written (%s)", self.path, exc)

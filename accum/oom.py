@@ -1,0 +1,167 @@
+"""What an out-of-memory error looks like, and how to measure and free memory: the one place that knows.
+
+Peak memory on CUDA comes from torch.cuda's allocator statistics; on CPU from the process's
+resident high-water mark (VmHWM), which `reset_peak_memory` resets through /proc/self/clear_refs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Substrings of the messages that PyTorch, its backends and the C++ runtime use for "no memory".
+# CUDNN_STATUS_NOT_SUPPORTED is cuDNN's OOM in disguise (it fails to allocate a workspace).
+OOM_MESSAGES = (
+    "out of memory",  # CUDA, HIP, XPU, "CUDA error: out of memory", "MPS backend out of memory"
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_NOT_SUPPORTED",
+    "DefaultCPUAllocator: can't allocate memory",
+    "std::bad_alloc",
+    "PT_DEVMEM Allocation failed",  # HPU
+    "Cannot allocate memory",  # ENOMEM surfacing through other C++ paths
+)
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_warned_no_reset = False
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True when `exc` means the device or process ran out of memory; any other error is False.
+
+    Recognises `MemoryError`, `torch.OutOfMemoryError` and the RuntimeError messages of CUDA,
+    cuBLAS, cuDNN, MPS, XPU, HPU and the CPU allocator (including `std::bad_alloc`).
+    """
+    if isinstance(exc, MemoryError):
+        return True
+    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    if not isinstance(exc, (RuntimeError, OSError)):
+        return False
+    text = str(exc)
+    return any(message.lower() in text.lower() for message in OOM_MESSAGES)
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def free_memory() -> None:
+    """Collect garbage and hand cached memory back: CUDA's cache, and glibc's free heap pages.
+
+    Call it outside an `except` block: the traceback keeps the failed step's tensors alive.
+    """
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and torch.backends.mps.is_available():
+        mps.empty_cache()
+    # glibc keeps freed heap memory; without a trim the next probe's peak would include it.
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def _as_device(device: torch.device | str | None) -> torch.device:
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _meminfo_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def current_memory_bytes(device: torch.device | str | None = None) -> int:
+    """Memory in use now, in bytes: CUDA allocated, or this process's resident set (VmRSS) on CPU."""
+    device = _as_device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    kib = _status_kib("VmRSS")
+    return kib * 1024 if kib is not None else 0
+
+
+def peak_memory_bytes(device: torch.device | str | None = None) -> int:
+    """Peak memory since the last `reset_peak_memory`, in bytes.
+
+    CUDA: `torch.cuda.max_memory_allocated`. CPU: this process's resident high-water mark
+    (VmHWM), 0 where /proc is not readable.
+    """
+    device = _as_device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    kib = _status_kib("VmHWM")
+    return kib * 1024 if kib is not None else 0
+
+
+def reset_peak_memory(device: torch.device | str | None = None) -> None:
+    """Start a new peak measurement. On CPU, writes 5 to /proc/self/clear_refs (Linux); where
+    that is not allowed the peak stays the process's lifetime high-water mark (an over-estimate,
+    so a budget check errs on the safe side), reported once in the log."""
+    global _warned_no_reset
+    device = _as_device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError as exc:
+        if not _warned_no_reset:
+            logger.warning("cannot reset peak memory (%s): CPU peaks are lifetime high-water marks", exc)
+            _warned_no_reset = True
+
+
+def device_memory_bytes(device: torch.device | str | None = None) -> int:
+    """Memory the device offers, in bytes: CUDA total memory, or MemAvailable on CPU (0 if unknown)."""
+    device = _as_device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    kib = _meminfo_kib("MemAvailable")
+    return kib * 1024 if kib is not None else 0
+
+
+def device_total_bytes(device: torch.device | str | None = None) -> int:
+    """A stable size of the device, in bytes, for cache keys: CUDA total, or MemTotal on CPU."""
+    device = _as_device(device)
+    if device.type == "cuda":
+        return device_memory_bytes(device)
+    kib = _meminfo_kib("MemTotal")
+    return kib * 1024 if kib is not None else 0
+
+
+def device_name(device: torch.device | str | None = None) -> str:
+    """A short name of the device for cache keys and banners, e.g. 'NVIDIA H100 80GB HBM3' or 'cpu'."""
+    device = _as_device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type

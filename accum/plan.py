@@ -1,0 +1,236 @@
+"""Plan arithmetic: a target (effective) batch -> micro-batch x accumulation steps x processes, exactly.
+
+Pure functions: no device, no model. Errors are `ConfigError`s with one line naming the value,
+what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from accum.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one optimizer step's batch is split. Sizes are in samples, per process unless named."""
+
+    micro_batch_size: int
+    accumulation_steps: int
+    num_processes: int
+    effective_batch_size: int
+    target_batch_size: int
+    source: str = "probe"  # probe | cache | given | derived | estimate
+    probes: tuple[dict[str, Any], ...] = field(default=(), compare=False)
+
+    def banner(self) -> str:
+        """`Effective batch size: 256 = 16 micro x 16 accum x 1 process`."""
+        processes = "process" if self.num_processes == 1 else "processes"
+        return (
+            f"Effective batch size: {self.effective_batch_size} = {self.micro_batch_size} micro"
+            f" x {self.accumulation_steps} accum x {self.num_processes} {processes}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (probes as plain dicts)."""
+        data = asdict(self)
+        data["probes"] = [dict(probe) for probe in self.probes]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """The inverse of `to_dict`. Raises ConfigError on a dict that is not a consistent plan."""
+        try:
+            plan = cls(
+                micro_batch_size=int(data["micro_batch_size"]),
+                accumulation_steps=int(data["accumulation_steps"]),
+                num_processes=int(data["num_processes"]),
+                effective_batch_size=int(data["effective_batch_size"]),
+                target_batch_size=int(data["target_batch_size"]),
+                source=str(data.get("source", "probe")),
+                probes=tuple(dict(probe) for probe in data.get("probes", ())),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"plan {data!r:.200} is missing or has a bad field: {exc}") from None
+        if plan.micro_batch_size * plan.accumulation_steps * plan.num_processes != plan.effective_batch_size:
+            raise ConfigError(f"plan is inconsistent: {plan.banner()} does not multiply out")
+        return plan
+
+
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer (got {value!r})")
+
+
+def nearest_valid_targets(target: int, multiple_of: int) -> list[int]:
+    """The multiples of `multiple_of` closest to `target` from below (if positive) and above."""
+    below = (target // multiple_of) * multiple_of
+    above = below + multiple_of
+    return [value for value in (below, above) if value > 0 and value != target]
+
+
+def _split_per_process(target: int, num_processes: int, allow_rounding: bool, quiet: bool = False) -> tuple[int, int]:
+    """Return (target, per-process batch), rounding the target only when allowed, with one line
+    (unless `quiet`, for a caller that only checks ahead of `plan_batch`)."""
+    if target < num_processes:
+        raise ConfigError(
+            f"batch size {target} is smaller than the {num_processes} processes: each needs at least one "
+            f"sample per step; use --batch-size {num_processes} or more, or fewer processes"
+        )
+    if target % num_processes == 0:
+        return target, target // num_processes
+    nearest = nearest_valid_targets(target, num_processes)
+    if not allow_rounding:
+        raise ConfigError(
+            f"batch size {target} cannot be split evenly over {num_processes} processes: use "
+            f"{' or '.join(map(str, nearest))}, or allow rounding (allow_batch_rounding)"
+        )
+    rounded = min(nearest, key=lambda value: (abs(value - target), value))
+    if not quiet:
+        message = f"batch size {target} rounded to {rounded}: it must be a multiple of {num_processes} processes"
+        logger.warning(message)
+        warnings.warn(message, stacklevel=3)
+    return rounded, rounded // num_processes
+
+
+def plan_batch(
+    target_batch_size: int,
+    max_micro_batch: int,
+    num_processes: int = 1,
+    allow_rounding: bool = False,
+    source: str = "probe",
+    probes: tuple | list = (),
+) -> Plan:
+    """Split `target_batch_size` into the largest micro-batch <= `max_micro_batch` that divides the
+    per-process share exactly, and the accumulation steps that make up the rest.
+
+    Returns a Plan whose effective batch equals the target (or the rounded target, when the target
+    is not a multiple of `num_processes` and `allow_rounding` is set; a warning says so).
+    Raises ConfigError for non-positive sizes, a target smaller than the number of processes,
+    or a target not divisible by it without `allow_rounding` (naming the nearest valid targets).
+    """
+    _check_positive("batch size", target_batch_size)
+    _check_positive("max micro-batch", max_micro_batch)
+    _check_positive("number of processes", num_processes)
+    target, per_process = _split_per_process(target_batch_size, num_processes, allow_rounding)
+    micro = max(d for d in range(1, min(max_micro_batch, per_process) + 1) if per_process % d == 0)
+    if micro * 2 <= min(max_micro_batch, per_process):
+        better = nearest_valid_targets(target, min(max_micro_batch, per_process) * num_processes)
+        logger.warning(
+            "batch size %d allows micro-batch %d only (%d would fit): batch size %s would use the full micro-batch",
+            target, micro, max_micro_batch, " or ".join(map(str, better)),
+        )
+    return Plan(
+        micro_batch_size=micro,
+        accumulation_steps=per_process // micro,
+        num_processes=num_processes,
+        effective_batch_size=target,
+        target_batch_size=target_batch_size,
+        source=source,
+        probes=tuple(dict(probe) for probe in probes),
+    )
+
+
+def plan_from_accumulation(micro_batch_size: int, accumulation_steps: int, num_processes: int = 1) -> Plan:
+    """A plan from a given micro-batch and accumulation (k x a base batch): the effective batch follows.
+
+    Raises ConfigError for non-positive values.
+    """
+    _check_positive("micro-batch size", micro_batch_size)
+    _check_positive("accumulation steps", accumulation_steps)
+    _check_positive("number of processes", num_processes)
+    effective = micro_batch_size * accumulation_steps * num_processes
+    return Plan(micro_batch_size, accumulation_steps, num_processes, effective, effective, source="given")
+
+
+def _as_count(name: str, value: int | str | None) -> int | None:
+    """None for 'auto'/None, else a positive int (ConfigError otherwise)."""
+    if value is None or value == "auto":
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a positive integer or 'auto' (got {value!r})") from None
+    if number != value and str(number) != str(value):
+        raise ConfigError(f"{name} must be a whole number (got {value!r})")
+    _check_positive(name, number)
+    return number
+
+
+def resolve_batch(
+    batch_size: int,
+    micro_batch_size: int | str | None,
+    grad_accum_steps: int | str | None,
+    num_processes: int,
+    cli_keys: set[str] | frozenset[str] = frozenset(),
+) -> tuple[int, int | None, int | None, str | None]:
+    """Any two of batch size, micro-batch and accumulation determine the third.
+
+    Returns (target batch, micro-batch or None, accumulation steps or None, note or None); None means
+    'to be planned' (the planner probes the micro-batch). The note is one line saying which given
+    value was overridden and why. Values named in `cli_keys` (batch_size, micro_batch_size,
+    grad_accum_steps) came from the command line and win over the config file.
+    Raises ConfigError when the three disagree and all come from the same source, or a split is
+    not exact.
+    """
+    _check_positive("batch size", batch_size)
+    _check_positive("number of processes", num_processes)
+    micro = _as_count("micro-batch size", micro_batch_size)
+    accum = _as_count("accumulation steps", grad_accum_steps)
+    on_cli = {key for key in ("batch_size", "micro_batch_size", "grad_accum_steps") if key in cli_keys}
+
+    if micro is not None and accum is not None:
+        implied = micro * accum * num_processes
+        if implied == batch_size:
+            return batch_size, micro, accum, None
+        sums = f"{micro} micro x {accum} accum x {num_processes} processes = {implied}"
+        pair = {"micro_batch_size", "grad_accum_steps"}
+        if pair <= on_cli and "batch_size" not in on_cli:
+            return implied, micro, accum, f"batch size {batch_size} from the config overridden: {sums}"
+        if "batch_size" in on_cli and not pair <= on_cli:
+            # The command line's batch wins; keep the micro-batch, re-derive the accumulation.
+            derived_from = "accumulation" if "grad_accum_steps" not in on_cli else "micro-batch"
+            keep_micro = derived_from == "accumulation"
+            target, micro2, accum2 = _derive(batch_size, micro if keep_micro else None,
+                                             None if keep_micro else accum, num_processes)
+            old = accum if keep_micro else micro
+            new = accum2 if keep_micro else micro2
+            return target, micro2, accum2, (
+                f"{derived_from} {old} from the config overridden by {new}: --batch-size {batch_size} was given"
+            )
+        raise ConfigError(
+            f"batch size {batch_size} disagrees with {sums}: give any two of --batch-size, "
+            f"--micro-batch-size and --grad-accum-steps, or values that multiply out"
+        )
+    target, micro2, accum2 = _derive(batch_size, micro, accum, num_processes)
+    return target, micro2, accum2, None
+
+
+def per_process_limit(target_batch_size: int, num_processes: int, allow_rounding: bool = False) -> int:
+    """The per-process share of the target (after rounding, if allowed): the largest micro-batch
+    worth probing. Raises ConfigError as `plan_batch` would, before any probing is spent."""
+    _check_positive("batch size", target_batch_size)
+    _check_positive("number of processes", num_processes)
+    return _split_per_process(target_batch_size, num_processes, allow_rounding, quiet=True)[1]
+
+
+def _derive(batch_size: int, micro: int | None, accum: int | None, num_processes: int) -> tuple[int, int | None, int | None]:
+    """Derive the missing one of micro/accum from the batch, exactly, or raise ConfigError."""
+    if micro is None and accum is None:
+        _split_per_process(batch_size, num_processes, allow_rounding=False)
+        return batch_size, None, None
+    given_name, given = ("micro-batch size", micro) if micro is not None else ("accumulation steps", accum)
+    step = given * num_processes
+    if batch_size % step:
+        nearest = nearest_valid_targets(batch_size, step)
+        raise ConfigError(
+            f"batch size {batch_size} is not a multiple of {given_name} {given} x {num_processes} processes: "
+            f"use --batch-size {' or '.join(map(str, nearest))}"
+        )
+    other = batch_size // step
+    return (batch_size, micro, other) if micro is not None else (batch_size, other, accum)

@@ -1,0 +1,637 @@
+"""Find the largest micro-batch that fits, by running real steps: grow by doubling, then binary-search.
+
+`find_max_micro_batch` is the pure search over a "does size n fit?" callable; `plan_for` builds that
+callable for a model (forward, backward, optimizer step, under `no_sync` when DDP-wrapped), leaves
+no trace of it (weights, optimizer state, gradients and RNG restored bit for bit) and turns the
+result into a Plan. With several processes, every rank probes the same sizes and after each probe
+the ranks agree on "did any rank fail" through one all-reduce, so they never diverge or hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from accum.cache import PlanCache
+from accum.config import ConfigError, parse_memory
+from accum.oom import (
+    device_memory_bytes,
+    device_name,
+    device_total_bytes,
+    free_memory,
+    is_oom,
+    peak_memory_bytes,
+    reset_peak_memory,
+)
+from accum.plan import Plan, per_process_limit, plan_batch
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVES = ("largest", "throughput")
+# Without a limit the doubling stops here; no real step fits 65536 samples on today's devices.
+UNBOUNDED_LIMIT = 1 << 16
+
+
+class NothingFitsError(ConfigError):
+    """Not even the smallest micro-batch fits the memory budget (a one-line message with the fix)."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One trial step. `seconds` is the step's wall time; `peak_bytes` the memory peak during it
+    (CUDA allocated, or process resident set on CPU, less memory the planner itself holds)."""
+
+    size: int
+    fit: bool
+    seconds: float
+    peak_bytes: int | None
+    samples_per_s: float | None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The search's outcome: `size` is the largest micro-batch that fits (samples per process);
+    `fastest_size` the fitting size with the most samples/s seen; `probes` every trial in order."""
+
+    size: int
+    fastest_size: int
+    probes: list[Probe] = field(default_factory=list)
+    objective: str = "largest"
+    budget_bytes: int | None = None
+
+    @property
+    def chosen_size(self) -> int:
+        """The size the objective picks: the largest, or the fastest for 'throughput'."""
+        return self.fastest_size if self.objective == "throughput" else self.size
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "fastest_size": self.fastest_size,
+            "objective": self.objective,
+            "budget_bytes": self.budget_bytes,
+            "probes": [probe.as_dict() for probe in self.probes],
+        }
+
+
+def format_bytes(value: float | None) -> str:
+    """'1.23 GiB' / '456.0 MiB'; '-' for None."""
+    if value is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{int(value)} B"
+
+
+def memory_budget(
+    max_memory: str | float | int | None, safety_margin: float, device: torch.device | str | None
+) -> int | None:
+    """The peak a probe may reach, in bytes: `max_memory` (bytes, '8GiB', or a fraction of device
+    memory) less `safety_margin`. Default: half the available memory on CPU (probing must never meet
+    the kernel's OOM killer), all of it on CUDA, none elsewhere. Raises ConfigError on bad values."""
+    if not 0 <= safety_margin < 1:
+        raise ConfigError(f"safety margin {safety_margin!r} must be in [0, 1): e.g. 0.1 keeps 10% free")
+    kind = torch.device(device).type if device is not None else "cpu"
+    if max_memory is None:
+        available = device_memory_bytes(device)
+        if kind == "cpu":
+            budget = available * 0.5
+        elif kind == "cuda":
+            budget = float(available)
+        else:
+            return None
+    else:
+        value = parse_memory(max_memory)
+        budget = value * device_memory_bytes(device) if value <= 1 else value
+    return int(budget * (1 - safety_margin)) if budget > 0 else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[-1] if text else type(exc).__name__)[:160]
+
+
+def _synchronize(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def find_max_micro_batch(
+    try_step: Callable[[int], Any],
+    start: int = 1,
+    limit: int | None = None,
+    *,
+    max_memory: str | float | int | None = None,
+    safety_margin: float = 0.1,
+    objective: str = "largest",
+    device: torch.device | str | None = None,
+    sync_fit: Callable[[bool], bool] | None = None,
+    sync_seconds: Callable[[float], float] | None = None,
+    retries: int = 0,
+    held_bytes: int = 0,
+    progress: bool = True,
+) -> ProbeResult:
+    """Search the largest n for which `try_step(n)` runs without an out-of-memory error and within
+    the memory budget: double from `start` until the first failure or `limit`, then binary-search
+    between the last fit and the first failure (halving first when `start` already fails).
+
+    `try_step(n)` runs one real step at micro-batch n; an OOM (see `accum.oom.is_oom`) or a peak over
+    the budget (`memory_budget`) is a failure, any other exception propagates unchanged.
+    `sync_fit(fit) -> bool` makes ranks agree (True only when every rank fit); `sync_seconds` takes
+    the slowest rank's time. `retries` re-runs a failed size that many times before believing it
+    (for allocators that fragment); `held_bytes` is memory the caller holds only while probing,
+    subtracted from CPU peaks. For objective 'throughput' each fitting size runs once more, warm,
+    and that run is timed.
+
+    Returns a ProbeResult (sizes in samples per process). Raises ConfigError for start < 1, a limit
+    below start or an unknown objective, and NothingFitsError when size 1 does not fit.
+    """
+    if isinstance(start, bool) or not isinstance(start, int) or start < 1:
+        raise ConfigError(f"start {start!r} must be a positive integer")
+    if limit is not None and limit < start:
+        raise ConfigError(f"limit {limit} is below start {start}: lower start or raise the batch size")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective {objective!r} is unknown: use one of {', '.join(OBJECTIVES)}")
+    if retries < 0:
+        raise ConfigError(f"retries {retries!r} must be 0 or more")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    budget = memory_budget(max_memory, safety_margin, device)
+    ceiling = limit if limit is not None else UNBOUNDED_LIMIT
+    probes: list[Probe] = []
+
+    def run_once(size: int) -> tuple[bool, float, int | None, str | None]:
+        free_memory()
+        reset_peak_memory(device)
+        error = None
+        began = time.perf_counter()
+        try:
+            try_step(size)
+            _synchronize(device)
+        except Exception as exc:  # noqa: BLE001 - only OOMs are swallowed, below
+            if not is_oom(exc):
+                raise
+            error = f"out of memory: {_first_line(exc)}"
+        seconds = time.perf_counter() - began
+        if error is not None:
+            free_memory()  # outside the except block: the traceback no longer pins the step's tensors
+        peak = peak_memory_bytes(device)
+        if device.type == "cpu":
+            peak = max(0, peak - held_bytes)
+        peak = peak or None
+        if error is None and budget is not None and peak is not None and peak > budget:
+            error = f"over budget: peak {format_bytes(peak)} > {format_bytes(budget)}"
+        return error is None, seconds, peak, error
+
+    def probe(size: int) -> bool:
+        for _attempt in range(retries + 1):
+            fit, seconds, peak, error = run_once(size)
+            if fit and objective == "throughput":
+                fit, seconds, warm_peak, error = run_once(size)
+                peak = max(peak or 0, warm_peak or 0) or None
+            if sync_fit is not None:
+                agreed = bool(sync_fit(fit))
+                if fit and not agreed:
+                    error = "failed on another rank"
+                fit = agreed
+            if sync_seconds is not None:
+                seconds = float(sync_seconds(seconds))
+            speed = size / seconds if fit and seconds > 0 else None
+            record = Probe(size, fit, seconds, peak, speed, error)
+            probes.append(record)
+            if progress:
+                print(_probe_line(record), file=sys.stderr, flush=True)
+            if fit:
+                return True
+        return False
+
+    largest_fit, smallest_fail = 0, None
+    size = min(start, ceiling)
+    while True:  # grow by doubling
+        if not probe(size):
+            smallest_fail = size
+            break
+        largest_fit = size
+        if size >= ceiling:
+            break
+        size = min(size * 2, ceiling)
+    if largest_fit == 0:  # start already fails: halve until something fits
+        size = start // 2
+        while size >= 1:
+            if probe(size):
+                largest_fit = size
+                break
+            smallest_fail = size
+            size //= 2
+    if largest_fit == 0:
+        last = probes[-1].error if probes else "no probe ran"
+        raise NothingFitsError(
+            f"micro-batch 1 does not fit ({last}): raise --max-memory, shorten the sequence, "
+            f"or turn on gradient checkpointing"
+        )
+    while smallest_fail is not None and smallest_fail - largest_fit > 1:  # binary search
+        middle = (largest_fit + smallest_fail) // 2
+        if probe(middle):
+            largest_fit = middle
+        else:
+            smallest_fail = middle
+
+    fastest = largest_fit
+    timed = [p for p in probes if p.fit and p.samples_per_s is not None and p.size <= largest_fit]
+    if timed:
+        fastest = max(timed, key=lambda p: (p.samples_per_s, p.size)).size
+    return ProbeResult(largest_fit, fastest, probes, objective, budget)
+
+
+def _probe_line(probe: Probe) -> str:
+    verdict = "fit" if probe.fit else "FAIL"
+    speed = f"{probe.samples_per_s:9.1f} samples/s" if probe.samples_per_s else " " * 19
+    note = f"  ({probe.error})" if probe.error else ""
+    return f"probe {probe.size:6d}: {verdict:4s} {probe.seconds:7.2f} s {speed}  peak {format_bytes(probe.peak_bytes)}{note}"
+
+
+def format_probe_table(probes: list[Probe] | list[Mapping[str, Any]]) -> str:
+    """A table of probes for people: size, fit, seconds, samples/s, peak memory, why it failed."""
+    rows = [f"{'size':>6}  {'fit':<4}  {'seconds':>8}  {'samples/s':>10}  {'peak memory':>12}  note"]
+    for probe in probes:
+        data = probe.as_dict() if isinstance(probe, Probe) else dict(probe)
+        speed = f"{data['samples_per_s']:.1f}" if data.get("samples_per_s") else "-"
+        rows.append(
+            f"{data['size']:>6}  {'yes' if data['fit'] else 'no':<4}  {data['seconds']:>8.3f}  {speed:>10}  "
+            f"{format_bytes(data.get('peak_bytes')):>12}  {data.get('error') or ''}".rstrip()
+        )
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- the model's step
+
+
+def _distributed_world() -> int:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _reduce(value: float, op: Any, device: torch.device) -> float:
+    """All-reduce one number over the default process group."""
+    dist = torch.distributed
+    comm_device = device if dist.get_backend() != "gloo" else torch.device("cpu")
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=comm_device)
+    dist.all_reduce(tensor, op=op)
+    return float(tensor.item())
+
+
+def rank_agreement(device: torch.device | str) -> tuple[Callable[[bool], bool], Callable[[float], float]] | tuple[None, None]:
+    """(sync_fit, sync_seconds) over the default process group: fit only if every rank fit (MIN),
+    seconds of the slowest rank (MAX). (None, None) with a single process."""
+    if _distributed_world() <= 1:
+        return None, None
+    device = torch.device(device)
+    ReduceOp = torch.distributed.ReduceOp
+
+    def sync_fit(fit: bool) -> bool:
+        return _reduce(1.0 if fit else 0.0, ReduceOp.MIN, device) > 0.5
+
+    def sync_seconds(seconds: float) -> float:
+        return _reduce(seconds, ReduceOp.MAX, device)
+
+    return sync_fit, sync_seconds
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
+def _cpu_copy(value: Any) -> Any:
+    """A deep copy with every tensor cloned to CPU (snapshots must not cost device memory)."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(item) for item in value)
+    return value
+
+
+def _tensor_bytes(value: Any) -> int:
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
+
+
+@dataclass
+class _Snapshot:
+    """Everything a probe changes: weights and buffers, gradients, optimizer state, RNG, train mode."""
+
+    weights: dict[str, torch.Tensor]
+    grads: list[torch.Tensor | None]
+    optimizer_state: dict[str, Any] | None
+    rng: dict[str, Any]
+    training: bool
+
+    @classmethod
+    def take(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> _Snapshot:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        with contextlib.suppress(ImportError):
+            import numpy
+
+            rng["numpy"] = numpy.random.get_state()
+        return cls(
+            weights=_cpu_copy(model.state_dict()),
+            grads=[_cpu_copy(p.grad) if p.grad is not None else None for p in model.parameters()],
+            optimizer_state=_cpu_copy(optimizer.state_dict()) if optimizer is not None else None,
+            rng=rng,
+            training=model.training,
+        )
+
+    def nbytes(self) -> int:
+        return _tensor_bytes(self.weights) + _tensor_bytes(self.grads) + _tensor_bytes(self.optimizer_state)
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                tensor.copy_(self.weights[name])  # in place: the optimizer keeps the same parameters
+        for param, grad in zip(model.parameters(), self.grads, strict=True):
+            param.grad = grad.to(param.device, copy=True) if grad is not None else None
+        if optimizer is not None and self.optimizer_state is not None:
+            optimizer.load_state_dict(self.optimizer_state)
+        torch.set_rng_state(self.rng["torch"])
+        random.setstate(self.rng["python"])
+        if "cuda" in self.rng:
+            torch.cuda.set_rng_state_all(self.rng["cuda"])
+        if "numpy" in self.rng:
+            import numpy
+
+            numpy.random.set_state(self.rng["numpy"])
+        model.train(self.training)
+
+
+@contextlib.contextmanager
+def _leave_no_trace(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[_Snapshot]:
+    snapshot = _Snapshot.take(model, optimizer)
+    model.zero_grad(set_to_none=True)
+    try:
+        yield snapshot
+    finally:
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        free_memory()
+        snapshot.restore(model, optimizer)
+        free_memory()
+
+
+def _model_device(model: torch.nn.Module, accelerator: Any) -> torch.device:
+    if accelerator is not None:
+        return torch.device(accelerator.device)
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def _no_sync(model: torch.nn.Module, accelerator: Any) -> contextlib.AbstractContextManager:
+    """No gradient all-reduce during a probe: a rank that fails inside it would leave the others waiting."""
+    if accelerator is not None:
+        return accelerator.no_sync(model)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _raw_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    # AcceleratedOptimizer skips step() while accumulating; the probe wants the real step.
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def make_train_step(
+    model: torch.nn.Module,
+    make_batch: Callable[[int], Mapping[str, Any]],
+    accelerator: Any = None,
+    optimizer: Any = None,
+    loss_fn: Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor] | None = None,
+) -> Callable[[int], None]:
+    """try_step(n) for the planner: forward on make_batch(n), backward (under no_sync), a real
+    optimizer step and zero_grad, so activations, gradients and optimizer state are all counted."""
+    device = _model_device(model, accelerator)
+    raw_optimizer = _raw_optimizer(optimizer)
+
+    def try_step(size: int) -> None:
+        model.train()
+        batch = _to_device(make_batch(size), device)
+        with _no_sync(model, accelerator):
+            loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
+            if accelerator is not None:
+                accelerator.backward(loss)
+            else:
+                loss.backward()
+        del loss, batch
+        if raw_optimizer is not None:
+            raw_optimizer.step()
+            raw_optimizer.zero_grad(set_to_none=True)
+        else:
+            model.zero_grad(set_to_none=True)
+
+    return try_step
+
+
+def make_eval_step(
+    model: torch.nn.Module, make_batch: Callable[[int], Mapping[str, Any]], accelerator: Any = None
+) -> Callable[[int], None]:
+    """try_step(n) for an evaluation batch: forward only, under torch.no_grad, in eval mode."""
+    device = _model_device(model, accelerator)
+
+    def try_step(size: int) -> None:
+        model.eval()
+        batch = _to_device(make_batch(size), device)
+        with torch.no_grad():
+            output = model(**batch)
+        del output, batch
+
+    return try_step
+
+
+def _model_id(model: torch.nn.Module) -> str:
+    """A name plus a hash of the architecture: the HF config when there is one, else parameter shapes."""
+    inner = getattr(model, "module", model)
+    config = getattr(inner, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        text = config.to_json_string(use_diff=False)
+        name = getattr(config, "_name_or_path", "") or getattr(config, "model_type", "") or type(inner).__name__
+    else:
+        text = json.dumps([[n, list(p.shape), str(p.dtype)] for n, p in inner.named_parameters()])
+        name = type(inner).__name__
+    return f"{name}#{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def _batch_shape(make_batch: Callable[[int], Mapping[str, Any]]) -> dict[str, list[Any]]:
+    return {
+        key: [list(value.shape[1:]), str(value.dtype)]
+        for key, value in make_batch(1).items()
+        if torch.is_tensor(value)
+    }
+
+
+def _processes(accelerator: Any, num_processes: int | None) -> int:
+    if num_processes is not None:
+        return num_processes
+    if accelerator is not None:
+        return int(accelerator.num_processes)
+    return _distributed_world()
+
+
+def plan_for(
+    model: torch.nn.Module,
+    make_batch: Callable[[int], Mapping[str, Any]],
+    target_batch_size: int,
+    accelerator: Any = None,
+    optimizer: Any = None,
+    *,
+    loss_fn: Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor] | None = None,
+    max_memory: str | float | int | None = None,
+    safety_margin: float = 0.1,
+    objective: str = "largest",
+    start: int = 1,
+    cache_path: str | Any = None,
+    cache_key: str | None = None,
+    replan: bool = False,
+    allow_rounding: bool = False,
+    progress: bool = True,
+    num_processes: int | None = None,
+    retries: int = 0,
+) -> Plan:
+    """Probe `model` with real training steps and return the Plan that reaches `target_batch_size`
+    exactly with the largest (or, for objective 'throughput', the fastest) micro-batch that fits.
+
+    `make_batch(n)` returns a dict of tensors for n samples (moved to the device here); the loss is
+    `loss_fn(model, batch)` or `model(**batch).loss`. No micro-batch above target / processes is
+    probed. Model weights, optimizer state, gradients and RNG state are restored bit for bit.
+    The plan cache (`cache_path`; None: the default file, False: no cache) is read first unless
+    `replan`, and written after probing. `num_processes` defaults to the accelerator's (or the
+    process group's) world size.
+
+    Returns a Plan (source 'probe' or 'cache'). Raises ConfigError for bad sizes, objective or
+    budget, NothingFitsError when micro-batch 1 does not fit.
+    """
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective {objective!r} is unknown: use one of {', '.join(OBJECTIVES)}")
+    processes = _processes(accelerator, num_processes)
+    limit = per_process_limit(target_batch_size, processes, allow_rounding)
+    if start > limit:
+        raise ConfigError(
+            f"start {start} is above the per-process batch {limit} (batch size {target_batch_size} over "
+            f"{processes} processes): lower start or raise the batch size"
+        )
+    device = _model_device(model, accelerator)
+    budget = memory_budget(max_memory, safety_margin, device)  # validates before any probing
+    cache = PlanCache(cache_path) if cache_path is not False else None
+    if cache is not None and cache_key is None:
+        precision = str(getattr(accelerator, "mixed_precision", "no"))
+        dtype = str(next(iter(model.parameters())).dtype) if any(True for _ in model.parameters()) else "-"
+        cache_key = PlanCache.key(
+            _model_id(model),
+            None,
+            f"{precision}/{dtype}",
+            device_name(device),
+            device_total_bytes(device),
+            processes,
+            extra={
+                "batch": _batch_shape(make_batch),
+                "limit": limit,
+                "start": start,
+                "max_memory": max_memory,
+                "safety_margin": safety_margin,
+                "objective": objective,
+                "optimizer": type(_raw_optimizer(optimizer)).__name__,
+                "loss_fn": getattr(loss_fn, "__qualname__", None),
+            },
+        )
+    if cache is not None and not replan:
+        cached = cache.get(cache_key)
+        if cached is not None:
+            plan = Plan.from_dict(cached)
+            if plan.target_batch_size == target_batch_size and plan.num_processes == processes:
+                logger.info("plan from cache %s: %s", cache.path, plan.banner())
+                return Plan(**{**plan.to_dict(), "source": "cache", "probes": ()})
+
+    sync_fit, sync_seconds = rank_agreement(device) if accelerator is not None or processes > 1 else (None, None)
+    raw_optimizer = _raw_optimizer(optimizer)
+    is_main = accelerator is None or accelerator.is_main_process
+    with _leave_no_trace(model, raw_optimizer) as snapshot:
+        result = find_max_micro_batch(
+            make_train_step(model, make_batch, accelerator, optimizer, loss_fn),
+            start,
+            limit,
+            max_memory=budget / (1 - safety_margin) if budget is not None else None,
+            safety_margin=safety_margin,
+            objective=objective,
+            device=device,
+            sync_fit=sync_fit,
+            sync_seconds=sync_seconds,
+            retries=retries,
+            held_bytes=snapshot.nbytes(),
+            progress=progress and is_main,
+        )
+    plan = plan_batch(
+        target_batch_size,
+        result.chosen_size,
+        processes,
+        allow_rounding=allow_rounding,
+        source="probe",
+        probes=[probe.as_dict() for probe in result.probes],
+    )
+    if cache is not None and is_main:
+        cache.put(cache_key, plan.to_dict())
+    return plan
+
+
+def plan_eval_batch(
+    model: torch.nn.Module,
+    make_batch: Callable[[int], Mapping[str, Any]],
+    accelerator: Any = None,
+    *,
+    limit: int | None = None,
+    max_memory: str | float | int | None = None,
+    safety_margin: float = 0.1,
+    start: int = 1,
+    progress: bool = True,
+) -> ProbeResult:
+    """The largest evaluation batch per process (forward only, no_grad, eval mode) that fits, up to
+    `limit`. Leaves the model, its mode and the RNG as they were. Returns a ProbeResult; raises as
+    `find_max_micro_batch` does."""
+    device = _model_device(model, accelerator)
+    sync_fit, sync_seconds = rank_agreement(device)
+    is_main = accelerator is None or accelerator.is_main_process
+    with _leave_no_trace(model, None) as snapshot:
+        return find_max_micro_batch(
+            make_eval_step(model, make_batch, accelerator),
+            start,
+            limit,
+            max_memory=max_memory,
+            safety_margin=safety_margin,
+            device=device,
+            sync_fit=sync_fit,
+            sync_seconds=sync_seconds,
+            held_bytes=snapshot.nbytes(),
+            progress=progress and is_main,
+        )
