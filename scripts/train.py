@@ -1,0 +1,540 @@
+"""Fine-tune a transformers model with exact gradient accumulation.
+
+    accelerate launch --config_file accelerate_configs/cpu.yaml scripts/train.py --config configs/default.yaml
+    python scripts/train.py --config configs/clm_tiny.yaml --max-steps 20
+
+The loop reads top to bottom: fetch one window (the data of one optimizer step on
+all ranks), count its items on all ranks, then run its micro-batches inside
+`accelerator.accumulate()`, back-propagating each micro-batch's loss *sum* scaled
+so that the accumulated gradient is the mean over every item of the window
+(accum/loss.py). The optimizer, scheduler, clipping and logging act only when
+`accelerator.sync_gradients` is true.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: make `scripts` and `accum` importable from the repo
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from tqdm.auto import tqdm
+
+from accum.accelerator import begin_window, build_accelerator
+from accum.config import ConfigError, RunConfig, config_to_json, parse_config
+from accum.loss import backward_scale, count_loss_items, mean_of_means_loss, sum_item_losses
+from accum.plan import Plan, plan_batch, plan_from_accumulation, resolve_batch
+from accum.scaling import ScaledLR, scale_lr
+from accum.stats import AccumulationStats
+from accum.windows import epoch_order, layout_window, window_indices, windows_per_epoch
+from scripts import checkpoint as ckpt
+from scripts import data as data_lib
+
+
+@dataclass
+class Position:
+    """Where training is, in units: optimizer steps, micro-steps, and the data position."""
+
+    optimizer_step: int = 0
+    micro_step: int = 0
+    epoch: int = 0
+    window_in_epoch: int = 0
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def check_output_dir(config: RunConfig) -> Path:
+    """Refuse to write over a finished run unless asked; create the directory."""
+    out = Path(config.output_dir)
+    finished = (out / "metrics.json").exists()
+    if finished and not config.overwrite and not config.resume_from_checkpoint:
+        raise ConfigError(f"output dir {str(out)!r} holds a finished run: pass --overwrite, "
+                          "--resume-from-checkpoint latest, or another --output-dir")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output dir {str(out)!r} exists and is not a directory: choose another --output-dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output dir {str(out)!r} cannot be written ({exc.strerror}): choose another --output-dir") from None
+    return out
+
+
+def resolve_precision(config: RunConfig) -> str | None:
+    """--mixed-precision wins; --use-amp means fp16 on CUDA and bf16 elsewhere; None defers to accelerate's config."""
+    if config.mixed_precision is not None:
+        return config.mixed_precision
+    if config.use_amp:
+        return "fp16" if torch.cuda.is_available() else "bf16"
+    return None
+
+
+def model_identity(config: RunConfig) -> str:
+    """A short id of the model for the plan cache and checkpoint checks."""
+    if config.model:
+        return config.model
+    blob = json.dumps(config.model_config_overrides, sort_keys=True)
+    return "config-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def data_fingerprint(dataset) -> str:
+    """Cheap identity of a tokenised data set: size and the first and last samples' tokens."""
+    first, last = dataset[0], dataset[len(dataset) - 1]
+    blob = json.dumps([len(dataset), list(first["input_ids"]), list(last["input_ids"])])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def worst_case_examples(dataset, count: int, seq_len: int) -> list[dict]:
+    """`count` samples of full length `seq_len`, for probing memory at the longest batch training can meet."""
+    example = dict(dataset[0])
+    ids = list(example["input_ids"]) or [0]
+    example["input_ids"] = (ids * (seq_len // len(ids) + 1))[:seq_len]
+    return [dict(example) for _ in range(count)]
+
+
+def move_to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def forward_loss_sum(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """Sum of per-item losses of one micro-batch (the model's own mean loss is not used)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sum_item_losses(logits, batch["labels"], task)
+
+
+def make_plan(config: RunConfig, cli_keys: set[str], model, optimizer, train_ds, collate, state) -> tuple[Plan, str | None]:
+    """Micro-batch x accumulation x processes for the target batch: from flags, or by probing memory."""
+    from accum.probe import plan_for
+
+    world = state.num_processes
+    target, micro, accum, note = resolve_batch(
+        config.batch_size, config.micro_batch_size, config.grad_accum_steps, world, cli_keys
+    )
+    if micro is not None and accum is not None:
+        return plan_from_accumulation(micro, accum, world), note
+    if micro is not None:
+        plan = plan_batch(target, micro, world, allow_rounding=config.allow_batch_rounding, source="flag")
+        if plan.micro_batch_size != micro:
+            raise ConfigError(f"--micro-batch-size {micro} does not divide the per-process batch {target // world}: "
+                              f"use {plan.micro_batch_size} or a --batch-size that {micro} x processes divides")
+        return plan, note
+
+    def make_batch(n: int) -> dict[str, torch.Tensor]:
+        return move_to(collate(worst_case_examples(train_ds, n, config.max_seq_len)), state.device)
+
+    def loss_fn(probe_model, batch):
+        return forward_loss_sum(probe_model, batch, config.task) / batch["labels"].numel()
+
+    cache_key = f"{model_identity(config)}|seq{config.max_seq_len}|{resolve_precision(config)}|{config.optimizer}|{config.task}"
+    plan = plan_for(model, make_batch, target, None, optimizer, loss_fn=loss_fn, max_memory=config.max_memory,
+                    safety_margin=config.safety_margin, objective=config.objective, cache_path=config.plan_cache,
+                    cache_key=cache_key, replan=config.replan, allow_rounding=config.allow_batch_rounding,
+                    progress=state.is_main_process)
+    if accum is not None and plan.accumulation_steps != accum:
+        raise ConfigError(f"--grad-accum-steps {accum} needs micro-batch {target // (accum * world)}, "
+                          f"but the largest that fits is {plan.micro_batch_size}: lower --batch-size or raise the steps")
+    return plan, note
+
+
+def build_optimizer(config: RunConfig, model, lr: float) -> torch.optim.Optimizer:
+    """torch AdamW/SGD, or bitsandbytes' 8-bit AdamW/Lion (which run on CPU too)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    import bitsandbytes as bnb
+
+    if config.optimizer == "adamw_8bit":
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=config.weight_decay)
+    return bnb.optim.Lion8bit(params, lr=lr, weight_decay=config.weight_decay)
+
+
+def build_scheduler(config: RunConfig, optimizer, total_steps: int):
+    """An LR schedule in optimizer steps. Not passed to accelerator.prepare: Accelerate would step it
+    once per process per optimizer step (DESIGN.md: LR 0.70 on one process, 0.40 on two)."""
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[config.lr_scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
+
+
+def total_optimizer_steps(config: RunConfig, num_samples: int, effective_batch: int) -> int:
+    """max_steps, or epochs x windows per epoch (a partial last window is one more step)."""
+    if config.max_steps is not None:
+        return config.max_steps
+    per_epoch = windows_per_epoch(num_samples, effective_batch)
+    return max(1, math.ceil((config.epochs or 1.0) * per_epoch))
+
+
+def banner(config: RunConfig, model, state, plan: Plan, lr: ScaledLR, total_steps: int, precision: str,
+           eval_batch: int, note: str | None) -> str:
+    params = sum(p.numel() for p in model.parameters())
+    lines = [
+        f"Model: {model_identity(config)} ({config.task}), {params / 1e6:.1f}M parameters",
+        f"Device: {state.device} x {state.num_processes} process{'es' if state.num_processes > 1 else ''}, "
+        f"precision {precision}",
+        f"Optimizer: {config.optimizer}, LR {lr.describe()}, schedule {config.lr_scheduler}, "
+        f"warmup {config.warmup_steps} steps",
+        f"Length: {total_steps} optimizer steps; eval batch {eval_batch} per process",
+        f"Loss normalisation: {config.resolved_loss_normalization()}",
+        plan.banner(),
+    ]
+    if note:
+        lines.append(note)
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def iterate_windows(num_samples: int, window_size: int, seed: int, start: Position):
+    """Yield (epoch, window_in_epoch, indices) forever from `start`; the order depends only on (seed, epoch)."""
+    epoch, window = start.epoch, start.window_in_epoch
+    per_epoch = windows_per_epoch(num_samples, window_size)
+    while True:
+        order = epoch_order(num_samples, seed, epoch)
+        while window < per_epoch:
+            yield epoch, window, window_indices(order, window, window_size)
+            window += 1
+        epoch, window = epoch + 1, 0
+
+
+def window_item_total(accelerator, batches: list[dict], task: str, normalization: str) -> int:
+    """Items that count in the loss in this window on all ranks (one all-reduce)."""
+    local = sum(count_loss_items(b["labels"], task, normalization) for b in batches if b is not None)
+    total = accelerator.reduce(torch.tensor([local], device=accelerator.device, dtype=torch.long), "sum")
+    return int(total.item())
+
+
+def train_window(accelerator, model, optimizer, scheduler, batches, stand_in, config: RunConfig,
+                 stats: AccumulationStats, position: Position) -> dict[str, Any]:
+    """Run one window's micro-batches; take exactly one optimizer step at its end. Returns the step's record."""
+    normalization = config.resolved_loss_normalization()
+    begin_window(accelerator, len(batches))
+    window_items = window_item_total(accelerator, batches, config.task, normalization)
+    scale = backward_scale(len(batches), accelerator.num_processes, window_items)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    record = None
+    for batch in batches:
+        with accelerator.accumulate(model):
+            empty = batch is None
+            if empty and not accelerator.sync_gradients:
+                continue  # nothing to add, and no collective happens off the sync step
+            # an empty micro-batch on the sync step still runs (at zero weight) so this rank joins the all-reduce
+            micro = move_to(stand_in if empty else batch, accelerator.device)
+            micro_loss = forward_loss_sum(model, micro, config.task)
+            items = 0 if empty else count_loss_items(micro["labels"], config.task, normalization)
+            if normalization == "mean":
+                to_backward = mean_of_means_loss(micro_loss, items)
+            else:
+                to_backward = micro_loss * scale
+            accelerator.backward(to_backward * (0.0 if empty else 1.0))
+            if not empty:
+                loss_sum += micro_loss.detach()
+                position.micro_step += 1
+                stats.record_micro_batch(samples=micro["labels"].shape[0], tokens=int(micro["attention_mask"].sum()))
+            if accelerator.sync_gradients:
+                record = finish_optimizer_step(accelerator, model, optimizer, scheduler, config, stats,
+                                               loss_sum, window_items)
+    return record
+
+
+def finish_optimizer_step(accelerator, model, optimizer, scheduler, config, stats, loss_sum, window_items):
+    """Clip, check, step, log: once per window, on the sync micro-batch."""
+    window_loss = accelerator.reduce(loss_sum.reshape(1), "sum").item() / max(window_items, 1)
+    if not math.isfinite(window_loss):
+        optimizer.zero_grad(set_to_none=True)
+        if not config.skip_nonfinite:
+            raise FloatingPointError(f"loss is {window_loss} at optimizer step {stats.optimizer_step + 1}")
+        return stats.record_optimizer_step(loss=window_loss, skipped=True)
+    max_norm = config.max_grad_norm if config.max_grad_norm else float("inf")
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    skipped = accelerator.optimizer_step_was_skipped  # fp16: the scaler found inf/nan gradients
+    if not skipped:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    lr = optimizer.param_groups[0]["lr"]
+    return stats.record_optimizer_step(loss=window_loss, grad_norm=float(grad_norm), lr=lr, skipped=skipped)
+
+
+@torch.no_grad()
+def evaluate_model(accelerator, model, eval_ds, collate, config: RunConfig, eval_batch: int) -> dict[str, float]:
+    """Loss and task metric on the eval set, shared across ranks without duplicated samples."""
+    from accelerate.utils import gather_object
+
+    from accum.windows import rank_share
+
+    model.eval()
+    start, stop = rank_share(len(eval_ds), accelerator.num_processes, accelerator.process_index)
+    loss_sum, items, predictions, references = 0.0, 0, [], []
+    for first in range(start, stop, eval_batch):
+        batch = move_to(collate([eval_ds[i] for i in range(first, min(first + eval_batch, stop))]), accelerator.device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_sum += sum_item_losses(logits, batch["labels"], config.task).item()
+        items += count_loss_items(batch["labels"], config.task, "tokens")
+        if config.task == "classification":
+            predictions += logits.argmax(-1).tolist()
+            references += batch["labels"].tolist()
+    totals = accelerator.reduce(torch.tensor([loss_sum, float(items)], device=accelerator.device), "sum").tolist()
+    predictions, references = gather_object(predictions), gather_object(references)
+    model.train()
+    eval_loss = totals[0] / max(totals[1], 1)
+    return data_lib.compute_eval_metrics(config.task, predictions, references, eval_loss)
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+class MetricsLog:
+    """metrics.jsonl, one line per optimizer step, appended and flushed by the main process."""
+
+    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None):
+        self.path, self.enabled = path, enabled
+        if enabled and keep_until_step is not None and path.exists():
+            # resume: drop lines of steps after the checkpoint, which will be run again
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("optimizer_step", 0) <= keep_until_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif enabled and path.exists():
+            path.unlink()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def format_step_line(record: dict[str, Any], total_steps: int) -> str:
+    grad = record.get("grad_norm")
+    return (f"step {record['optimizer_step']}/{total_steps} micro_step {record['micro_step']} "
+            f"loss {record['loss']:.4f} ema {record['ema_loss']:.4f} lr {record.get('lr') or 0:.3g} "
+            f"grad_norm {grad if grad is None else round(grad, 4)} tok/s {record.get('tokens_per_s', 0):.0f}")
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def tracker_config(config: RunConfig, plan: Plan, lr: float) -> dict[str, Any]:
+    """Scalars only (TensorBoard's hparams reject the rest)."""
+    flat = {k: v for k, v in config.model_dump().items() if isinstance(v, (int, float, str, bool))}
+    flat.update(effective_batch_size=plan.effective_batch_size, gradient_accumulation_steps=plan.accumulation_steps,
+                micro_batch_size=plan.micro_batch_size, num_processes=plan.num_processes, scaled_lr=lr)
+    return flat
+
+
+# ----------------------------------------------------------------------------- train()
+
+
+def fetch_window(train_data, collate, indices, plan: Plan, accelerator) -> tuple[list, dict]:
+    """This rank's micro-batches of one window (None for an empty one) and a one-sample stand-in."""
+    layout = layout_window(indices, plan.micro_batch_size, accelerator.num_processes, accelerator.process_index)
+    batches = [collate([train_data[i] for i in chunk]) if chunk else None for chunk in layout.micro_batches]
+    stand_in = collate([train_data[indices[0]]]) if None in batches else None
+    return batches, stand_in
+
+
+def checkpoint_state(config: RunConfig, position: Position, stats: AccumulationStats, fingerprint: dict,
+                     plan: Plan) -> dict[str, Any]:
+    return {**asdict(position), "stats": stats.state_dict(), "fingerprint": fingerprint, "plan": plan.to_dict(),
+            "config": json.loads(config_to_json(config))}
+
+
+def save(run, position: Position) -> None:
+    path = ckpt.save_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler,
+                                checkpoint_state(run.config, position, run.stats, run.fingerprint, run.plan),
+                                run.config.output_dir, run.config.keep_checkpoints)
+    run.accelerator.print(f"saved checkpoint {path}")
+
+
+def resume_if_asked(run, position: Position) -> int | None:
+    """Load the checkpoint named by --resume-from-checkpoint; return its optimizer step (None: fresh start)."""
+    config = run.config
+    if not config.resume_from_checkpoint:
+        return None
+    path = ckpt.resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    saved = ckpt.read_state(path)
+    check_fingerprint(saved.get("fingerprint", {}), run.fingerprint, config.allow_batch_change, path)
+    state = ckpt.load_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler, path)
+    for key in asdict(position):
+        setattr(position, key, int(state[key]))
+    run.stats.load_state_dict(state["stats"])
+    run.accelerator.print(f"resumed from {path} at optimizer step {position.optimizer_step}")
+    return position.optimizer_step
+
+
+def check_fingerprint(saved: dict, current: dict, allow_batch_change: bool, path: Path) -> None:
+    """A checkpoint of another model, data set or effective batch is refused (ConfigError)."""
+    for key in ("model", "data", "task"):
+        if saved.get(key) != current[key]:
+            raise ConfigError(f"checkpoint {str(path)!r} is from another {key} ({saved.get(key)!r}, now "
+                              f"{current[key]!r}): resume with the run's own config or start a new --output-dir")
+    if saved.get("effective_batch_size") != current["effective_batch_size"] and not allow_batch_change:
+        raise ConfigError(f"checkpoint {str(path)!r} trained with effective batch {saved.get('effective_batch_size')}, "
+                          f"now {current['effective_batch_size']}: keep --batch-size or pass --allow-batch-change")
+
+
+def final_metrics(stats: AccumulationStats, plan: Plan, eval_metrics: dict, train_seconds: float,
+                  lr: ScaledLR) -> dict[str, Any]:
+    summary = stats.as_dict()
+    summary.update(eval=eval_metrics, plan=plan.to_dict(), train_seconds=round(train_seconds, 3), lr=lr.lr,
+                   effective_batch_size=plan.effective_batch_size, micro_batch_size=plan.micro_batch_size,
+                   gradient_accumulation_steps=plan.accumulation_steps, num_processes=plan.num_processes)
+    return summary
+
+
+@dataclass
+class Run:
+    """What the loop needs, built once by `setup`."""
+
+    config: RunConfig
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    plan: Plan
+    lr: ScaledLR
+    train_data: Any
+    eval_data: Any
+    collate: Any
+    total_steps: int
+    eval_batch: int
+    stats: AccumulationStats
+    fingerprint: dict
+    out: Path
+
+
+def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data) -> tuple[Run, str]:
+    """Everything before the loop: output dir, data, model, plan, accelerator, optimizer, schedule.
+    Returns the run and the banner text."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    torch.manual_seed(config.seed)
+    out = check_output_dir(config)
+    tokenizer, label_info = None, None
+    if train_data is None:
+        tokenizer = data_lib.build_tokenizer(config)
+        train_raw, eval_raw = data_lib.load_splits(config)
+        train_data, eval_data, label_info = data_lib.tokenize_splits(config, tokenizer, train_raw, eval_raw)
+    if model is None:
+        model = data_lib.build_model(config, label_info.num_labels if label_info else 0, tokenizer=tokenizer,
+                                     id2label=label_info.id2label if label_info else None)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = getattr(model.config, "pad_token_id", None) or 0
+    collate = data_lib.make_collate(config.task, pad_id)
+    model.to(state.device)
+    model.train()
+    probe_optimizer = build_optimizer(config, model, config.lr)
+    plan, note = make_plan(config, cli_keys, model, probe_optimizer, train_data, collate, state)
+    del probe_optimizer
+    lr = scale_lr(config.lr, config.base_batch_size or config.batch_size, plan.effective_batch_size, config.lr_scaling)
+    accelerator = build_accelerator(plan, mixed_precision=resolve_precision(config), log_with=config.report_to,
+                                    project_dir=str(out))
+    optimizer = build_optimizer(config, model, lr.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    total_steps = total_optimizer_steps(config, len(train_data), plan.effective_batch_size)
+    scheduler = build_scheduler(config, optimizer, total_steps)
+    eval_batch = config.eval_batch_size if config.eval_batch_size != "auto" else 2 * plan.micro_batch_size
+    fingerprint = {"model": model_identity(config), "data": data_fingerprint(train_data), "task": config.task,
+                   "effective_batch_size": plan.effective_batch_size}
+    run = Run(config, accelerator, model, optimizer, scheduler, plan, lr, train_data, eval_data, collate,
+              total_steps, eval_batch, AccumulationStats(), fingerprint, out)
+    text = banner(config, model, state, plan, lr, total_steps, accelerator.mixed_precision, eval_batch, note)
+    return run, text
+
+
+def log_step(run: Run, record: dict[str, Any], log: MetricsLog, progress) -> None:
+    log.write(record)
+    if run.config.report_to != "none":
+        run.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["optimizer_step"])
+    step = record["optimizer_step"]
+    if run.accelerator.is_main_process and (step % run.config.log_every == 0 or step == run.total_steps):
+        progress.write(format_step_line(record, run.total_steps))
+    progress.update(1)
+
+
+def train(config: RunConfig, model=None, train_data=None, eval_data=None, cli_keys: set[str] | None = None) -> dict:
+    """Fine-tune and evaluate; return the metrics also written to <output_dir>/metrics.json.
+
+    `model`, `train_data` and `eval_data` may be passed in (tokenised: indexable of dicts
+    with input_ids and, for classification, labels); otherwise they are built from
+    `config`. Raises ConfigError for bad input, before anything is trained.
+    """
+    run, text = setup(config, cli_keys or set(), model, train_data, eval_data)
+    accelerator, position = run.accelerator, Position()
+    resumed_step = resume_if_asked(run, position)
+    if accelerator.is_main_process:
+        write_json_atomic(run.out / "config.json", json.loads(config_to_json(config)))
+        write_json_atomic(run.out / "plan.json", run.plan.to_dict())
+    accelerator.print(text)
+    if config.report_to != "none":
+        accelerator.init_trackers("accum", config=tracker_config(config, run.plan, run.lr.lr))
+    log = MetricsLog(run.out / "metrics.jsonl", accelerator.is_main_process, resumed_step)
+    windows = iterate_windows(len(run.train_data), run.plan.effective_batch_size, config.seed, position)
+    progress = tqdm(total=run.total_steps, initial=position.optimizer_step, desc="optimizer steps",
+                    disable=not accelerator.is_main_process, dynamic_ncols=True)
+    started = time.perf_counter()
+    while position.optimizer_step < run.total_steps:
+        epoch, window_in_epoch, indices = next(windows)
+        batches, stand_in = fetch_window(run.train_data, run.collate, indices, run.plan, accelerator)
+        record = train_window(accelerator, run.model, run.optimizer, run.scheduler, batches, stand_in, config,
+                              run.stats, position)
+        position.optimizer_step += 1
+        position.epoch, position.window_in_epoch = epoch, window_in_epoch + 1
+        record.update(optimizer_step=position.optimizer_step, micro_step=position.micro_step, epoch=epoch)
+        log_step(run, record, log, progress)
+        if config.eval_every and position.optimizer_step % config.eval_every == 0 and run.eval_data:
+            accelerator.print(f"eval at step {position.optimizer_step}: {run_eval(run)}")
+        if config.save_every and position.optimizer_step % config.save_every == 0:
+            save(run, position)
+    progress.close()
+    train_seconds = time.perf_counter() - started
+    save(run, position)
+    eval_metrics = run_eval(run) if run.eval_data else {}
+    metrics = final_metrics(run.stats, run.plan, eval_metrics, train_seconds, run.lr)
+    if accelerator.is_main_process:
+        write_json_atomic(run.out / "metrics.json", metrics)
+    accelerator.print("final: " + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+    accelerator.end_training()
+    return metrics
+
+
+def run_eval(run: Run) -> dict[str, float]:
+    return evaluate_model(run.accelerator, run.model, run.eval_data, run.collate, run.config, run.eval_batch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: bad input is one line on stderr and exit code 2, never a traceback."""
+    try:
+        config, cli_keys = parse_config(argv)
+        train(config, cli_keys=cli_keys)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:
+        print(f"error: {exc}; the last good state is the latest checkpoint. Lower --lr, or pass --skip-nonfinite",
+              file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
