@@ -239,9 +239,7 @@ def _ddp_worker(rank: int, world: int, port: int, result_path: str) -> None:
     with ddp.no_sync():
         (ddp(rank_x[0]).square().sum() * world / total).backward()
     (ddp(rank_x[1]).square().sum() * world / total).backward()
-    measured = hook.window_result(
-        sum(split), total, reduce_mean=lambda t: (dist.all_reduce(t), t / world)[1]
-    )
+    measured = hook.window_result(sum(split), total, reduce_mean=lambda t: (dist.all_reduce(t), t / world)[1])
     synced = [p.grad.clone() for p in model.parameters()]
 
     # Reference on one process: per-rank mean gradients and the global one, by plain autograd.
