@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from accum.accelerator import begin_window, build_accelerator
 from accum.config import ConfigError, RunConfig, config_to_json, parse_config
 from accum.loss import backward_scale, count_loss_items, mean_of_means_loss, sum_item_losses
-from accum.plan import Plan, plan_batch, plan_from_accumulation, resolve_batch
+from accum.plan import Plan, plan_from_accumulation, resolve_batch
 from accum.scaling import ScaledLR, scale_lr
 from accum.stats import AccumulationStats
 from accum.windows import epoch_order, layout_window, window_indices, windows_per_epoch
@@ -114,22 +114,19 @@ def forward_loss_sum(model, batch: dict[str, torch.Tensor], task: str) -> torch.
     return sum_item_losses(logits, batch["labels"], task)
 
 
-def make_plan(config: RunConfig, cli_keys: set[str], model, optimizer, train_ds, collate, state) -> tuple[Plan, str | None]:
+def resolve_batch_flags(config: RunConfig, cli_keys: set[str], num_processes: int):
+    """(target, micro or None, accum or None, note): checked before any data is loaded or memory probed."""
+    return resolve_batch(config.batch_size, config.micro_batch_size, config.grad_accum_steps, num_processes, cli_keys)
+
+
+def make_plan(config: RunConfig, resolved, model, optimizer, train_ds, collate, state) -> tuple[Plan, str | None]:
     """Micro-batch x accumulation x processes for the target batch: from flags, or by probing memory."""
     from accum.probe import plan_for
 
     world = state.num_processes
-    target, micro, accum, note = resolve_batch(
-        config.batch_size, config.micro_batch_size, config.grad_accum_steps, world, cli_keys
-    )
+    target, micro, accum, note = resolved
     if micro is not None and accum is not None:
         return plan_from_accumulation(micro, accum, world), note
-    if micro is not None:
-        plan = plan_batch(target, micro, world, allow_rounding=config.allow_batch_rounding, source="flag")
-        if plan.micro_batch_size != micro:
-            raise ConfigError(f"--micro-batch-size {micro} does not divide the per-process batch {target // world}: "
-                              f"use {plan.micro_batch_size} or a --batch-size that {micro} x processes divides")
-        return plan, note
 
     def make_batch(n: int) -> dict[str, torch.Tensor]:
         return move_to(collate(worst_case_examples(train_ds, n, config.max_seq_len)), state.device)
@@ -142,9 +139,6 @@ def make_plan(config: RunConfig, cli_keys: set[str], model, optimizer, train_ds,
                     safety_margin=config.safety_margin, objective=config.objective, cache_path=config.plan_cache,
                     cache_key=cache_key, replan=config.replan, allow_rounding=config.allow_batch_rounding,
                     progress=state.is_main_process)
-    if accum is not None and plan.accumulation_steps != accum:
-        raise ConfigError(f"--grad-accum-steps {accum} needs micro-batch {target // (accum * world)}, "
-                          f"but the largest that fits is {plan.micro_batch_size}: lower --batch-size or raise the steps")
     return plan, note
 
 
@@ -427,6 +421,7 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data) -
 
     state = PartialState()
     torch.manual_seed(config.seed)
+    resolved = resolve_batch_flags(config, cli_keys, state.num_processes)
     out = check_output_dir(config)
     tokenizer, label_info = None, None
     if train_data is None:
@@ -443,7 +438,7 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data) -
     model.to(state.device)
     model.train()
     probe_optimizer = build_optimizer(config, model, config.lr)
-    plan, note = make_plan(config, cli_keys, model, probe_optimizer, train_data, collate, state)
+    plan, note = make_plan(config, resolved, model, probe_optimizer, train_data, collate, state)
     del probe_optimizer
     lr = scale_lr(config.lr, config.base_batch_size or config.batch_size, plan.effective_batch_size, config.lr_scaling)
     accelerator = build_accelerator(plan, mixed_precision=resolve_precision(config), log_with=config.report_to,
