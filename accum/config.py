@@ -105,6 +105,7 @@ class RunConfig(BaseModel):
     eval_every: int = Field(0, ge=0, description="evaluate every N optimizer steps (0: only at the end)")
     report_to: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="experiment tracker")
     skip_nonfinite: bool = Field(False, description="skip a window whose loss is NaN/inf instead of stopping")
+    noise_scale: bool = Field(False, description="measure the gradient noise scale B_simple (no extra passes)")
 
     @field_validator("micro_batch_size", "grad_accum_steps", "eval_batch_size")
     @classmethod

@@ -464,3 +464,48 @@ def recommend_batch(
     if max_batch is not None:
         batch = min(batch, max_batch)
     return int(batch)
+
+
+class NoiseMeter:
+    """One object for a training loop: measures B_simple the cheapest way the layout allows.
+
+    Picks `MicroGradientNorms` (one process, accumulation >= 2) or `LocalGradientNormHook`
+    (several DDP ranks; registered on `model`, the wrapper `accelerator.prepare` returned), and
+    feeds a `NoiseScaleTracker`. `.unavailable` is the one line to print when neither applies.
+    Per window: `start_window(grad_scale)`, `after_backward(items)` after each micro-batch,
+    `finish_window(local_items, total_items, reduce_mean)` before clipping.
+    """
+
+    def __init__(self, model: torch.nn.Module, num_processes: int, accumulation_steps: int,
+                 tracker: NoiseScaleTracker | None = None):
+        self.tracker = tracker or NoiseScaleTracker()
+        self.method = measurement_method(num_processes, accumulation_steps)
+        self.unavailable = describe_unavailable(num_processes, accumulation_steps)
+        self._micro: MicroGradientNorms | None = None
+        self._hook: LocalGradientNormHook | None = None
+        if self.method == "micro_batches":
+            self._micro = MicroGradientNorms(model.parameters())
+        elif self.method == "ranks":
+            self._hook = LocalGradientNormHook(model.parameters())
+            model.register_comm_hook(state=None, hook=self._hook.comm_hook)
+
+    def start_window(self, grad_scale: float) -> None:
+        for meter in (self._micro, self._hook):
+            if meter is not None and grad_scale > 0:
+                meter.start_window(grad_scale)
+
+    def after_backward(self, items: float) -> None:
+        if self._micro is not None and items > 0:
+            self._micro.after_backward(items)
+
+    def finish_window(self, local_items: float, total_items: float,
+                      reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float | None:
+        """Update the tracker from this window; return the smoothed B_simple (None until known)."""
+        measured = None
+        if self._micro is not None:
+            measured = self._micro.window_result()
+        elif self._hook is not None:
+            measured = self._hook.window_result(local_items, total_items, reduce_mean)
+        if measured is not None:
+            self.tracker.update(*measured)
+        return self.tracker.b_simple

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from accum.accelerator import begin_window, build_accelerator
 from accum.config import ConfigError, RunConfig, config_to_json, parse_config
 from accum.loss import backward_scale, count_loss_items, mean_of_means_loss, sum_item_losses
+from accum.noise import NoiseMeter
 from accum.plan import Plan, plan_from_accumulation, resolve_batch
 from accum.scaling import ScaledLR, scale_lr
 from accum.stats import AccumulationStats
@@ -206,20 +207,16 @@ def iterate_windows(num_samples: int, window_size: int, seed: int, start: Positi
         epoch, window = epoch + 1, 0
 
 
-def window_item_total(accelerator, batches: list[dict], task: str, normalization: str) -> int:
-    """Items that count in the loss in this window on all ranks (one all-reduce)."""
-    local = sum(count_loss_items(b["labels"], task, normalization) for b in batches if b is not None)
-    total = accelerator.reduce(torch.tensor([local], device=accelerator.device, dtype=torch.long), "sum")
-    return int(total.item())
-
-
-def train_window(accelerator, model, optimizer, scheduler, batches, stand_in, config: RunConfig,
-                 stats: AccumulationStats, position: Position) -> dict[str, Any]:
+def train_window(run: Run, batches: list, stand_in, position: Position) -> dict[str, Any]:
     """Run one window's micro-batches; take exactly one optimizer step at its end. Returns the step's record."""
+    accelerator, config, model = run.accelerator, run.config, run.model
     normalization = config.resolved_loss_normalization()
     begin_window(accelerator, len(batches))
-    window_items = window_item_total(accelerator, batches, config.task, normalization)
+    local_items = sum(count_loss_items(b["labels"], config.task, normalization) for b in batches if b is not None)
+    window_items = int(accelerator.reduce(torch.tensor([local_items], device=accelerator.device), "sum").item())
     scale = backward_scale(len(batches), accelerator.num_processes, window_items)
+    if run.noise is not None:
+        run.noise.start_window(accelerator.num_processes / window_items * loss_scale(accelerator))
     loss_sum = torch.zeros((), device=accelerator.device)
     record = None
     for batch in batches:
@@ -239,30 +236,42 @@ def train_window(accelerator, model, optimizer, scheduler, batches, stand_in, co
             if not empty:
                 loss_sum += micro_loss.detach()
                 position.micro_step += 1
-                stats.record_micro_batch(samples=micro["labels"].shape[0], tokens=int(micro["attention_mask"].sum()))
+                run.stats.record_micro_batch(samples=micro["labels"].shape[0], tokens=int(micro["attention_mask"].sum()))
+                if run.noise is not None:
+                    run.noise.after_backward(items)
             if accelerator.sync_gradients:
-                record = finish_optimizer_step(accelerator, model, optimizer, scheduler, config, stats,
-                                               loss_sum, window_items)
+                b_simple = None
+                if run.noise is not None:  # before clipping changes the gradients
+                    b_simple = run.noise.finish_window(local_items, window_items,
+                                                       lambda t: accelerator.reduce(t, "mean"))
+                record = finish_optimizer_step(run, loss_sum, window_items)
+                record["noise_b_simple"] = b_simple
     return record
 
 
-def finish_optimizer_step(accelerator, model, optimizer, scheduler, config, stats, loss_sum, window_items):
-    """Clip, check, step, log: once per window, on the sync micro-batch."""
+def loss_scale(accelerator) -> float:
+    """fp16's current loss scale (gradients hold it until clipping unscales them), else 1."""
+    return float(accelerator.scaler.get_scale()) if accelerator.scaler is not None else 1.0
+
+
+def finish_optimizer_step(run: Run, loss_sum: torch.Tensor, window_items: int) -> dict[str, Any]:
+    """Check, clip, step, log: once per window, on the sync micro-batch."""
+    accelerator, config, optimizer = run.accelerator, run.config, run.optimizer
     window_loss = accelerator.reduce(loss_sum.reshape(1), "sum").item() / max(window_items, 1)
     if not math.isfinite(window_loss):
         optimizer.zero_grad(set_to_none=True)
         if not config.skip_nonfinite:
-            raise FloatingPointError(f"loss is {window_loss} at optimizer step {stats.optimizer_step + 1}")
-        return stats.record_optimizer_step(loss=window_loss, skipped=True)
+            raise FloatingPointError(f"loss is {window_loss} at optimizer step {run.stats.optimizer_step + 1}")
+        return run.stats.record_optimizer_step(loss=window_loss, skipped=True)
     max_norm = config.max_grad_norm if config.max_grad_norm else float("inf")
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), max_norm)
     optimizer.step()
     skipped = accelerator.optimizer_step_was_skipped  # fp16: the scaler found inf/nan gradients
     if not skipped:
-        scheduler.step()
+        run.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     lr = optimizer.param_groups[0]["lr"]
-    return stats.record_optimizer_step(loss=window_loss, grad_norm=float(grad_norm), lr=lr, skipped=skipped)
+    return run.stats.record_optimizer_step(loss=window_loss, grad_norm=float(grad_norm), lr=lr, skipped=skipped)
 
 
 @torch.no_grad()
@@ -412,14 +421,22 @@ class Run:
     stats: AccumulationStats
     fingerprint: dict
     out: Path
+    noise: NoiseMeter | None = None
 
 
 def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data) -> tuple[Run, str]:
     """Everything before the loop: output dir, data, model, plan, accelerator, optimizer, schedule.
     Returns the run and the banner text."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    state = PartialState()
+    # Accelerator() honours ACCELERATE_USE_CPU but PartialState() does not (accelerate 1.15): without
+    # this, each CPU rank of `accelerate launch --multi_gpu` would train alone as a world of one.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > state.num_processes:
+        raise ConfigError(f"{launched} processes were launched but each sees a world of {state.num_processes}: "
+                          "on a machine without GPUs, launch with ACCELERATE_USE_CPU=1")
     torch.manual_seed(config.seed)
     resolved = resolve_batch_flags(config, cli_keys, state.num_processes)
     out = check_output_dir(config)
@@ -452,6 +469,9 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data) -
                    "effective_batch_size": plan.effective_batch_size}
     run = Run(config, accelerator, model, optimizer, scheduler, plan, lr, train_data, eval_data, collate,
               total_steps, eval_batch, AccumulationStats(), fingerprint, out)
+    if config.noise_scale:
+        run.noise = NoiseMeter(model, accelerator.num_processes, plan.accumulation_steps)
+        note = "\n".join(filter(None, [note, run.noise.unavailable]))
     text = banner(config, model, state, plan, lr, total_steps, accelerator.mixed_precision, eval_batch, note)
     return run, text
 
@@ -490,8 +510,7 @@ def train(config: RunConfig, model=None, train_data=None, eval_data=None, cli_ke
     while position.optimizer_step < run.total_steps:
         epoch, window_in_epoch, indices = next(windows)
         batches, stand_in = fetch_window(run.train_data, run.collate, indices, run.plan, accelerator)
-        record = train_window(accelerator, run.model, run.optimizer, run.scheduler, batches, stand_in, config,
-                              run.stats, position)
+        record = train_window(run, batches, stand_in, position)
         position.optimizer_step += 1
         position.epoch, position.window_in_epoch = epoch, window_in_epoch + 1
         record.update(optimizer_step=position.optimizer_step, micro_step=position.micro_step, epoch=epoch)
