@@ -61,12 +61,14 @@ def _libc():
 _LIBC = _libc()
 
 
-def free_memory() -> None:
+def free_memory(full: bool = True) -> None:
     """Collect garbage and hand cached memory back: CUDA's cache, and glibc's free heap pages.
 
+    `full=False` collects only the young generations (0.1 ms instead of ~0.2 s once transformers
+    is imported), enough between steps whose tensors die by reference counting.
     Call it outside an `except` block: the traceback keeps the failed step's tensors alive.
     """
-    gc.collect()
+    gc.collect() if full else gc.collect(1)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     mps = getattr(torch, "mps", None)

@@ -175,7 +175,7 @@ def find_max_micro_batch(
     probes: list[Probe] = []
 
     def run_once(size: int) -> tuple[bool, float, int | None, str | None]:
-        free_memory()
+        free_memory(full=False)
         reset_peak_memory(device)
         error = None
         began = time.perf_counter()
@@ -338,6 +338,28 @@ def _tensor_bytes(value: Any) -> int:
     return 0
 
 
+def _rng_state() -> dict[str, Any]:
+    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    with contextlib.suppress(ImportError):
+        import numpy
+
+        rng["numpy"] = numpy.random.get_state()
+    return rng
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if "numpy" in rng:
+        import numpy
+
+        numpy.random.set_state(rng["numpy"])
+
+
 @dataclass
 class _Snapshot:
     """Everything a probe changes: weights and buffers, gradients, optimizer state, RNG, train mode."""
@@ -350,18 +372,11 @@ class _Snapshot:
 
     @classmethod
     def take(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> _Snapshot:
-        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        with contextlib.suppress(ImportError):
-            import numpy
-
-            rng["numpy"] = numpy.random.get_state()
         return cls(
             weights=_cpu_copy(model.state_dict()),
             grads=[_cpu_copy(p.grad) if p.grad is not None else None for p in model.parameters()],
             optimizer_state=_cpu_copy(optimizer.state_dict()) if optimizer is not None else None,
-            rng=rng,
+            rng=_rng_state(),
             training=model.training,
         )
 
@@ -376,14 +391,7 @@ class _Snapshot:
             param.grad = grad.to(param.device, copy=True) if grad is not None else None
         if optimizer is not None and self.optimizer_state is not None:
             optimizer.load_state_dict(self.optimizer_state)
-        torch.set_rng_state(self.rng["torch"])
-        random.setstate(self.rng["python"])
-        if "cuda" in self.rng:
-            torch.cuda.set_rng_state_all(self.rng["cuda"])
-        if "numpy" in self.rng:
-            import numpy
-
-            numpy.random.set_state(self.rng["numpy"])
+        _set_rng_state(self.rng)
         model.train(self.training)
 
 
@@ -485,11 +493,13 @@ def _model_id(model: torch.nn.Module) -> str:
 
 
 def _batch_shape(make_batch: Callable[[int], Mapping[str, Any]]) -> dict[str, list[Any]]:
-    return {
-        key: [list(value.shape[1:]), str(value.dtype)]
-        for key, value in make_batch(1).items()
-        if torch.is_tensor(value)
-    }
+    """Per-sample shapes and dtypes of the batch; make_batch's draw from the RNG is undone."""
+    rng = _rng_state()
+    try:
+        batch = make_batch(1)
+    finally:
+        _set_rng_state(rng)
+    return {key: [list(value.shape[1:]), str(value.dtype)] for key, value in batch.items() if torch.is_tensor(value)}
 
 
 def _processes(accelerator: Any, num_processes: int | None) -> int:
