@@ -120,6 +120,38 @@ def resolve_batch_flags(config: RunConfig, cli_keys: set[str], num_processes: in
     return resolve_batch(config.batch_size, config.micro_batch_size, config.grad_accum_steps, num_processes, cli_keys)
 
 
+def probe_length(config: RunConfig, model) -> int:
+    """Tokens per probed sample: max_seq_len, the longest training can meet, within the model's positions."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    return min(config.max_seq_len, limit) if limit else config.max_seq_len
+
+
+def probe_batch_maker(config: RunConfig, model, train_ds, collate, device):
+    """make_batch(n) for the planner: n samples of the worst-case length."""
+    length = probe_length(config, model)
+
+    def make_batch(n: int) -> dict[str, torch.Tensor]:
+        return move_to(collate(worst_case_examples(train_ds, n, length)), device)
+
+    return make_batch
+
+
+def plan_eval_batch_size(config: RunConfig, model, train_ds, eval_ds, collate, plan: Plan, state) -> int:
+    """--eval-batch-size, or the largest forward-only batch that fits, probed from the training
+    micro-batch up to 8 times it (no gradients or optimizer state, so it is larger)."""
+    from accum.probe import plan_eval_batch
+
+    if config.eval_batch_size != "auto":
+        return config.eval_batch_size
+    per_process = math.ceil(len(eval_ds) / state.num_processes) if eval_ds else 1
+    limit = max(1, min(8 * plan.micro_batch_size, per_process))
+    start = min(plan.micro_batch_size, limit)
+    result = plan_eval_batch(model, probe_batch_maker(config, model, train_ds, collate, state.device), limit=limit,
+                             start=start, max_memory=config.max_memory, safety_margin=config.safety_margin,
+                             progress=False)
+    return result.size
+
+
 def make_plan(config: RunConfig, resolved, model, optimizer, train_ds, collate, state) -> tuple[Plan, str | None]:
     """Micro-batch x accumulation x processes for the target batch: from flags, or by probing memory."""
     from accum.probe import plan_for
@@ -129,8 +161,7 @@ def make_plan(config: RunConfig, resolved, model, optimizer, train_ds, collate, 
     if micro is not None and accum is not None:
         return plan_from_accumulation(micro, accum, world), note
 
-    def make_batch(n: int) -> dict[str, torch.Tensor]:
-        return move_to(collate(worst_case_examples(train_ds, n, config.max_seq_len)), state.device)
+    make_batch = probe_batch_maker(config, model, train_ds, collate, state.device)
 
     def loss_fn(probe_model, batch):
         return forward_loss_sum(probe_model, batch, config.task) / batch["labels"].numel()
@@ -464,7 +495,7 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data) -
     model, optimizer = accelerator.prepare(model, optimizer)
     total_steps = total_optimizer_steps(config, len(train_data), plan.effective_batch_size)
     scheduler = build_scheduler(config, optimizer, total_steps)
-    eval_batch = config.eval_batch_size if config.eval_batch_size != "auto" else 2 * plan.micro_batch_size
+    eval_batch = plan_eval_batch_size(config, model, train_data, eval_data, collate, plan, state)
     fingerprint = {"model": model_identity(config), "data": data_fingerprint(train_data), "task": config.task,
                    "effective_batch_size": plan.effective_batch_size}
     run = Run(config, accelerator, model, optimizer, scheduler, plan, lr, train_data, eval_data, collate,
