@@ -1,3 +1,34 @@
 """accum: exact, automatic gradient accumulation for Hugging Face Accelerate."""
 
 __version__ = "0.1.0"
+
+from accum.accelerator import begin_window, build_accelerator
+from accum.cache import PlanCache
+from accum.config import ConfigError, RunConfig, parse_memory
+from accum.estimate import MemoryEstimate, estimate_analytic, estimate_traced, max_micro_batch_for
+from accum.loss import backward_scale, count_loss_items, mean_of_means_loss, sum_item_losses
+from accum.noise import (
+    LocalGradientNormHook,
+    MicroGradientNorms,
+    NoiseMeter,
+    NoiseScaleTracker,
+    estimate_noise,
+    recommend_batch,
+)
+from accum.oom import device_memory_bytes, free_memory, is_oom, peak_memory_bytes, reset_peak_memory
+from accum.plan import Plan, plan_batch, plan_from_accumulation, resolve_batch
+from accum.probe import NothingFitsError, Probe, ProbeResult, find_max_micro_batch, plan_eval_batch, plan_for
+from accum.scaling import ScaledLR, scale_lr
+from accum.stats import AccumulationStats, peak_memory
+from accum.windows import epoch_order, layout_window, windows_per_epoch
+
+__all__ = [
+    "AccumulationStats", "ConfigError", "LocalGradientNormHook", "MemoryEstimate", "MicroGradientNorms",
+    "NoiseMeter", "NoiseScaleTracker", "NothingFitsError", "Plan", "PlanCache", "Probe", "ProbeResult",
+    "RunConfig", "ScaledLR", "backward_scale", "begin_window", "build_accelerator", "count_loss_items",
+    "device_memory_bytes", "epoch_order", "estimate_analytic", "estimate_noise", "estimate_traced",
+    "find_max_micro_batch", "free_memory", "is_oom", "layout_window", "max_micro_batch_for",
+    "mean_of_means_loss", "parse_memory", "peak_memory", "peak_memory_bytes", "plan_batch", "plan_eval_batch",
+    "plan_for", "plan_from_accumulation", "recommend_batch", "reset_peak_memory", "resolve_batch", "scale_lr",
+    "sum_item_losses", "windows_per_epoch",
+]
