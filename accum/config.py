@@ -107,6 +107,21 @@ class RunConfig(BaseModel):
     skip_nonfinite: bool = Field(False, description="skip a window whose loss is NaN/inf instead of stopping")
     noise_scale: bool = Field(False, description="measure the gradient noise scale B_simple (no extra passes)")
 
+    # -- accumulation schedules (accum/schedule.py): the micro-batch stays, accumulation changes -----
+    accumulation_schedule: dict[int, int] | None = Field(
+        None, description="effective batch by samples (or tokens) seen, e.g. {0: 32, 20000: 64}; LR schedule in samples"
+    )
+    schedule_unit: Literal["samples", "tokens"] = Field("samples", description="what accumulation_schedule keys count")
+    batch_ramp: str | None = Field(None, description="start,end,over_samples: linear batch ramp rounded to valid splits")
+    adaptive_batch: Literal["none", "noise"] = Field("none", description="noise: grow the batch toward B_simple")
+    adaptive_batch_min: int | None = Field(None, gt=0, description="noise-driven batch: first and smallest (default batch_size)")
+    adaptive_batch_max: int | None = Field(None, gt=0, description="noise-driven batch: largest (default 8 x the minimum)")
+    adaptive_batch_cooldown: int = Field(20, ge=0, description="noise-driven batch: optimizer steps between changes")
+    adaptive_batch_growth: Literal["power_of_two", "multiple"] = Field(
+        "power_of_two", description="noise-driven batch: double, or jump to the nearest valid split below B_simple"
+    )
+    max_samples: int | None = Field(None, gt=0, description="stop after N samples (with max_steps: whichever first)")
+
     @field_validator("micro_batch_size", "grad_accum_steps", "eval_batch_size")
     @classmethod
     def _positive_or_auto(cls, value: int | str) -> int | str:
