@@ -117,6 +117,7 @@ def _token_batches(vocab_size: int, seq_len: int, seed: int):
 def run_plan(args: argparse.Namespace) -> int:
     import torch
 
+    from accum.plan import per_process_limit
     from accum.probe import OBJECTIVES, format_probe_table, memory_budget, plan_for
 
     if args.objective not in OBJECTIVES:
@@ -124,7 +125,9 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.optimizer not in ("adamw", "sgd"):
         raise ConfigError(f"--optimizer {args.optimizer!r} is unknown: use adamw or sgd")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    memory_budget(args.max_memory, args.safety_margin, device)  # bad budgets fail before the model loads
+    # bad input fails before the model loads
+    memory_budget(args.max_memory, args.safety_margin, device)
+    per_process_limit(args.batch_size, args.num_processes or 1, args.allow_rounding)
     torch.manual_seed(args.seed)
     model = load_model(args.model).to(device)
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
