@@ -107,6 +107,14 @@ class RunConfig(BaseModel):
     skip_nonfinite: bool = Field(False, description="skip a window whose loss is NaN/inf instead of stopping")
     noise_scale: bool = Field(False, description="measure the gradient noise scale B_simple (no extra passes)")
 
+    # -- out-of-memory recovery (accum/adaptive.py) ---------------------------------------
+    oom_recovery: bool = Field(True, description="on OOM, replay the window at a smaller micro-batch (same batch)")
+    memory_pressure: float | None = Field(
+        None, gt=0, le=1, description="shrink the micro-batch when a window's peak passes this fraction of the budget"
+    )
+    regrow: int = Field(0, ge=0, description="grow the micro-batch back after N windows without pressure (0: never)")
+    max_adjustments: int = Field(8, ge=0, description="at most N memory-pressure/regrow adjustments in a run")
+
     # -- accumulation schedules (accum/schedule.py): the micro-batch stays, accumulation changes -----
     accumulation_schedule: dict[int, int] | None = Field(
         None, description="effective batch by samples (or tokens) seen, e.g. {0: 32, 20000: 64}; LR schedule in samples"
