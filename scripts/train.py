@@ -13,6 +13,7 @@ so that the accumulated gradient is the mean over every item of the window
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -30,9 +31,11 @@ import torch
 from tqdm.auto import tqdm
 
 from accum.accelerator import begin_window, build_accelerator
+from accum.adaptive import AdaptiveBatch, Decision, OutOfMemoryError, advice, any_rank
 from accum.config import ConfigError, RunConfig, config_to_json, parse_config
 from accum.loss import backward_scale, count_loss_items, mean_of_means_loss, sum_item_losses
 from accum.noise import NoiseMeter
+from accum.oom import free_memory, is_oom, peak_memory_bytes, reset_peak_memory
 from accum.plan import Plan, plan_from_accumulation, resolve_batch
 from accum.scaling import ScaledLR, scale_lr
 from accum.stats import AccumulationStats
@@ -152,6 +155,11 @@ def plan_eval_batch_size(config: RunConfig, model, train_ds, eval_ds, collate, p
     return result.size
 
 
+def plan_cache_key(config: RunConfig) -> str:
+    """The plan cache's key for this run: what the planner reads and what OOM recovery rewrites."""
+    return f"{model_identity(config)}|seq{config.max_seq_len}|{resolve_precision(config)}|{config.optimizer}|{config.task}"
+
+
 def make_plan(config: RunConfig, resolved, model, optimizer, train_ds, collate, state) -> tuple[Plan, str | None]:
     """Micro-batch x accumulation x processes for the target batch: from flags, or by probing memory."""
     from accum.probe import plan_for
@@ -166,10 +174,9 @@ def make_plan(config: RunConfig, resolved, model, optimizer, train_ds, collate, 
     def loss_fn(probe_model, batch):
         return forward_loss_sum(probe_model, batch, config.task) / batch["labels"].numel()
 
-    cache_key = f"{model_identity(config)}|seq{config.max_seq_len}|{resolve_precision(config)}|{config.optimizer}|{config.task}"
     plan = plan_for(model, make_batch, target, None, optimizer, loss_fn=loss_fn, max_memory=config.max_memory,
                     safety_margin=config.safety_margin, objective=config.objective, cache_path=config.plan_cache,
-                    cache_key=cache_key, replan=config.replan, allow_rounding=config.allow_batch_rounding,
+                    cache_key=plan_cache_key(config), replan=config.replan, allow_rounding=config.allow_batch_rounding,
                     progress=state.is_main_process)
     return plan, note
 
@@ -238,8 +245,10 @@ def iterate_windows(num_samples: int, window_size: int, seed: int, start: Positi
         epoch, window = epoch + 1, 0
 
 
-def train_window(run: Run, batches: list, stand_in, position: Position) -> dict[str, Any]:
-    """Run one window's micro-batches; take exactly one optimizer step at its end. Returns the step's record."""
+def train_window(run: Run, batches: list, stand_in, position: Position) -> dict[str, Any] | None:
+    """Run one window's micro-batches; take exactly one optimizer step at its end. Returns the step's
+    record, or None when OOM recovery is on and some rank ran out of memory in a forward or backward:
+    then no rank steps, and the caller drops the gradients and replays the window smaller."""
     accelerator, config, model = run.accelerator, run.config, run.model
     normalization = config.resolved_loss_normalization()
     begin_window(accelerator, len(batches))
@@ -248,36 +257,119 @@ def train_window(run: Run, batches: list, stand_in, position: Position) -> dict[
     scale = backward_scale(len(batches), accelerator.num_processes, window_items)
     if run.noise is not None:
         run.noise.start_window(accelerator.num_processes / window_items * loss_scale(accelerator))
+    if run.memory_budget:
+        reset_peak_memory(accelerator.device)
     loss_sum = torch.zeros((), device=accelerator.device)
-    record = None
-    for batch in batches:
-        with accelerator.accumulate(model):
-            empty = batch is None
-            if empty and not accelerator.sync_gradients:
-                continue  # nothing to add, and no collective happens off the sync step
-            # an empty micro-batch on the sync step still runs (at zero weight) so this rank joins the all-reduce
-            micro = move_to(stand_in if empty else batch, accelerator.device)
-            micro_loss = forward_loss_sum(model, micro, config.task)
-            items = 0 if empty else count_loss_items(micro["labels"], config.task, normalization)
-            if normalization == "mean":
-                to_backward = mean_of_means_loss(micro_loss, items)
-            else:
-                to_backward = micro_loss * scale
-            accelerator.backward(to_backward * (0.0 if empty else 1.0))
+    counted, out_of_memory = [], False
+    # deferred sync (recovery on several DDP ranks): no all-reduce inside backward, where an OOM on one
+    # rank would leave the others waiting; the gradients are averaged once every rank has succeeded
+    with accelerator.no_sync(model) if run.defer_sync else contextlib.nullcontext():
+        for batch in batches:
+            with accelerator.accumulate(model):
+                empty = batch is None
+                if empty and not accelerator.sync_gradients:
+                    continue  # nothing to add, and no collective happens off the sync step
+                # an empty micro-batch on the sync step still runs (at zero weight) so this rank joins the all-reduce
+                micro = move_to(stand_in if empty else batch, accelerator.device)
+                try:
+                    micro_loss = forward_loss_sum(model, micro, config.task)
+                    items = 0 if empty else count_loss_items(micro["labels"], config.task, normalization)
+                    if normalization == "mean":
+                        to_backward = mean_of_means_loss(micro_loss, items)
+                    else:
+                        to_backward = micro_loss * scale
+                    accelerator.backward(to_backward * (0.0 if empty else 1.0))
+                except Exception as exc:
+                    if run.adaptive is None or not is_oom(exc):
+                        raise
+                    out_of_memory = True
+            if out_of_memory:
+                break  # the tensors of the failed micro-batch die with this frame's locals below
             if not empty:
                 loss_sum += micro_loss.detach()
-                position.micro_step += 1
-                run.stats.record_micro_batch(samples=micro["labels"].shape[0], tokens=int(micro["attention_mask"].sum()))
+                counted.append((micro["labels"].shape[0], int(micro["attention_mask"].sum())))
                 if run.noise is not None:
                     run.noise.after_backward(items)
-            if accelerator.sync_gradients:
-                b_simple = None
-                if run.noise is not None:  # before clipping changes the gradients
-                    b_simple = run.noise.finish_window(local_items, window_items,
-                                                       lambda t: accelerator.reduce(t, "mean"))
-                record = finish_optimizer_step(run, loss_sum, window_items)
-                record["noise_b_simple"] = b_simple
+    if run.adaptive is not None:
+        peak = peak_memory_bytes(accelerator.device) / run.memory_budget if run.memory_budget else 0.0
+        failed, run.window_peak = any_rank(out_of_memory, accelerator, peak)  # the one extra collective
+        if failed:
+            return None
+        if run.defer_sync:
+            all_reduce_gradients(model, accelerator)
+    for samples, tokens in counted:  # counted once the window stands, so a replay is not counted twice
+        position.micro_step += 1
+        run.stats.record_micro_batch(samples=samples, tokens=tokens)
+    b_simple = None
+    if run.noise is not None:  # before clipping changes the gradients
+        b_simple = run.noise.finish_window(local_items, window_items, lambda t: accelerator.reduce(t, "mean"))
+    record = finish_optimizer_step(run, loss_sum, window_items)
+    record["noise_b_simple"] = b_simple
     return record
+
+
+def all_reduce_gradients(model, accelerator, bucket_bytes: int = 25 * 2**20) -> None:
+    """Average the gradients over ranks, as DDP's sync backward would, in flat buckets of ~25 MiB."""
+    grads = []
+    for param in model.parameters():
+        if param.requires_grad:
+            if param.grad is None:  # a rank that saw no data for it still joins with zeros
+                param.grad = torch.zeros_like(param)
+            grads.append(param.grad)
+    bucket, size = [], 0
+    for grad in grads + [None]:
+        if grad is not None and (not bucket or (grad.dtype == bucket[0].dtype and size < bucket_bytes)):
+            bucket.append(grad)
+            size += grad.numel() * grad.element_size()
+            continue
+        flat = torch._utils._flatten_dense_tensors(bucket)
+        torch.distributed.all_reduce(flat)
+        flat /= accelerator.num_processes
+        for target, reduced in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket), strict=True):
+            target.copy_(reduced)
+        bucket, size = ([grad], grad.numel() * grad.element_size()) if grad is not None else ([], 0)
+
+
+def run_window(run: Run, indices: list[int], position: Position) -> dict[str, Any]:
+    """One optimizer step on the window `indices`. With OOM recovery: on an OOM in any rank's forward
+    or backward, drop the gradients, shrink the micro-batch (same effective batch) and replay the
+    window from its start; at micro-batch 1, save a checkpoint and raise OutOfMemoryError."""
+    while True:
+        batches, stand_in = fetch_window(run.train_data, run.collate, indices, run.plan, run.accelerator)
+        record = train_window(run, batches, stand_in, position)
+        if record is not None:
+            break
+        del batches, stand_in
+        run.optimizer.zero_grad(set_to_none=True)
+        free_memory()
+        decision = run.adaptive.on_oom("forward/backward")
+        if decision is None:
+            save(run, position)  # the state before this window: resuming replays it
+            raise OutOfMemoryError(advice("forward/backward", position.optimizer_step + 1, run.plan.micro_batch_size)
+                                   + "; then --resume-from-checkpoint latest")
+        adopt_plan(run, decision, position.optimizer_step + 1)  # the replayed step
+    decision = run.adaptive.after_window(run.window_peak) if run.adaptive is not None else None
+    if decision is not None:
+        adopt_plan(run, decision, position.optimizer_step + 2)  # this step is done; the next one changes
+    return record
+
+
+def adopt_plan(run: Run, decision: Decision, optimizer_step: int) -> None:
+    """Train with `decision.new` from `optimizer_step` (the first step it takes) on: log it (console,
+    metrics.json, tracker) and update the plan cache, so that the next run starts from the safe plan."""
+    from accum.cache import PlanCache
+
+    run.plan = decision.new
+    peak = peak_memory_bytes(run.accelerator.device)
+    run.stats.record_adjustment(**decision.record(optimizer_step=optimizer_step, peak_memory_bytes=peak))
+    run.accelerator.print(f"adjusted from optimizer step {optimizer_step}: {decision.describe()}; "
+                          f"peak memory {peak / 2**20:.0f} MiB")
+    if run.config.report_to != "none":
+        run.accelerator.log({"adjustment/micro_batch_size": decision.new.micro_batch_size,
+                             "adjustment/accumulation_steps": decision.new.accumulation_steps}, step=optimizer_step)
+    if run.accelerator.is_main_process:
+        write_json_atomic(run.out / "plan.json", run.plan.to_dict())
+        PlanCache(run.config.plan_cache).put(plan_cache_key(run.config), run.plan.to_dict())
 
 
 def loss_scale(accelerator) -> float:
@@ -296,7 +388,13 @@ def finish_optimizer_step(run: Run, loss_sum: torch.Tensor, window_items: int) -
         return run.stats.record_optimizer_step(loss=window_loss, skipped=True)
     max_norm = config.max_grad_norm if config.max_grad_norm else float("inf")
     grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), max_norm)
-    optimizer.step()
+    try:
+        optimizer.step()
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        # a partial update cannot be replayed exactly, and a smaller micro-batch would not help
+        raise OutOfMemoryError(advice("optimizer step", run.stats.optimizer_step + 1)) from None
     skipped = accelerator.optimizer_step_was_skipped  # fp16: the scaler found inf/nan gradients
     if not skipped:
         run.scheduler.step()
@@ -306,24 +404,37 @@ def finish_optimizer_step(run: Run, loss_sum: torch.Tensor, window_items: int) -
 
 
 @torch.no_grad()
-def evaluate_model(accelerator, model, eval_ds, collate, config: RunConfig, eval_batch: int) -> dict[str, float]:
-    """Loss and task metric on the eval set, shared across ranks without duplicated samples."""
+def evaluate_model(accelerator, model, eval_ds, collate, config: RunConfig, eval_batch: int,
+                   recover: bool = False) -> dict[str, float] | None:
+    """Loss and task metric on the eval set, shared across ranks without duplicated samples.
+    With `recover`, an OOM on any rank returns None on every rank (the caller retries smaller)."""
     from accelerate.utils import gather_object
 
     from accum.windows import rank_share
 
     model.eval()
     start, stop = rank_share(len(eval_ds), accelerator.num_processes, accelerator.process_index)
-    loss_sum, items, predictions, references = 0.0, 0, [], []
+    loss_sum, items, predictions, references, out_of_memory = 0.0, 0, [], [], False
     for first in range(start, stop, eval_batch):
         batch = move_to(collate([eval_ds[i] for i in range(first, min(first + eval_batch, stop))]), accelerator.device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum += sum_item_losses(logits, batch["labels"], config.task).item()
+        try:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss_sum += sum_item_losses(logits, batch["labels"], config.task).item()
+        except Exception as exc:
+            if not (recover and is_oom(exc)):
+                raise
+            out_of_memory = True
+            break
         items += count_loss_items(batch["labels"], config.task, "tokens")
         if config.task == "classification":
             predictions += logits.argmax(-1).tolist()
             references += batch["labels"].tolist()
-    totals = accelerator.reduce(torch.tensor([loss_sum, float(items)], device=accelerator.device), "sum").tolist()
+    # the OOM flag rides on the reduce that happens anyway: no extra collective
+    totals = accelerator.reduce(torch.tensor([loss_sum, float(items), float(out_of_memory)],
+                                             device=accelerator.device), "sum").tolist()
+    if totals[2] > 0:
+        model.train()
+        return None
     predictions, references = gather_object(predictions), gather_object(references)
     model.train()
     eval_loss = totals[0] / max(totals[1], 1)
@@ -453,6 +564,10 @@ class Run:
     fingerprint: dict
     out: Path
     noise: NoiseMeter | None = None
+    adaptive: AdaptiveBatch | None = None  # OOM recovery on (accum/adaptive.py)
+    defer_sync: bool = False  # several DDP ranks: gradients all-reduced after every rank's backwards succeed
+    memory_budget: int | None = None  # bytes, for --memory-pressure
+    window_peak: float = 0.0  # the last window's peak memory / budget, largest over ranks
 
 
 def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data) -> tuple[Run, str]:
@@ -503,8 +618,30 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data) -
     if config.noise_scale:
         run.noise = NoiseMeter(model, accelerator.num_processes, plan.accumulation_steps)
         note = "\n".join(filter(None, [note, run.noise.unavailable]))
+    note = "\n".join(filter(None, [note, setup_recovery(run, state.device)]))
     text = banner(config, model, state, plan, lr, total_steps, accelerator.mixed_precision, eval_batch, note)
     return run, text
+
+
+def setup_recovery(run: Run, device) -> str | None:
+    """Turn OOM recovery on where it is safe; return a line saying why not, or None."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from accum.probe import memory_budget
+
+    config = run.config
+    if not config.oom_recovery:
+        return None
+    if run.accelerator.num_processes > 1:
+        if not isinstance(run.model, DistributedDataParallel):
+            return "OOM recovery off: several ranks are handled for DDP only (not FSDP or DeepSpeed)"
+        if run.noise is not None:
+            return "OOM recovery off: --noise-scale on several ranks measures inside DDP's all-reduce"
+        run.defer_sync = True
+    run.adaptive = AdaptiveBatch(run.plan, config.memory_pressure, config.regrow, config.max_adjustments)
+    if config.memory_pressure is not None:
+        run.memory_budget = memory_budget(config.max_memory, 0.0, device)
+    return None
 
 
 def log_step(run: Run, record: dict[str, Any], log: MetricsLog, progress) -> None:
@@ -540,8 +677,7 @@ def train(config: RunConfig, model=None, train_data=None, eval_data=None, cli_ke
     started = time.perf_counter()
     while position.optimizer_step < run.total_steps:
         epoch, window_in_epoch, indices = next(windows)
-        batches, stand_in = fetch_window(run.train_data, run.collate, indices, run.plan, accelerator)
-        record = train_window(run, batches, stand_in, position)
+        record = run_window(run, indices, position)
         position.optimizer_step += 1
         position.epoch, position.window_in_epoch = epoch, window_in_epoch + 1
         record.update(optimizer_step=position.optimizer_step, micro_step=position.micro_step, epoch=epoch)
@@ -563,7 +699,20 @@ def train(config: RunConfig, model=None, train_data=None, eval_data=None, cli_ke
 
 
 def run_eval(run: Run) -> dict[str, float]:
-    return evaluate_model(run.accelerator, run.model, run.eval_data, run.collate, run.config, run.eval_batch)
+    """Evaluate; with OOM recovery, an OOM halves the eval batch alone (training's plan is untouched)."""
+    while True:
+        metrics = evaluate_model(run.accelerator, run.model, run.eval_data, run.collate, run.config, run.eval_batch,
+                                 recover=run.adaptive is not None)
+        if metrics is not None:
+            return metrics
+        free_memory()
+        if run.eval_batch == 1:
+            raise OutOfMemoryError(advice("evaluation", run.stats.optimizer_step, 1))
+        old, run.eval_batch = run.eval_batch, run.eval_batch // 2
+        run.stats.record_adjustment(reason="out of memory in evaluation", old_eval_batch_size=old,
+                                    new_eval_batch_size=run.eval_batch)
+        run.accelerator.print(f"adjusted at optimizer step {run.stats.optimizer_step}: eval batch {old} -> "
+                              f"{run.eval_batch} (out of memory in evaluation; training's micro-batch unchanged)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -574,6 +723,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OutOfMemoryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
     except FloatingPointError as exc:
         print(f"error: {exc}; the last good state is the latest checkpoint. Lower --lr, or pass --skip-nonfinite",
               file=sys.stderr)
