@@ -1,0 +1,125 @@
+"""What OOM recovery costs: throughput with it on vs off when nothing fails, the agreement all-reduce,
+and one recovery in seconds. Not a test; prints one JSON line per measurement.
+
+    python tests/helpers/adaptive_bench.py one
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 tests/helpers/adaptive_bench.py two
+"""
+
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from accum.config import make_config  # noqa: E402
+from scripts import train as train_mod  # noqa: E402
+
+CPU_OOM = "DefaultCPUAllocator: can't allocate memory"
+
+
+def model():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_positions=128, n_embd=128, n_layer=2, n_head=2,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0))
+
+
+def data(count):
+    rng = random.Random(0)
+    return [{"input_ids": [rng.randrange(1, 4096) for _ in range(128)]} for _ in range(count)]
+
+
+def run(out, micro, accum, steps, processes, **extra):
+    config = make_config(dict(task="clm", model_config_overrides={"model_type": "gpt2"}, optimizer="sgd", lr=0.1,
+                              max_grad_norm=None, batch_size=micro * accum * processes, micro_batch_size=micro,
+                              grad_accum_steps=accum, eval_batch_size=8, max_steps=steps, output_dir=out,
+                              report_to="none", plan_cache=f"{out}/plans.json", overwrite=True, **extra))
+    train_set = data(micro * accum * processes * steps)
+    times = []
+    original = train_mod.run_window
+
+    def timed(*args):
+        start = time.perf_counter()
+        result = original(*args)
+        times.append(time.perf_counter() - start)
+        return result
+
+    train_mod.run_window = timed
+    try:
+        metrics = train_mod.train(config, model=model(), train_data=train_set, eval_data=train_set[:8],
+                                  cli_keys={"micro_batch_size", "grad_accum_steps"})
+    finally:
+        train_mod.run_window = original
+    return times, metrics
+
+
+def on_vs_off(processes, micro=8, accum=4, steps=12, repeats=3):
+    results = {"on": [], "off": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(repeats):
+            for mode in ("on", "off") if repeat % 2 == 0 else ("off", "on"):
+                times, _ = run(f"{tmp}/{mode}", micro, accum, steps, processes, oom_recovery=mode == "on")
+                results[mode].append(statistics.median(times[2:]))  # steady state: skip the first windows
+    on, off = min(results["on"]), min(results["off"])
+    return {"processes": processes, "micro": micro, "accum": accum, "window_s_on": round(on, 4),
+            "window_s_off": round(off, 4), "throughput_ratio_on_vs_off": round(off / on, 4)}
+
+
+def agreement_cost(accelerator_calls=300):
+    from accelerate import Accelerator
+
+    from accum.adaptive import any_rank
+
+    accelerator = Accelerator()
+    any_rank(False, accelerator, 0.0)
+    start = time.perf_counter()
+    for _ in range(accelerator_calls):
+        any_rank(False, accelerator, 0.0)
+    return {"any_rank_allreduce_us": round((time.perf_counter() - start) / accelerator_calls * 1e6, 1),
+            "processes": accelerator.num_processes}
+
+
+def recovery_cost(micro=8, accum=4, steps=10, fail_at_window=5):
+    """One injected OOM in the last micro-batch of a window (the worst case: the whole window is redone)."""
+    state = {"forwards": 0}
+    original = train_mod.forward_loss_sum
+
+    def forward(model_, batch, task):
+        if model_.training:
+            state["forwards"] += 1
+            if state["forwards"] == fail_at_window * accum:
+                raise RuntimeError(CPU_OOM)
+        return original(model_, batch, task)
+
+    train_mod.forward_loss_sum = forward
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            times, metrics = run(f"{tmp}/rec", micro, accum, steps, 1)
+    finally:
+        train_mod.forward_loss_sum = original
+    after = statistics.median(times[fail_at_window:])
+    return {"recovery_window_s": round(times[fail_at_window - 1], 3), "normal_window_s_after": round(after, 3),
+            "one_recovery_costs_s": round(times[fail_at_window - 1] - after, 3),
+            "adjustments": len(metrics["adjustments"])}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    if sys.argv[1] == "one":
+        print(json.dumps(on_vs_off(1)))
+        print(json.dumps(recovery_cost()))
+    else:
+        result = on_vs_off(2, micro=4, accum=4)
+        cost = agreement_cost()
+        import torch.distributed as dist
+
+        if dist.get_rank() == 0:
+            print(json.dumps(result))
+            print(json.dumps(cost))

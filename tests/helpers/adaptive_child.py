@@ -1,0 +1,68 @@
+"""One training run of tests/test_adaptive.py in a process of its own, with a real memory limit.
+
+    MALLOC_MMAP_THRESHOLD_=65536 python tests/helpers/adaptive_child.py '<json spec>'
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 tests/helpers/adaptive_child.py '<spec>'
+
+spec: output_dir, batch, micro, accum, steps, samples, long_from_window, and optionally budget_mib
+(address space allowed above what the process holds after its first optimizer step) and limit_rank
+(only that rank is limited). The limit is set once the first window has been trained, so threads,
+allocator arenas and optimizer state exist (a thread created under a tight RLIMIT_AS can abort
+the process instead of raising). Exit code: train.py's main() convention (4: out of memory).
+"""
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+
+def vm_size() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize")
+
+
+def main() -> int:
+    spec = json.loads(sys.argv[1])
+    torch.set_num_threads(1)
+    import tqdm
+
+    tqdm.tqdm.monitor_interval = 0  # no monitor thread, which could be born under the limit
+    from accum.adaptive import OutOfMemoryError
+    from scripts import train as train_mod
+    from tests.helpers.adaptive_case import growing_data, run_config, tiny_gpt2
+
+    rank = int(os.environ.get("RANK", "0"))
+    budget = spec.get("budget_mib")
+    if budget is not None and spec.get("limit_rank") in (None, rank):
+        original, calls = train_mod.fetch_window, []
+
+        def fetch_then_limit(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:  # the first window is trained: limit what follows
+                _, hard = resource.getrlimit(resource.RLIMIT_AS)
+                resource.setrlimit(resource.RLIMIT_AS, (vm_size() + int(budget * 2**20), hard))
+            return original(*args, **kwargs)
+
+        train_mod.fetch_window = fetch_then_limit
+    window = spec["batch"]
+    data = growing_data(spec["samples"], window, spec["long_from_window"])
+    config = run_config(spec["output_dir"], spec["batch"], spec["micro"], spec["accum"], spec["steps"],
+                        **spec.get("extra", {}))
+    try:
+        train_mod.train(config, model=tiny_gpt2(), train_data=data, eval_data=data[:4],
+                        cli_keys={"micro_batch_size", "grad_accum_steps"})
+    except OutOfMemoryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
