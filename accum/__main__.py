@@ -1,8 +1,9 @@
-"""`python -m accum plan|estimate`: a plan for people who only want one.
+"""`python -m accum plan|estimate|recommend`: a plan for people who only want one.
 
     python -m accum plan --model configs/models/tiny-gpt2.json --seq-len 128 --batch-size 256
     python -m accum plan --model gpt2-tiny --seq-len 128 --batch-size 256 --json
     python -m accum estimate ...      (accum/estimate.py; plans without running anything)
+    python -m accum recommend --run runs/clm_tiny   (a batch near the measured noise scale)
 
 Bad input prints one line on stderr and exits with code 2.
 """
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--no-cache", action="store_true", help="neither read nor write the plan cache")
     plan.add_argument("--json", action="store_true", help="print the Plan as JSON")
     plan.add_argument("--seed", type=int, default=0, help="seed for weights and random tokens")
+    recommend = commands.add_parser("recommend", help="an effective batch near the measured noise scale of a run")
+    recommend.add_argument("--run", required=True, help="output dir of a scripts/train.py run made with --noise-scale")
+    recommend.add_argument("--lr-scaling", default=None, help="none | linear | sqrt (default: the run's rule, else sqrt)")
+    recommend.add_argument("--rounding", default="multiple", help="multiple (of micro x processes) | power_of_two")
+    recommend.add_argument("--json", action="store_true", help="print the recommendation as JSON")
     return parser
 
 
@@ -161,6 +167,63 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: --run must be the output dir of a finished scripts/train.py run") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{what} {path} cannot be read ({exc})") from None
+
+
+def recommend_from_run(run_dir: str | Path, lr_scaling: str | None = None, rounding: str = "multiple") -> dict[str, Any]:
+    """Read a --noise-scale run's B_simple and return the suggested effective batch, its plan and LR.
+
+    B_simple is in the run's loss items (tokens or samples); tokens are converted to samples
+    with the run's mean tokens per sample. Raises ConfigError when the run has no B_simple.
+    """
+    from accum.noise import recommend_batch
+    from accum.plan import Plan, plan_batch
+    from accum.scaling import scale_lr
+
+    run_dir = Path(run_dir)
+    config = _read_json(run_dir / "config.json", "run config")
+    plan = Plan.from_dict(_read_json(run_dir / "plan.json", "plan"))
+    metrics = _read_json(run_dir / "metrics.json", "metrics")
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    measured = [step["noise_b_simple"] for step in steps if step.get("noise_b_simple")]
+    if not measured:
+        raise ConfigError(f"run {str(run_dir)!r} has no noise scale: train with --noise-scale and accumulation >= 2 "
+                          "(or 2+ processes) for at least 10 optimizer steps")
+    b_simple = float(measured[-1])
+    tokens = config.get("task") == "clm" and config.get("loss_normalization") in ("auto", "tokens")
+    items_per_sample = metrics["tokens_seen"] / max(metrics["samples_seen"], 1) if tokens else 1.0
+    batch = recommend_batch(b_simple, plan.micro_batch_size, plan.num_processes,
+                            items_per_sample=items_per_sample, rounding=rounding)
+    new_plan = plan_batch(batch, plan.micro_batch_size, plan.num_processes, allow_rounding=True, source="recommend")
+    rule = lr_scaling or (config.get("lr_scaling") if config.get("lr_scaling") != "none" else "sqrt")
+    lr = scale_lr(metrics.get("lr") or config["lr"], plan.effective_batch_size, new_plan.effective_batch_size, rule)
+    return {"b_simple_items": b_simple, "items": "tokens" if tokens else "samples",
+            "b_simple_samples": b_simple / items_per_sample, "current_batch": plan.effective_batch_size,
+            "recommended_batch": new_plan.effective_batch_size, "plan": new_plan.to_dict(), "banner": new_plan.banner(),
+            "lr": lr.lr, "lr_rule": rule, "lr_description": lr.describe()}
+
+
+def run_recommend(args: argparse.Namespace) -> int:
+    try:
+        result = recommend_from_run(args.run, args.lr_scaling, args.rounding)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"B_simple: {result['b_simple_items']:.0f} {result['items']} = {result['b_simple_samples']:.1f} samples "
+          f"(the run used an effective batch of {result['current_batch']})")
+    print(f"Recommended: {result['banner']}")
+    print(f"LR: {result['lr_description']}")
+    return 0
+
+
 def run_estimate(argv: list[str]) -> int:
     try:
         from accum.estimate import estimate_main
@@ -180,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().print_help()
             return 0 if argv else 2
         args = build_parser().parse_args(argv)
-        return run_plan(args)
+        return run_recommend(args) if args.command == "recommend" else run_plan(args)
     except ConfigError as exc:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
