@@ -130,6 +130,11 @@ class RunConfig(BaseModel):
     )
     max_samples: int | None = Field(None, gt=0, description="stop after N samples (with max_steps: whichever first)")
 
+    # -- faults (scripts/train.py, accum/signals.py) ---------------------------------------------
+    dist_timeout_s: float = Field(
+        1800, gt=0, description="seconds a rank waits for the others in a collective before it stops with an error"
+    )
+
     @field_validator("micro_batch_size", "grad_accum_steps", "eval_batch_size")
     @classmethod
     def _positive_or_auto(cls, value: int | str) -> int | str:

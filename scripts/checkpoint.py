@@ -75,37 +75,67 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG state (CPU and every CUDA device), as save_checkpoint(rng=...) takes it."""
+    return _rng_state()
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory so that no kill leaves a half-deleted one under a step-* name:
+    rename it out of list_checkpoints' sight first (atomic), then delete."""
+    trash = path.with_name(f".trash-{path.name}")
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Temporary and half-deleted directories left by a process killed while saving."""
+    for item in root.iterdir():
+        if item.name.startswith((".tmp-step-", ".trash-")) and item.is_dir():
+            shutil.rmtree(item, ignore_errors=True)
+
+
 def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict[str, Any], output_dir: str | Path,
-                    keep: int) -> Path:
+                    keep: int, rng: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint for `state['optimizer_step']` atomically on all ranks; keep the last `keep`.
 
-    Returns the final directory. All ranks must call it (they write their RNG state).
+    `rng`: this rank's RNG state to save (default: the current one), e.g. from before a window
+    that turned out non-finite. Returns the final directory. All ranks must call it (they write
+    their RNG state). Raises OSError when a write fails: the temporary directory is removed and
+    the complete checkpoints are untouched.
     """
     root = checkpoint_root(output_dir)
     final = root / f"step-{state['optimizer_step']:08d}"
     tmp = root / f".tmp-step-{state['optimizer_step']:08d}"
+    try:
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(root)
+            tmp.mkdir()
+            save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            full_state = dict(state, scheduler=scheduler.state_dict() if scheduler is not None else None)
+            (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=2, default=_json_default))
+        accelerator.wait_for_everyone()
+        save_file(rng if rng is not None else _rng_state(), str(tmp / f"rng-rank{accelerator.process_index}.safetensors"))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for item in tmp.iterdir():
+                with open(item, "rb") as handle:
+                    os.fsync(handle.fileno())
+            _fsync_dir(tmp)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        full_state = dict(state, scheduler=scheduler.state_dict() if scheduler is not None else None)
-        (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=2, default=_json_default))
-    accelerator.wait_for_everyone()
-    save_file(_rng_state(), str(tmp / f"rng-rank{accelerator.process_index}.safetensors"))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for item in tmp.iterdir():
-            with open(item, "rb") as handle:
-                os.fsync(handle.fileno())
-        if final.exists():  # the same step saved again (e.g. the final save after a periodic one)
-            shutil.rmtree(final)
+        if final.exists():  # the same step saved again (an --overwrite of an older run)
+            _remove(final)
         os.replace(tmp, final)
         _fsync_dir(root)
         for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     accelerator.wait_for_everyone()
     return final
 

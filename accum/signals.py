@@ -1,0 +1,77 @@
+"""Stop a run cleanly on SIGTERM or SIGINT (a pre-empted cloud job, Ctrl-C).
+
+The handler only records the signal; the training loop asks `StopRequest.agreed()`
+between optimizer steps, so the step in flight finishes and the state saved is a
+whole one. With several ranks a signal may reach one rank only, or reach them at
+different steps: `agreed()` all-reduces the flag (one int, max over ranks), so every
+rank stops after the same optimizer step. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from typing import Any
+
+import torch
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after a whole optimizer step; `exit_code` is 128 + the signal number."""
+
+    def __init__(self, signum: int, optimizer_step: int, checkpoint: Any):
+        self.signum, self.optimizer_step, self.checkpoint = signum, optimizer_step, checkpoint
+        self.exit_code = 128 + signum
+        where = f"checkpoint {checkpoint}" if checkpoint else "nothing new to save"
+        super().__init__(f"stopped by {signal.Signals(signum).name} after optimizer step {optimizer_step}; "
+                         f"{where}; continue with --resume-from-checkpoint latest")
+
+
+class StopRequest:
+    """Context manager: while inside, SIGTERM/SIGINT set a flag instead of killing the process.
+
+    Handlers are installed only in the main thread (Python allows no other) and the
+    previous ones come back on exit.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
+        self.signals = signals
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:  # asked twice: stop now, the way the process would have without us
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        print(f"received {signal.Signals(signum).name}: stopping after this optimizer step and saving a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def agreed(self, accelerator) -> int | None:
+        """The signal any rank received (the same answer on every rank), or None to go on.
+
+        One all-reduce of one integer when there are several processes; none otherwise.
+        """
+        received = self.signum or 0
+        if accelerator.num_processes > 1:
+            flag = torch.tensor([received], device=accelerator.device)
+            received = int(accelerator.reduce(flag, "max").item())
+        return received or None
