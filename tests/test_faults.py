@@ -1,0 +1,312 @@
+"""Faults injected into real runs: signals, SIGKILL at chosen and random points (also in the middle
+of writing a checkpoint), NaN/inf, failing writes, a rank that dies. Each run is compared with an
+uninterrupted one: resuming must end bit-identical (CPU, dropout on, AdamW)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import scripts.train as train_module
+from scripts import checkpoint as ckpt
+from tests.helpers.fault_common import (
+    TINY, check_complete, final_weights, identical, in_child, kill_self, run_main, weights,
+)
+
+SAVE = ["--save-every", "3", "--keep-checkpoints", "2"]  # saves at 3, 6, 9 and 10 (the end)
+CALLS_PER_WINDOW = 2  # micro 2 x accum 2 on one process: forward_loss_sum runs twice per optimizer step
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run, with a checkpoint after every optimizer step."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    code, err = run_main(TINY + ["--output-dir", str(out), "--save-every", "1", "--keep-checkpoints", "20"])
+    assert code == 0, err
+    return out
+
+
+def at_step(reference: Path, step: int) -> dict[str, torch.Tensor]:
+    return weights(reference / "checkpoints" / f"step-{step:08d}")
+
+
+def logged_steps(out: Path) -> list[int]:
+    return [json.loads(line)["optimizer_step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def resume_and_compare(out: Path, reference: Path, extra: list[str] = ()) -> None:
+    code, err = run_main(TINY + ["--output-dir", str(out), *SAVE, "--resume-from-checkpoint", "latest", *extra])
+    assert code == 0, err
+    assert identical(final_weights(out), final_weights(reference))
+    assert logged_steps(out) == list(range(1, 11))  # no optimizer step lost or doubled
+
+
+def on_call(monkeypatch, calls: set[int], action) -> None:
+    """Wrap forward_loss_sum: on its n-th call (n in `calls`) apply `action` to the loss it returns."""
+    original, count = train_module.forward_loss_sum, [0]
+
+    def wrapped(model, batch, task):
+        count[0] += 1
+        loss = original(model, batch, task)
+        return action(loss) if count[0] in calls else loss
+
+    monkeypatch.setattr(train_module, "forward_loss_sum", wrapped)
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+@pytest.mark.parametrize("signum,call", [(signal.SIGTERM, 7), (signal.SIGINT, 12)])
+def test_signal_finishes_the_step_saves_and_resume_is_identical(tmp_path, monkeypatch, reference, signum, call):
+    out = tmp_path / "run"
+    stop_after = (call - 1) // CALLS_PER_WINDOW + 1  # the signal lands inside this optimizer step
+    before = signal.getsignal(signum)
+
+    def send(loss):
+        os.kill(os.getpid(), signum)
+        return loss
+
+    on_call(monkeypatch, {call}, send)
+    code, err = run_main(TINY + ["--output-dir", str(out), *SAVE])
+    assert code == 128 + signum
+    assert len(err) == 1 and f"after optimizer step {stop_after};" in err[0] and "resume-from-checkpoint" in err[0], err
+    assert signal.getsignal(signum) is before  # handlers are ours only while training
+    assert not (out / "metrics.json").exists()
+    saved = ckpt.list_checkpoints(out)[-1]
+    assert check_complete(saved) == stop_after
+    assert identical(weights(saved), at_step(reference, stop_after))  # the step in flight was finished
+    monkeypatch.undo()
+    resume_and_compare(out, reference)
+
+
+def test_a_second_signal_stops_at_once(tmp_path, monkeypatch):
+    def twice(signum):
+        def send(loss):
+            os.kill(os.getpid(), signum)
+            os.kill(os.getpid(), signum)
+            return loss
+        return send
+
+    on_call(monkeypatch, {3}, twice(signal.SIGINT))
+    with pytest.raises(KeyboardInterrupt):
+        run_main(TINY + ["--output-dir", str(tmp_path / "int")])
+    on_call(monkeypatch, {3}, twice(signal.SIGTERM))
+    assert in_child(run_main, TINY + ["--output-dir", str(tmp_path / "term")]) == -signal.SIGTERM
+    assert ckpt.list_checkpoints(tmp_path / "term") == []
+
+
+# ----------------------------------------------------------------------------- SIGKILL
+
+
+def kill_on_nth(n: int, original, before: bool = False, after=None):
+    """A stand-in for `original` that SIGKILLs this process on its n-th call (before or after the real work)."""
+    count = [0]
+
+    def wrapped(*args, **kwargs):
+        count[0] += 1
+        if count[0] == n and before:
+            kill_self()
+        result = original(*args, **kwargs)
+        if count[0] == n:
+            if after is not None:
+                after(*args)
+            kill_self()
+        return result
+
+    return wrapped
+
+
+def half_truncate(model, path):
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+
+
+def patch_kill_point(monkeypatch, point: str) -> None:
+    """Arrange, in the child, a SIGKILL at `point` of the third checkpoint (step 9)."""
+    if point == "model file half written":
+        monkeypatch.setattr(ckpt, "save_model", kill_on_nth(3, ckpt.save_model, after=half_truncate))
+    elif point == "optimizer state written":
+        monkeypatch.setattr(ckpt.torch, "save", kill_on_nth(3, torch.save))
+    elif point == "before the rng file":
+        monkeypatch.setattr(ckpt, "save_file", kill_on_nth(3, ckpt.save_file, before=True))
+    elif point == "renamed, old one not yet deleted":
+        real, count = os.replace, [0]
+
+        def replace(src, dst):
+            real(src, dst)
+            if Path(src).name.startswith(".tmp-step-"):
+                count[0] += 1
+                if count[0] == 3:
+                    kill_self()
+
+        monkeypatch.setattr(ckpt.os, "replace", replace)
+    elif point == "half-way through deleting the oldest":
+        real_rmtree = ckpt.shutil.rmtree
+
+        def rmtree(path, *args, **kwargs):
+            if Path(path).name.startswith(".trash-step-"):
+                next(Path(path).iterdir()).unlink()
+                kill_self()
+            return real_rmtree(path, *args, **kwargs)
+
+        monkeypatch.setattr(ckpt.shutil, "rmtree", rmtree)
+    elif point == "metrics line torn":
+        real_write = train_module.MetricsLog.write
+
+        def write(self, record):
+            if record["optimizer_step"] == 8:
+                with open(self.path, "a") as handle:
+                    handle.write(json.dumps(record)[:25])
+                kill_self()
+            real_write(self, record)
+
+        monkeypatch.setattr(train_module.MetricsLog, "write", write)
+    else:
+        raise AssertionError(point)
+
+
+KILL_POINTS = {  # point -> (the step `latest` must then pick, steps that may be listed)
+    "model file half written": 6,
+    "optimizer state written": 6,
+    "before the rng file": 6,
+    "renamed, old one not yet deleted": 9,
+    "half-way through deleting the oldest": 9,
+    "metrics line torn": 6,
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_sigkill_at_a_chosen_point_leaves_only_complete_checkpoints(tmp_path, monkeypatch, reference, point):
+    out = tmp_path / "run"
+
+    def child():
+        patch_kill_point(monkeypatch, point)
+        return run_main(TINY + ["--output-dir", str(out), *SAVE])[0]
+
+    assert in_child(child) == -signal.SIGKILL
+    found = ckpt.list_checkpoints(out)
+    assert check_complete(found[-1]) == KILL_POINTS[point]
+    for path in found:
+        check_complete(path)
+    resume_and_compare(out, reference)
+    assert not any(p.name.startswith((".tmp-", ".trash-")) for p in (out / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_at_a_random_time_then_resume_is_identical(tmp_path, reference, seed):
+    out = tmp_path / "run"
+    delay = random.Random(seed).uniform(1.0, 4.0)
+
+    def child():
+        threading.Timer(delay, kill_self).start()
+        code = run_main(TINY + ["--output-dir", str(out), *SAVE, "--save-every", "1"])[0]
+        return 100 + code  # finished before the timer fired
+
+    ended = in_child(child)
+    assert ended in (-signal.SIGKILL, 100), ended
+    found = ckpt.list_checkpoints(out)
+    for path in found:
+        check_complete(path)
+    if not found:  # killed before the first save: resuming is refused in one line, a fresh start works
+        code, err = run_main(TINY + ["--output-dir", str(out), "--resume-from-checkpoint", "latest"])
+        assert code == 2 and "no checkpoint" in err[0]
+        return
+    if (out / "metrics.json").exists():
+        (out / "metrics.json").unlink()  # finished: resuming the last checkpoint must still end the same
+    resume_and_compare(out, reference, ["--save-every", "1"])
+
+
+# ----------------------------------------------------------------------------- NaN / inf
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """Identity forward (the loss stays finite), infinite gradient backward."""
+
+    @staticmethod
+    def forward(ctx, value):
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
+NONFINITE = {"nan loss": lambda loss: loss * math.nan, "inf gradient": InfiniteGradient.apply}
+
+
+def test_nonfinite_loss_stops_naming_the_step_after_saving_the_last_good_state(tmp_path, monkeypatch, reference):
+    out = tmp_path / "run"
+    on_call(monkeypatch, {9}, NONFINITE["nan loss"])  # in optimizer step 5
+    code, err = run_main(TINY + ["--output-dir", str(out), *SAVE])
+    assert code == 3
+    assert len(err) == 1 and "loss is nan at optimizer step 5" in err[0] and "skip-nonfinite" in err[0], err
+    last = ckpt.list_checkpoints(out)[-1]
+    assert check_complete(last) == 4
+    assert identical(weights(last), at_step(reference, 4))  # nothing of step 5 reached the weights
+    monkeypatch.undo()
+    resume_and_compare(out, reference)  # counters and RNG were rolled back to before step 5 too
+
+
+@pytest.mark.parametrize("kind", list(NONFINITE))
+def test_skip_nonfinite_skips_the_window_and_counts_it(tmp_path, monkeypatch, kind):
+    out = tmp_path / "run"
+    on_call(monkeypatch, {9}, NONFINITE[kind])
+    code, err = run_main(TINY + ["--output-dir", str(out), "--skip-nonfinite", "--save-every", "1",
+                                 "--keep-checkpoints", "20"])
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["skipped_steps"] == 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["optimizer_step"] for r in records if r["skipped"]] == [5]
+    step = lambda n: weights(out / "checkpoints" / f"step-{n:08d}")  # noqa: E731
+    assert identical(step(5), step(4))  # the non-finite update was never applied
+    assert all(torch.isfinite(t).all() for t in final_weights(out).values())
+
+
+# ----------------------------------------------------------------------------- disk
+
+
+def test_unwritable_output_dir_is_one_line_and_creates_nothing(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(train_module.tempfile, "TemporaryFile", refuse)  # as root, chmod would not stop a write
+    out = tmp_path / "new" / "run"
+    code, err = run_main(TINY + ["--output-dir", str(out)])
+    assert code == 2 and len(err) == 1 and "cannot be written (Permission denied)" in err[0], err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("failing", ["model", "optimizer"])
+def test_a_write_failing_mid_checkpoint_loses_nothing_earlier(tmp_path, monkeypatch, reference, failing):
+    out = tmp_path / "run"
+    count = [0]
+
+    def disk_full(original):
+        def wrapped(obj, path, *args, **kwargs):
+            count[0] += 1
+            if count[0] == 3:  # the step-9 checkpoint: half a file, then the disk is full
+                Path(path).write_bytes(b"\0" * 100)
+                raise OSError(28, "No space left on device", str(path))
+            return original(obj, path, *args, **kwargs)
+        return wrapped
+
+    if failing == "model":
+        monkeypatch.setattr(ckpt, "save_model", disk_full(ckpt.save_model))
+    else:
+        monkeypatch.setattr(ckpt.torch, "save", disk_full(torch.save))
+    code, err = run_main(TINY + ["--output-dir", str(out), *SAVE])
+    assert code == 5
+    assert len(err) == 1 and "No space left on device" in err[0] and "resume-from-checkpoint" in err[0], err
+    assert [check_complete(p) for p in ckpt.list_checkpoints(out)] == [3, 6]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+    monkeypatch.undo()
+    resume_and_compare(out, reference)
