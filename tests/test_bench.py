@@ -1,0 +1,88 @@
+"""scripts/bench.py --quick end to end (a tiny model, every section), and the report's structure.
+
+The figures of a quick run mean little (a tiny model on a shared CPU); what is checked is that every
+section ran, every figure is a ratio with its repeats, the report names the command, versions and
+machine, and that what must hold exactly holds: Trainer's default applies N times the gradient,
+the fair Trainer and train() apply 1x, layouts agree, a cached plan costs zero probes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    jsons, mds = list(out.glob("*.json")), list(out.glob("*.md"))
+    assert len(jsons) == 1 and len(mds) == 1 and jsons[0].stem == mds[0].stem
+    assert jsons[0].stem.endswith("-quick")
+    return json.loads(jsons[0].read_text()), mds[0].read_text()
+
+
+def assert_spread(stat: dict, repeats: int) -> None:
+    assert stat["n"] == repeats == len(stat["values"])
+    assert stat["min"] <= stat["median"] <= stat["max"]
+    assert all(value > 0 for value in stat["values"])
+
+
+@pytest.mark.slow
+def test_quick_bench_reports_every_section(quick_report):
+    report, markdown = quick_report
+    cfg = report["config"]
+    assert report["command"].startswith("python scripts/bench.py --quick")
+    for key in ("torch", "accelerate", "transformers", "python"):
+        assert report["versions"][key]
+    assert report["machine"]["cores"] >= 1 and report["machine"]["memory_gib"] > 0 and report["machine"]["cpu"]
+    results = report["results"]
+    assert set(results) == {"overhead", "memory", "planner", "trainer", "equivalence"}
+    assert not [name for name, section in results.items() if "error" in section]
+
+    overhead = results["overhead"]
+    assert_spread(overhead["ratio"], cfg["overhead"]["repeats"])
+    assert isinstance(overhead["met"], bool)
+
+    memory = results["memory"]
+    for key in ("peak_ratio_accum_vs_m", "peak_ratio_accum_vs_big", "growth_ratio_accum_vs_m"):
+        assert_spread(memory[key], cfg["memory"]["repeats"])
+    # one micro-batch's activations at a time: accumulating 8 must not cost like a batch 8 times larger
+    assert memory["peak_ratio_accum_vs_m"]["median"] < 1.5
+
+    planner = results["planner"]
+    assert planner["true_largest"] >= 1
+    assert 0 < planner["accum"]["size"] <= planner["true_largest"] + 1
+    assert planner["febs_from_1"]["size"] == 1  # Accelerate's helper only shrinks
+    assert planner["cache"]["second"] == {**planner["cache"]["second"], "source": "cache", "probes": 0}
+
+    trainer = results["trainer"]
+    accum_steps = cfg["trainer"]["accum"]
+    scale = trainer["gradient_scale"]
+    assert scale["trainer_default"]["grad_norm_ratio"] == pytest.approx(accum_steps, rel=1e-3)
+    assert scale["trainer_default"]["logged_loss_ratio"] == pytest.approx(accum_steps, rel=1e-3)
+    for name in ("trainer_fair", "accum"):
+        assert scale[name]["grad_norm_ratio"] == pytest.approx(1.0, rel=1e-3)
+        assert scale[name]["residual_after_scale"] < 1e-4
+    assert_spread(trainer["ratio_loop"], cfg["trainer"]["repeats"])
+    for run in trainer["runs"]["accum"] + trainer["runs"]["trainer"]:
+        assert run["optimizer_steps"] == cfg["trainer"]["optimizer_steps"]
+
+    equivalence = results["equivalence"]
+    assert set(equivalence["layouts"]) == {"4x2", "2x4", "1x8"}
+    assert equivalence["largest"] <= 1e-5
+
+    assert "| figure | measured | aim | met |" in markdown
+    for phrase in ("overhead", "memory: peak", "planner from 1", "find_executable_batch_size from",
+                   "Trainer default", "equivalence", report["versions"]["torch"]):
+        assert phrase in markdown
