@@ -324,4 +324,7 @@ class SampleLR:
         return {"samples_seen": self.samples_seen, "batch": self.batch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.advance(int(state["samples_seen"]), int(state["batch"]))
+        """Restore the position; a step-based scheduler's state (a fixed-batch checkpoint continued
+        under a schedule) is ignored: the caller advances to the checkpoint's samples instead."""
+        if "samples_seen" in state:
+            self.advance(int(state["samples_seen"]), int(state["batch"]))

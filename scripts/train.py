@@ -19,10 +19,8 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +36,9 @@ from accum.config import ConfigError, RunConfig, config_to_json, parse_config
 from accum.loss import backward_scale, count_loss_items, mean_of_means_loss, sum_item_losses
 from accum.noise import NoiseMeter
 from accum.oom import free_memory, is_oom, peak_memory_bytes, reset_peak_memory
-from accum.plan import Plan, plan_from_accumulation, resolve_batch
+from accum.plan import Plan, plan_batch, plan_from_accumulation, resolve_batch
 from accum.scaling import ScaledLR, scale_lr
-from accum.signals import Interrupted, StopRequest
+from accum.schedule import BatchSchedule, Change, Progress, SampleLR, schedule_from_config
 from accum.stats import AccumulationStats
 from accum.windows import epoch_order, layout_window, window_indices, windows_per_epoch
 from scripts import checkpoint as ckpt
@@ -55,14 +53,16 @@ class Position:
     micro_step: int = 0
     epoch: int = 0
     window_in_epoch: int = 0
+    sample_in_epoch: int = 0  # the data position: windows change size under a batch schedule
+    samples_seen: int = 0  # all ranks together
+    tokens_seen: int = 0  # all ranks together; counted for a token-keyed schedule only
 
 
 # ----------------------------------------------------------------------------- setup
 
 
 def check_output_dir(config: RunConfig) -> Path:
-    """Refuse to write over a finished run unless asked, or where nothing can be written. Creates
-    nothing (train creates the directory once every input is checked): bad input touches no file."""
+    """Refuse to write over a finished run unless asked; create the directory."""
     out = Path(config.output_dir)
     finished = (out / "metrics.json").exists()
     if finished and not config.overwrite and not config.resume_from_checkpoint:
@@ -70,12 +70,11 @@ def check_output_dir(config: RunConfig) -> Path:
                           "--resume-from-checkpoint latest, or another --output-dir")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output dir {str(out)!r} exists and is not a directory: choose another --output-dir")
-    existing = next(parent for parent in (out, *out.absolute().parents) if parent.exists())
     try:
-        if not existing.is_dir():
-            raise NotADirectoryError(20, "a parent is not a directory")
-        with tempfile.TemporaryFile(dir=existing):  # the one real test of writability (root ignores modes)
-            pass
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
     except OSError as exc:
         raise ConfigError(f"output dir {str(out)!r} cannot be written ({exc.strerror}): choose another --output-dir") from None
     return out
@@ -124,8 +123,30 @@ def forward_loss_sum(model, batch: dict[str, torch.Tensor], task: str) -> torch.
 
 
 def resolve_batch_flags(config: RunConfig, cli_keys: set[str], num_processes: int):
-    """(target, micro or None, accum or None, note): checked before any data is loaded or memory probed."""
-    return resolve_batch(config.batch_size, config.micro_batch_size, config.grad_accum_steps, num_processes, cli_keys)
+    """(target, micro or None, accum or None, note): checked before any data is loaded or memory probed.
+    With a batch schedule the target is the schedule's first batch, and the accumulation follows it."""
+    schedule = schedule_from_config(config)
+    if schedule is None:
+        return resolve_batch(config.batch_size, config.micro_batch_size, config.grad_accum_steps, num_processes,
+                             cli_keys)
+    start = schedule.start_batch
+    micro, accum = config.micro_batch_size, config.grad_accum_steps
+    if accum != "auto" and (micro == "auto" or micro * accum * num_processes != start):
+        raise ConfigError(f"grad_accum_steps {accum} is set by the batch schedule (first batch {start}): "
+                          "leave --grad-accum-steps auto and give --micro-batch-size")
+    target, micro, accum, note = resolve_batch(start, micro, "auto", num_processes)
+    if micro is not None:
+        schedule.bind(micro, num_processes)  # a batch no split reaches: said before any data loads
+    if "batch_size" in config.model_fields_set and config.batch_size != start and config.adaptive_batch == "none":
+        note = "\n".join(filter(None, [note, f"batch size {config.batch_size} not used: the batch schedule starts "
+                                              f"at {start}"]))
+    return target, micro, accum, note
+
+
+def lr_base_batch(config: RunConfig) -> int:
+    """The batch the LR was tuned for: base_batch_size, else the schedule's first batch, else batch_size."""
+    schedule = schedule_from_config(config)
+    return config.base_batch_size or (schedule.start_batch if schedule else config.batch_size)
 
 
 def probe_length(config: RunConfig, model) -> int:
@@ -238,16 +259,20 @@ def banner(config: RunConfig, model, state, plan: Plan, lr: ScaledLR, total_step
 # ----------------------------------------------------------------------------- the loop
 
 
-def iterate_windows(num_samples: int, window_size: int, seed: int, start: Position):
-    """Yield (epoch, window_in_epoch, indices) forever from `start`; the order depends only on (seed, epoch)."""
-    epoch, window = start.epoch, start.window_in_epoch
-    per_epoch = windows_per_epoch(num_samples, window_size)
+def iterate_windows(num_samples: int, window_size, seed: int, start: Position):
+    """Yield (epoch, window_in_epoch, indices) forever from `start`, which counts the data position in
+    samples; the order depends only on (seed, epoch). `window_size` is the effective batch, or a
+    callable giving the next window's (a batch schedule changes it between windows, never inside
+    one); the last window of an epoch may be partial."""
+    size_of = window_size if callable(window_size) else (lambda: window_size)
+    epoch, window, offset = start.epoch, start.window_in_epoch, start.sample_in_epoch
     while True:
         order = epoch_order(num_samples, seed, epoch)
-        while window < per_epoch:
-            yield epoch, window, window_indices(order, window, window_size)
-            window += 1
-        epoch, window = epoch + 1, 0
+        while offset < num_samples:
+            indices = order[offset:offset + size_of()]
+            yield epoch, window, indices
+            window, offset = window + 1, offset + len(indices)
+        epoch, window, offset = epoch + 1, 0, 0
 
 
 def train_window(run: Run, batches: list, stand_in, position: Position) -> dict[str, Any] | None:
@@ -387,13 +412,12 @@ def finish_optimizer_step(run: Run, loss_sum: torch.Tensor, window_items: int) -
     accelerator, config, optimizer = run.accelerator, run.config, run.optimizer
     window_loss = accelerator.reduce(loss_sum.reshape(1), "sum").item() / max(window_items, 1)
     if not math.isfinite(window_loss):
-        refuse_nonfinite(run, f"loss is {window_loss}")
-        return run.stats.record_optimizer_step(loss=window_loss, lr=optimizer.param_groups[0]["lr"], skipped=True)
+        optimizer.zero_grad(set_to_none=True)
+        if not config.skip_nonfinite:
+            raise FloatingPointError(f"loss is {window_loss} at optimizer step {run.stats.optimizer_step + 1}")
+        return run.stats.record_optimizer_step(loss=window_loss, skipped=True)
     max_norm = config.max_grad_norm if config.max_grad_norm else float("inf")
     grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), max_norm)
-    if accelerator.scaler is None and not math.isfinite(float(grad_norm)):  # fp16's scaler handles its own
-        refuse_nonfinite(run, f"gradient norm is {float(grad_norm)}")
-        return run.stats.record_optimizer_step(loss=window_loss, lr=optimizer.param_groups[0]["lr"], skipped=True)
     try:
         optimizer.step()
     except Exception as exc:
@@ -407,21 +431,6 @@ def finish_optimizer_step(run: Run, loss_sum: torch.Tensor, window_items: int) -
     optimizer.zero_grad(set_to_none=True)
     lr = optimizer.param_groups[0]["lr"]
     return run.stats.record_optimizer_step(loss=window_loss, grad_norm=float(grad_norm), lr=lr, skipped=skipped)
-
-
-def refuse_nonfinite(run: Run, what: str) -> None:
-    """A NaN/inf window never updates the weights: drop its gradients, then with --skip-nonfinite
-    go on (the caller records a skipped step); otherwise save the state before the window and raise
-    FloatingPointError naming the optimizer step."""
-    run.optimizer.zero_grad(set_to_none=True)
-    step = run.stats.optimizer_step + 1
-    if run.config.skip_nonfinite:
-        run.accelerator.print(f"skipped optimizer step {step}: {what} (--skip-nonfinite)")
-        return
-    if run.window_start is None:
-        raise FloatingPointError(f"{what} at optimizer step {step}")
-    path = save_last_good(run)
-    raise FloatingPointError(f"{what} at optimizer step {step}; the state before it is saved as {path}")
 
 
 @torch.no_grad()
@@ -472,7 +481,8 @@ class MetricsLog:
         self.path, self.enabled = path, enabled
         if enabled and keep_until_step is not None and path.exists():
             # resume: drop lines of steps after the checkpoint, which will be run again
-            kept = [line for line in path.read_text().splitlines() if 0 < _logged_step(line) <= keep_until_step]
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("optimizer_step", 0) <= keep_until_step]
             path.write_text("".join(line + "\n" for line in kept))
         elif enabled and path.exists():
             path.unlink()
@@ -483,19 +493,10 @@ class MetricsLog:
                 handle.write(json.dumps(record) + "\n")
 
 
-def _logged_step(line: str) -> int:
-    """The optimizer step of a metrics.jsonl line; 0 for a blank or torn one (a kill mid-write)."""
-    try:
-        return int(json.loads(line).get("optimizer_step", 0))
-    except (ValueError, AttributeError, TypeError):
-        return 0
-
-
 def format_step_line(record: dict[str, Any], total_steps: int) -> str:
     grad = record.get("grad_norm")
-    loss, ema = (float("nan") if v is None else v for v in (record["loss"], record["ema_loss"]))  # a skipped step
     return (f"step {record['optimizer_step']}/{total_steps} micro_step {record['micro_step']} "
-            f"loss {loss:.4f} ema {ema:.4f} lr {record.get('lr') or 0:.3g} "
+            f"loss {record['loss']:.4f} ema {record['ema_loss']:.4f} lr {record.get('lr') or 0:.3g} "
             f"grad_norm {grad if grad is None else round(grad, 4)} tok/s {record.get('tokens_per_s', 0):.0f}")
 
 
@@ -525,42 +526,17 @@ def fetch_window(train_data, collate, indices, plan: Plan, accelerator) -> tuple
 
 
 def checkpoint_state(config: RunConfig, position: Position, stats: AccumulationStats, fingerprint: dict,
-                     plan: Plan) -> dict[str, Any]:
+                     plan: Plan, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {**asdict(position), "stats": stats.state_dict(), "fingerprint": fingerprint, "plan": plan.to_dict(),
-            "config": json.loads(config_to_json(config))}
+            "config": json.loads(config_to_json(config)), **(extra or {})}
 
 
-def save(run, position: Position, stats: AccumulationStats | None = None, rng: dict | None = None) -> Path:
-    """Checkpoint `position` on all ranks; return its directory. A step this process already saved
-    (or resumed from) is not written again: rewriting it would open a window where a kill loses it."""
-    if run.saved_step == position.optimizer_step:
-        return ckpt.checkpoint_root(run.config.output_dir) / f"step-{position.optimizer_step:08d}"
+def save(run, position: Position) -> None:
     path = ckpt.save_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler,
-                                checkpoint_state(run.config, position, stats or run.stats, run.fingerprint, run.plan),
-                                run.config.output_dir, run.config.keep_checkpoints, rng=rng)
-    run.saved_step = position.optimizer_step
+                                checkpoint_state(run.config, position, run.stats, run.fingerprint, run.plan,
+                                                 schedule_state(run)),
+                                run.config.output_dir, run.config.keep_checkpoints)
     run.accelerator.print(f"saved checkpoint {path}")
-    return path
-
-
-def at_step_boundary(run, stop: StopRequest, position: Position) -> None:
-    """Between two optimizer steps: stop if any rank got SIGTERM/SIGINT (saving first, raising
-    Interrupted), else remember the state before the next window, for a non-finite loss to save."""
-    signum = stop.agreed(run.accelerator)
-    if signum is not None:
-        path = save(run, position)
-        raise Interrupted(signum, position.optimizer_step, path)
-    counters = {key: getattr(run.stats, key) for key in ("micro_step", "samples_seen", "tokens_seen")}
-    run.window_start = {"position": asdict(position), "counters": counters, "rng": ckpt.rng_state()}
-
-
-def save_last_good(run) -> Path:
-    """Checkpoint the state before the window in flight (weights and optimizer are untouched by it:
-    it never stepped), with that window's counters and RNG rolled back, so resuming replays it."""
-    start = run.window_start
-    stats = AccumulationStats()
-    stats.load_state_dict(dict(run.stats.state_dict(), **start["counters"]))
-    return save(run, Position(**start["position"]), stats=stats, rng=start["rng"])
 
 
 def resume_if_asked(run, position: Position) -> int | None:
@@ -573,7 +549,10 @@ def resume_if_asked(run, position: Position) -> int | None:
     check_fingerprint(saved.get("fingerprint", {}), run.fingerprint, config.allow_batch_change, path)
     state = ckpt.load_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler, path)
     for key in asdict(position):
-        setattr(position, key, int(state[key]))
+        setattr(position, key, int(state.get(key, 0)))
+    if "sample_in_epoch" not in state:  # a checkpoint from before the data position was kept in samples
+        position.sample_in_epoch = position.window_in_epoch * int(state["plan"]["effective_batch_size"])
+    restore_schedule(run, state, position)
     run.stats.load_state_dict(state["stats"])
     run.accelerator.print(f"resumed from {path} at optimizer step {position.optimizer_step}")
     return position.optimizer_step
@@ -619,12 +598,12 @@ class Run:
     fingerprint: dict
     out: Path
     noise: NoiseMeter | None = None
+    schedule: BatchSchedule | None = None  # the effective batch changes between windows (accum/schedule.py)
+    total_samples: int | None = None  # the run's length in samples, when a schedule or max_samples sets it
     adaptive: AdaptiveBatch | None = None  # OOM recovery on (accum/adaptive.py)
     defer_sync: bool = False  # several DDP ranks: gradients all-reduced after every rank's backwards succeed
     memory_budget: int | None = None  # bytes, for --memory-pressure
     window_peak: float = 0.0  # the last window's peak memory / budget, largest over ranks
-    saved_step: int | None = None  # the optimizer step this process last checkpointed (or resumed from)
-    window_start: dict | None = None  # position, counters and RNG before the window in flight: the last good state
 
 
 def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data) -> tuple[Run, str]:
@@ -635,8 +614,7 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data) -
 
     # Accelerator() honours ACCELERATE_USE_CPU but PartialState() does not (accelerate 1.15): without
     # this, each CPU rank of `accelerate launch --multi_gpu` would train alone as a world of one.
-    # a bounded wait: a rank whose peer died stops with an error instead of hanging (gloo's default is 30 min)
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(seconds=config.dist_timeout_s))
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > state.num_processes:
         raise ConfigError(f"{launched} processes were launched but each sees a world of {state.num_processes}: "
@@ -661,7 +639,7 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data) -
     probe_optimizer = build_optimizer(config, model, config.lr)
     plan, note = make_plan(config, resolved, model, probe_optimizer, train_data, collate, state)
     del probe_optimizer
-    lr = scale_lr(config.lr, config.base_batch_size or config.batch_size, plan.effective_batch_size, config.lr_scaling)
+    lr = scale_lr(config.lr, lr_base_batch(config), plan.effective_batch_size, config.lr_scaling)
     accelerator = build_accelerator(plan, mixed_precision=resolve_precision(config), log_with=config.report_to,
                                     project_dir=str(out))
     optimizer = build_optimizer(config, model, lr.lr)
@@ -677,7 +655,8 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data) -
         run.noise = NoiseMeter(model, accelerator.num_processes, plan.accumulation_steps)
         note = "\n".join(filter(None, [note, run.noise.unavailable]))
     note = "\n".join(filter(None, [note, setup_recovery(run, state.device)]))
-    text = banner(config, model, state, plan, lr, total_steps, accelerator.mixed_precision, eval_batch, note)
+    note = "\n".join(filter(None, [note, setup_schedule(run)]))
+    text = banner(config, model, state, plan, lr, run.total_steps, accelerator.mixed_precision, eval_batch, note)
     return run, text
 
 
@@ -702,6 +681,160 @@ def setup_recovery(run: Run, device) -> str | None:
     return None
 
 
+# ----------------------------------------------------------------------------- batch schedules
+
+
+def setup_schedule(run: Run) -> str | None:
+    """Length in samples (max_samples, or a schedule) and the batch schedule with its LR in samples;
+    return the banner lines, or None when neither is asked for. Raises ConfigError (one line)."""
+    config, plan = run.config, run.plan
+    schedule = schedule_from_config(config)
+    if schedule is None and config.max_samples is None:
+        return None
+    num_samples = len(run.train_data)
+    if schedule is None:  # a fixed batch with a sample budget: the LR schedule stays in optimizer steps
+        run.total_samples = config.max_samples
+        run.total_steps = min(config.max_steps or math.inf, math.ceil(config.max_samples / plan.effective_batch_size))
+        run.scheduler = build_scheduler(config, run.optimizer, run.total_steps)
+        return f"Length: {run.total_samples} samples"
+    run.schedule = schedule.bind(plan.micro_batch_size, plan.num_processes)
+    if config.adaptive_batch == "noise":
+        if run.noise is None:
+            run.noise = NoiseMeter(run.model, plan.num_processes, plan.accumulation_steps)
+        if run.noise.unavailable:
+            raise ConfigError(f"adaptive batch noise needs the noise scale, which this layout cannot measure "
+                              f"({run.noise.unavailable}): use a minimum batch of at least 2 micro-batches")
+    if config.max_samples is not None:
+        run.total_samples = config.max_samples
+    elif config.max_steps is not None:
+        try:
+            run.total_samples = schedule.simulate(config.max_steps)
+        except ValueError:
+            raise ConfigError("a noise-driven or token-keyed schedule cannot turn --max-steps into samples for the "
+                              "LR schedule: give --max-samples or --epochs") from None
+    else:
+        run.total_samples = max(1, math.floor((config.epochs or 1.0) * num_samples))
+    if config.max_steps is not None:
+        run.total_steps = config.max_steps
+    else:  # for the progress bar: the windows the schedule takes to reach the budget (at most)
+        samples, run.total_steps = 0, 0
+        while samples < run.total_samples and run.total_steps < 10**7:
+            samples, run.total_steps = samples + schedule.batch_at(samples), run.total_steps + 1
+    warmup = config.warmup_steps * schedule.start_batch
+    run.scheduler = SampleLR(run.optimizer, config.lr, lr_base_batch(config), config.lr_scaling, config.lr_scheduler,
+                             warmup, run.total_samples, schedule.start_batch)
+    return "\n".join([schedule.describe(),
+                      f"LR schedule in samples: {config.lr_scheduler}, warmup {warmup} samples, over "
+                      f"{run.total_samples} samples; LR rule {config.lr_scaling} from batch {lr_base_batch(config)}"])
+
+
+def next_window_size(run: Run, position: Position) -> int:
+    """Samples in the next window: the current effective batch, cut to what is left of a sample budget."""
+    if run.total_samples is None:
+        return run.plan.effective_batch_size
+    return max(1, min(run.plan.effective_batch_size, run.total_samples - position.samples_seen))
+
+
+def run_finished(run: Run, position: Position) -> bool:
+    """Done when the budget in samples is spent (or max_steps reached), else after total_steps."""
+    if run.total_samples is None:
+        return position.optimizer_step >= run.total_steps
+    over_steps = run.config.max_steps is not None and position.optimizer_step >= run.config.max_steps
+    return over_steps or position.samples_seen >= run.total_samples
+
+
+def advance_position(run: Run, position: Position, epoch: int, window_in_epoch: int, indices: list[int]) -> None:
+    """Move the data position past the window `indices` (counted on all ranks alike, no collective)."""
+    if epoch != position.epoch:
+        position.sample_in_epoch = 0
+    position.epoch, position.window_in_epoch = epoch, window_in_epoch + 1
+    position.sample_in_epoch += len(indices)
+    position.samples_seen += len(indices)
+    if run.schedule is not None and run.schedule.unit_name == "tokens":
+        position.tokens_seen += sum(len(run.train_data[i]["input_ids"]) for i in indices)
+
+
+def apply_schedule(run: Run, position: Position, record: dict[str, Any]) -> None:
+    """After a window: the schedule picks the next window's batch (a change is logged) and the LR
+    moves with the samples seen. The record gets the batch it trained with and the LR of the next step."""
+    if run.schedule is None:
+        return
+    record.update(effective_batch_size=run.plan.effective_batch_size,
+                  gradient_accumulation_steps=run.plan.accumulation_steps)
+    b_simple = run.noise.tracker.b_simple if run.noise is not None else None
+    per_sample = 1.0
+    if run.config.resolved_loss_normalization() == "tokens" and run.stats.samples_seen:
+        per_sample = run.stats.tokens_seen / run.stats.samples_seen  # B_simple is in tokens then
+    change = run.schedule.decide(Progress(position.optimizer_step, position.samples_seen, position.tokens_seen,
+                                          b_simple, per_sample))
+    if change is not None:
+        adopt_batch(run, change, position)
+    record["lr"] = run.scheduler.advance(position.samples_seen, run.plan.effective_batch_size)
+
+
+def adopt_batch(run: Run, change: Change, position: Position) -> None:
+    """Train the next windows at `change.new` samples: same micro-batch, new accumulation. Logged on
+    the console, in metrics.json (adjustments) and the tracker."""
+    old = run.plan
+    use_plan(run, plan_batch(change.new, old.micro_batch_size, old.num_processes, source="schedule"))
+    lr = run.scheduler.lr_at(position.samples_seen, run.plan.effective_batch_size)
+    entry = run.stats.record_adjustment(
+        reason=change.reason, optimizer_step=position.optimizer_step, samples_seen=position.samples_seen,
+        old_effective_batch_size=old.effective_batch_size, new_effective_batch_size=run.plan.effective_batch_size,
+        old_accumulation_steps=old.accumulation_steps, new_accumulation_steps=run.plan.accumulation_steps,
+        micro_batch_size=run.plan.micro_batch_size, lr=lr)
+    run.accelerator.print(
+        f"batch schedule after optimizer step {entry['optimizer_step']} ({entry['samples_seen']} samples): effective "
+        f"batch {old.effective_batch_size} -> {run.plan.effective_batch_size}, accumulation {old.accumulation_steps} "
+        f"-> {run.plan.accumulation_steps} (micro-batch {run.plan.micro_batch_size}), LR {lr:.4g}: {change.reason}")
+    if run.config.report_to != "none":
+        run.accelerator.log({"schedule/effective_batch_size": run.plan.effective_batch_size,
+                             "schedule/accumulation_steps": run.plan.accumulation_steps, "schedule/lr": lr,
+                             "schedule/samples_seen": position.samples_seen}, step=position.optimizer_step)
+    if run.accelerator.is_main_process:
+        write_json_atomic(run.out / "plan.json", run.plan.to_dict())
+
+
+def use_plan(run: Run, plan: Plan) -> None:
+    """Train the next windows with `plan`; OOM recovery, when on, shrinks from the plan in force."""
+    run.plan = plan
+    adaptive = getattr(run, "adaptive", None)
+    if adaptive is not None:
+        adaptive.plan = plan
+
+
+def schedule_state(run: Run) -> dict[str, Any]:
+    """What a checkpoint holds of the batch schedule and the noise scale, so resume continues them."""
+    state = {}
+    if run.schedule is not None:
+        state["schedule"] = run.schedule.state_dict()
+    if run.noise is not None:
+        state["noise"] = run.noise.tracker.state_dict()
+    return state
+
+
+def restore_schedule(run: Run, state: dict[str, Any], position: Position) -> None:
+    """After loading a checkpoint: the schedule's batch, the noise scale, and an LR that follows the rule
+    when the batch differs from the checkpoint's (--allow-batch-change; optimizer state holds the old LR)."""
+    if run.noise is not None and state.get("noise"):
+        run.noise.tracker.load_state_dict(state["noise"])
+    if run.schedule is None:
+        saved_batch = int(state.get("plan", {}).get("effective_batch_size", run.plan.effective_batch_size))
+        if saved_batch != run.plan.effective_batch_size and hasattr(run.scheduler, "lr_lambdas"):
+            run.scheduler.base_lrs = [run.lr.lr for _ in run.optimizer.param_groups]
+            for group, fn in zip(run.optimizer.param_groups, run.scheduler.lr_lambdas, strict=True):
+                group["lr"] = run.lr.lr * fn(run.scheduler.last_epoch)
+        return
+    if state.get("schedule"):
+        run.schedule.load_state_dict(state["schedule"])
+    else:  # a fixed-batch checkpoint continued under a schedule: the batch the schedule names here
+        run.schedule.decide(Progress(position.optimizer_step, position.samples_seen, position.tokens_seen))
+    if run.schedule.batch != run.plan.effective_batch_size:
+        use_plan(run, plan_batch(run.schedule.batch, run.plan.micro_batch_size, run.plan.num_processes,
+                                 source="schedule"))
+    run.scheduler.advance(position.samples_seen, run.plan.effective_batch_size)
+
+
 def log_step(run: Run, record: dict[str, Any], log: MetricsLog, progress) -> None:
     log.write(record)
     if run.config.report_to != "none":
@@ -717,21 +850,11 @@ def train(config: RunConfig, model=None, train_data=None, eval_data=None, cli_ke
 
     `model`, `train_data` and `eval_data` may be passed in (tokenised: indexable of dicts
     with input_ids and, for classification, labels); otherwise they are built from
-    `config`. Raises ConfigError for bad input, before anything is trained; Interrupted after
-    SIGTERM/SIGINT (the optimizer step in flight finishes and is saved first).
+    `config`. Raises ConfigError for bad input, before anything is trained.
     """
-    with StopRequest() as stop:
-        return train_until_done(config, model, train_data, eval_data, cli_keys, stop)
-
-
-def train_until_done(config: RunConfig, model, train_data, eval_data, cli_keys: set[str] | None,
-                     stop: StopRequest) -> dict:
-    """train()'s body; `stop` is polled between optimizer steps."""
     run, text = setup(config, cli_keys or set(), model, train_data, eval_data)
     accelerator, position = run.accelerator, Position()
     resumed_step = resume_if_asked(run, position)
-    run.saved_step = resumed_step
-    run.out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         write_json_atomic(run.out / "config.json", json.loads(config_to_json(config)))
         write_json_atomic(run.out / "plan.json", run.plan.to_dict())
@@ -739,17 +862,17 @@ def train_until_done(config: RunConfig, model, train_data, eval_data, cli_keys: 
     if config.report_to != "none":
         accelerator.init_trackers("accum", config=tracker_config(config, run.plan, run.lr.lr))
     log = MetricsLog(run.out / "metrics.jsonl", accelerator.is_main_process, resumed_step)
-    windows = iterate_windows(len(run.train_data), run.plan.effective_batch_size, config.seed, position)
+    windows = iterate_windows(len(run.train_data), lambda: next_window_size(run, position), config.seed, position)
     progress = tqdm(total=run.total_steps, initial=position.optimizer_step, desc="optimizer steps",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     started = time.perf_counter()
-    while position.optimizer_step < run.total_steps:
-        at_step_boundary(run, stop, position)
+    while not run_finished(run, position):
         epoch, window_in_epoch, indices = next(windows)
         record = run_window(run, indices, position)
         position.optimizer_step += 1
-        position.epoch, position.window_in_epoch = epoch, window_in_epoch + 1
+        advance_position(run, position, epoch, window_in_epoch, indices)
         record.update(optimizer_step=position.optimizer_step, micro_step=position.micro_step, epoch=epoch)
+        apply_schedule(run, position, record)
         log_step(run, record, log, progress)
         if config.eval_every and position.optimizer_step % config.eval_every == 0 and run.eval_data:
             accelerator.print(f"eval at step {position.optimizer_step}: {run_eval(run)}")
@@ -796,34 +919,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 4
     except FloatingPointError as exc:
-        print(f"error: {exc}. Lower --lr, or pass --skip-nonfinite, then --resume-from-checkpoint latest",
+        print(f"error: {exc}; the last good state is the latest checkpoint. Lower --lr, or pass --skip-nonfinite",
               file=sys.stderr)
         return 3
-    except Interrupted as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:  # disk full, read-only, quota: the complete checkpoints are untouched
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"error: I/O failed{where}: {exc.strerror or exc}; free space or choose another --output-dir, then "
-              "--resume-from-checkpoint latest (complete checkpoints are kept)", file=sys.stderr)
-        return 5
-    except RuntimeError as exc:
-        if not lost_another_rank(exc):
-            raise
-        print(f"error: lost contact with another rank ({str(exc).splitlines()[0][:200]}); every rank stopped. "
-              "Resume with --resume-from-checkpoint latest; --dist-timeout-s bounds this wait", file=sys.stderr)
-        return 6
     return 0
-
-
-def lost_another_rank(exc: RuntimeError) -> bool:
-    """A collective failed because a peer died or timed out (gloo/NCCL raise RuntimeError subclasses)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
-    if isinstance(exc, torch.distributed.DistError):
-        return True
-    text = str(exc).lower()
-    return any(word in text for word in ("gloo", "nccl", "timed out", "connection closed", "connection reset"))
 
 
 if __name__ == "__main__":
