@@ -19,8 +19,10 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from accum.oom import free_memory, is_oom, peak_memory_bytes, reset_peak_memory
 from accum.plan import Plan, plan_batch, plan_from_accumulation, resolve_batch
 from accum.scaling import ScaledLR, scale_lr
 from accum.schedule import BatchSchedule, Change, Progress, SampleLR, schedule_from_config
+from accum.signals import Interrupted, StopRequest
 from accum.stats import AccumulationStats
 from accum.windows import epoch_order, layout_window, window_indices, windows_per_epoch
 from scripts import checkpoint as ckpt
@@ -62,7 +65,8 @@ class Position:
 
 
 def check_output_dir(config: RunConfig) -> Path:
-    """Refuse to write over a finished run unless asked; create the directory."""
+    """Refuse to write over a finished run unless asked, or where nothing can be written. Creates
+    nothing (train creates the directory once every input is checked): bad input touches no file."""
     out = Path(config.output_dir)
     finished = (out / "metrics.json").exists()
     if finished and not config.overwrite and not config.resume_from_checkpoint:
@@ -70,11 +74,12 @@ def check_output_dir(config: RunConfig) -> Path:
                           "--resume-from-checkpoint latest, or another --output-dir")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output dir {str(out)!r} exists and is not a directory: choose another --output-dir")
+    existing = next(parent for parent in (out, *out.absolute().parents) if parent.exists())
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "a parent is not a directory")
+        with tempfile.TemporaryFile(dir=existing):  # the one real test of writability (root ignores modes)
+            pass
     except OSError as exc:
         raise ConfigError(f"output dir {str(out)!r} cannot be written ({exc.strerror}): choose another --output-dir") from None
     return out
@@ -412,12 +417,13 @@ def finish_optimizer_step(run: Run, loss_sum: torch.Tensor, window_items: int) -
     accelerator, config, optimizer = run.accelerator, run.config, run.optimizer
     window_loss = accelerator.reduce(loss_sum.reshape(1), "sum").item() / max(window_items, 1)
     if not math.isfinite(window_loss):
-        optimizer.zero_grad(set_to_none=True)
-        if not config.skip_nonfinite:
-            raise FloatingPointError(f"loss is {window_loss} at optimizer step {run.stats.optimizer_step + 1}")
-        return run.stats.record_optimizer_step(loss=window_loss, skipped=True)
+        refuse_nonfinite(run, f"loss is {window_loss}")
+        return run.stats.record_optimizer_step(loss=window_loss, lr=optimizer.param_groups[0]["lr"], skipped=True)
     max_norm = config.max_grad_norm if config.max_grad_norm else float("inf")
     grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), max_norm)
+    if accelerator.scaler is None and not math.isfinite(float(grad_norm)):  # fp16's scaler handles its own
+        refuse_nonfinite(run, f"gradient norm is {float(grad_norm)}")
+        return run.stats.record_optimizer_step(loss=window_loss, lr=optimizer.param_groups[0]["lr"], skipped=True)
     try:
         optimizer.step()
     except Exception as exc:
@@ -431,6 +437,21 @@ def finish_optimizer_step(run: Run, loss_sum: torch.Tensor, window_items: int) -
     optimizer.zero_grad(set_to_none=True)
     lr = optimizer.param_groups[0]["lr"]
     return run.stats.record_optimizer_step(loss=window_loss, grad_norm=float(grad_norm), lr=lr, skipped=skipped)
+
+
+def refuse_nonfinite(run: Run, what: str) -> None:
+    """A NaN/inf window never updates the weights: drop its gradients, then with --skip-nonfinite
+    go on (the caller records a skipped step); otherwise save the state before the window and raise
+    FloatingPointError naming the optimizer step."""
+    run.optimizer.zero_grad(set_to_none=True)
+    step = run.stats.optimizer_step + 1
+    if run.config.skip_nonfinite:
+        run.accelerator.print(f"skipped optimizer step {step}: {what} (--skip-nonfinite)")
+        return
+    if run.window_start is None:
+        raise FloatingPointError(f"{what} at optimizer step {step}")
+    path = save_last_good(run)
+    raise FloatingPointError(f"{what} at optimizer step {step}; the state before it is saved as {path}")
 
 
 @torch.no_grad()
@@ -481,8 +502,7 @@ class MetricsLog:
         self.path, self.enabled = path, enabled
         if enabled and keep_until_step is not None and path.exists():
             # resume: drop lines of steps after the checkpoint, which will be run again
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("optimizer_step", 0) <= keep_until_step]
+            kept = [line for line in path.read_text().splitlines() if 0 < _logged_step(line) <= keep_until_step]
             path.write_text("".join(line + "\n" for line in kept))
         elif enabled and path.exists():
             path.unlink()
@@ -493,10 +513,19 @@ class MetricsLog:
                 handle.write(json.dumps(record) + "\n")
 
 
+def _logged_step(line: str) -> int:
+    """The optimizer step of a metrics.jsonl line; 0 for a blank or torn one (a kill mid-write)."""
+    try:
+        return int(json.loads(line).get("optimizer_step", 0))
+    except (ValueError, AttributeError, TypeError):
+        return 0
+
+
 def format_step_line(record: dict[str, Any], total_steps: int) -> str:
     grad = record.get("grad_norm")
+    loss, ema = (float("nan") if v is None else v for v in (record["loss"], record["ema_loss"]))  # a skipped step
     return (f"step {record['optimizer_step']}/{total_steps} micro_step {record['micro_step']} "
-            f"loss {record['loss']:.4f} ema {record['ema_loss']:.4f} lr {record.get('lr') or 0:.3g} "
+            f"loss {loss:.4f} ema {ema:.4f} lr {record.get('lr') or 0:.3g} "
             f"grad_norm {grad if grad is None else round(grad, 4)} tok/s {record.get('tokens_per_s', 0):.0f}")
 
 
@@ -531,12 +560,38 @@ def checkpoint_state(config: RunConfig, position: Position, stats: AccumulationS
             "config": json.loads(config_to_json(config)), **(extra or {})}
 
 
-def save(run, position: Position) -> None:
+def save(run, position: Position, stats: AccumulationStats | None = None, rng: dict | None = None) -> Path:
+    """Checkpoint `position` on all ranks; return its directory. A step this process already saved
+    (or resumed from) is not written again: rewriting it would open a window where a kill loses it."""
+    if run.saved_step == position.optimizer_step:
+        return ckpt.checkpoint_root(run.config.output_dir) / f"step-{position.optimizer_step:08d}"
     path = ckpt.save_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler,
-                                checkpoint_state(run.config, position, run.stats, run.fingerprint, run.plan,
+                                checkpoint_state(run.config, position, stats or run.stats, run.fingerprint, run.plan,
                                                  schedule_state(run)),
-                                run.config.output_dir, run.config.keep_checkpoints)
+                                run.config.output_dir, run.config.keep_checkpoints, rng=rng)
+    run.saved_step = position.optimizer_step
     run.accelerator.print(f"saved checkpoint {path}")
+    return path
+
+
+def at_step_boundary(run, stop: StopRequest, position: Position) -> None:
+    """Between two optimizer steps: stop if any rank got SIGTERM/SIGINT (saving first, raising
+    Interrupted), else remember the state before the next window, for a non-finite loss to save."""
+    signum = stop.agreed(run.accelerator)
+    if signum is not None:
+        path = save(run, position)
+        raise Interrupted(signum, position.optimizer_step, path)
+    counters = {key: getattr(run.stats, key) for key in ("micro_step", "samples_seen", "tokens_seen")}
+    run.window_start = {"position": asdict(position), "counters": counters, "rng": ckpt.rng_state()}
+
+
+def save_last_good(run) -> Path:
+    """Checkpoint the state before the window in flight (weights and optimizer are untouched by it:
+    it never stepped), with that window's counters and RNG rolled back, so resuming replays it."""
+    start = run.window_start
+    stats = AccumulationStats()
+    stats.load_state_dict(dict(run.stats.state_dict(), **start["counters"]))
+    return save(run, Position(**start["position"]), stats=stats, rng=start["rng"])
 
 
 def resume_if_asked(run, position: Position) -> int | None:
@@ -604,6 +659,8 @@ class Run:
     defer_sync: bool = False  # several DDP ranks: gradients all-reduced after every rank's backwards succeed
     memory_budget: int | None = None  # bytes, for --memory-pressure
     window_peak: float = 0.0  # the last window's peak memory / budget, largest over ranks
+    saved_step: int | None = None  # the optimizer step this process last checkpointed (or resumed from)
+    window_start: dict | None = None  # position, counters and RNG before the window in flight: the last good state
 
 
 def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data) -> tuple[Run, str]:
@@ -614,7 +671,8 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data) -
 
     # Accelerator() honours ACCELERATE_USE_CPU but PartialState() does not (accelerate 1.15): without
     # this, each CPU rank of `accelerate launch --multi_gpu` would train alone as a world of one.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    # a bounded wait: a rank whose peer died stops with an error instead of hanging (gloo's default is 30 min)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(seconds=config.dist_timeout_s))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > state.num_processes:
         raise ConfigError(f"{launched} processes were launched but each sees a world of {state.num_processes}: "
@@ -654,8 +712,8 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data) -
     if config.noise_scale:
         run.noise = NoiseMeter(model, accelerator.num_processes, plan.accumulation_steps)
         note = "\n".join(filter(None, [note, run.noise.unavailable]))
-    note = "\n".join(filter(None, [note, setup_recovery(run, state.device)]))
     note = "\n".join(filter(None, [note, setup_schedule(run)]))
+    note = "\n".join(filter(None, [note, setup_recovery(run, state.device)]))
     text = banner(config, model, state, plan, lr, run.total_steps, accelerator.mixed_precision, eval_batch, note)
     return run, text
 
@@ -850,11 +908,21 @@ def train(config: RunConfig, model=None, train_data=None, eval_data=None, cli_ke
 
     `model`, `train_data` and `eval_data` may be passed in (tokenised: indexable of dicts
     with input_ids and, for classification, labels); otherwise they are built from
-    `config`. Raises ConfigError for bad input, before anything is trained.
+    `config`. Raises ConfigError for bad input, before anything is trained; Interrupted after
+    SIGTERM/SIGINT (the optimizer step in flight finishes and is saved first).
     """
+    with StopRequest() as stop:
+        return train_until_done(config, model, train_data, eval_data, cli_keys, stop)
+
+
+def train_until_done(config: RunConfig, model, train_data, eval_data, cli_keys: set[str] | None,
+                     stop: StopRequest) -> dict:
+    """train()'s body; `stop` is polled between optimizer steps."""
     run, text = setup(config, cli_keys or set(), model, train_data, eval_data)
     accelerator, position = run.accelerator, Position()
     resumed_step = resume_if_asked(run, position)
+    run.saved_step = resumed_step
+    run.out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         write_json_atomic(run.out / "config.json", json.loads(config_to_json(config)))
         write_json_atomic(run.out / "plan.json", run.plan.to_dict())
@@ -867,6 +935,7 @@ def train(config: RunConfig, model=None, train_data=None, eval_data=None, cli_ke
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     started = time.perf_counter()
     while not run_finished(run, position):
+        at_step_boundary(run, stop, position)
         epoch, window_in_epoch, indices = next(windows)
         record = run_window(run, indices, position)
         position.optimizer_step += 1
@@ -919,10 +988,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 4
     except FloatingPointError as exc:
-        print(f"error: {exc}; the last good state is the latest checkpoint. Lower --lr, or pass --skip-nonfinite",
+        print(f"error: {exc}. Lower --lr, or pass --skip-nonfinite, then --resume-from-checkpoint latest",
               file=sys.stderr)
         return 3
+    except Interrupted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # disk full, read-only, quota: the complete checkpoints are untouched
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: I/O failed{where}: {exc.strerror or exc}; free space or choose another --output-dir, then "
+              "--resume-from-checkpoint latest (complete checkpoints are kept)", file=sys.stderr)
+        return 5
+    except RuntimeError as exc:
+        if not lost_another_rank(exc):
+            raise
+        print(f"error: lost contact with another rank ({str(exc).splitlines()[0][:200]}); every rank stopped. "
+              "Resume with --resume-from-checkpoint latest; --dist-timeout-s bounds this wait", file=sys.stderr)
+        return 6
     return 0
+
+
+def lost_another_rank(exc: RuntimeError) -> bool:
+    """A collective failed because a peer died or timed out (gloo/NCCL raise RuntimeError subclasses)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    text = str(exc).lower()
+    return any(word in text for word in ("gloo", "nccl", "timed out", "connection closed", "connection reset"))
 
 
 if __name__ == "__main__":
