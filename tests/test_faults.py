@@ -310,3 +310,63 @@ def test_a_write_failing_mid_checkpoint_loses_nothing_earlier(tmp_path, monkeypa
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
     monkeypatch.undo()
     resume_and_compare(out, reference)
+
+
+# ----------------------------------------------------------------------------- safety
+
+
+def test_nothing_in_the_output_dir_is_unpickled(tmp_path, monkeypatch):
+    import pickle
+
+    import accelerate
+
+    out = tmp_path / "run"
+    code, err = run_main(TINY + ["--output-dir", str(out), *SAVE, "--max-steps", "4"])
+    assert code == 0, err
+    (out / "metrics.json").unlink()
+    suffixes = {p.suffix for p in out.rglob("*") if p.is_file()}
+    assert suffixes <= {".json", ".jsonl", ".safetensors", ".pt"}, suffixes
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    class NoUnpickler:
+        def __init__(self, *args, **kwargs):
+            refuse()
+
+    for name in ("load", "loads"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(pickle, "Unpickler", NoUnpickler)
+    monkeypatch.setattr(accelerate.Accelerator, "load_state", refuse)  # it unpickles registered objects
+    real_load, loaded = torch.load, []
+
+    def weights_only_load(*args, **kwargs):
+        assert kwargs.get("weights_only") is True, kwargs
+        loaded.append(args[0])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", weights_only_load)
+    code, err = run_main(TINY + ["--output-dir", str(out), *SAVE, "--max-steps", "4", "--resume-from-checkpoint",
+                                 "latest"])
+    assert code == 0, err
+    assert [Path(p).name for p in loaded] == ["optimizer.pt"]
+
+
+@pytest.mark.parametrize("flag,expected", [([], False), (["--trust-remote-code"], True)])
+def test_model_repo_code_runs_only_when_asked(monkeypatch, flag, expected):
+    import transformers
+
+    from accum.config import ConfigError, parse_config
+    from scripts import data as data_lib
+
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", record)
+    config, _ = parse_config(TINY + flag)
+    with pytest.raises(ConfigError):
+        data_lib.build_tokenizer(config)
+    assert seen["trust_remote_code"] is expected

@@ -1,0 +1,71 @@
+"""The config loader under random input: any YAML value of any type for any key gives a RunConfig or
+a one-line ConfigError, never another exception (which would reach the user as a traceback)."""
+
+from __future__ import annotations
+
+import string
+
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from accum.config import ConfigError, RunConfig, load_yaml, make_config, parse_config
+
+KEYS = sorted(RunConfig.model_fields)
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=True),
+    st.text(max_size=20), st.sampled_from(["auto", "8GiB", "0.5", "-1", "1e400", "nan", "latest", ""]),
+)
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                               max_size=3), max_leaves=6)
+keys = st.sampled_from(KEYS) | st.text(alphabet=string.ascii_lowercase + "_", min_size=1, max_size=12)
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def one_line(exc: ConfigError) -> None:
+    assert "\n" not in str(exc) and str(exc)
+
+
+@FUZZ
+@given(st.dictionaries(keys, values, max_size=6))
+def test_make_config_raises_only_config_error(raw):
+    try:
+        make_config(dict(raw, model_config_overrides={"model_type": "gpt2"}) if "model" not in raw else raw)
+    except ConfigError as exc:
+        one_line(exc)
+
+
+@FUZZ
+@given(st.dictionaries(keys, values, max_size=6))
+def test_yaml_file_round_trip_raises_only_config_error(tmp_path_factory, raw):
+    path = tmp_path_factory.mktemp("fuzz") / "run.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    try:
+        make_config(load_yaml(path))
+    except ConfigError as exc:
+        one_line(exc)
+
+
+@FUZZ
+@given(st.text(max_size=200) | st.binary(max_size=200))
+def test_arbitrary_file_contents_raise_only_config_error(tmp_path_factory, content):
+    path = tmp_path_factory.mktemp("fuzz") / "run.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    try:
+        make_config(load_yaml(path))
+    except ConfigError as exc:
+        one_line(exc)
+
+
+@FUZZ
+@given(st.sampled_from(KEYS), st.text(alphabet=string.printable, max_size=30))
+def test_any_flag_value_raises_only_config_error(key, text):
+    try:
+        parse_config(["--model", "x", "--" + key.replace("_", "-"), text])
+    except ConfigError as exc:
+        one_line(exc)
+    except SystemExit as exc:  # argparse itself: usage and one error line, exit 2 (e.g. a value starting with -)
+        assert exc.code == 2
