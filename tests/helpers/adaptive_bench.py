@@ -2,7 +2,8 @@
 and one recovery in seconds. Not a test; prints one JSON line per measurement.
 
     python tests/helpers/adaptive_bench.py one
-    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 tests/helpers/adaptive_bench.py two
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 tests/helpers/adaptive_bench.py two-on
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 tests/helpers/adaptive_bench.py two-off
 """
 
 import json
@@ -62,11 +63,11 @@ def run(out, micro, accum, steps, processes, **extra):
 
 def on_vs_off(processes, micro=8, accum=4, steps=12, repeats=3):
     results = {"on": [], "off": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        for repeat in range(repeats):
-            for mode in ("on", "off") if repeat % 2 == 0 else ("off", "on"):
-                times, _ = run(f"{tmp}/{mode}", micro, accum, steps, processes, oom_recovery=mode == "on")
-                results[mode].append(statistics.median(times[2:]))  # steady state: skip the first windows
+    tmp = f"{tempfile.gettempdir()}/accum-adaptive-bench"  # the same on every rank
+    for repeat in range(repeats):
+        for mode in ("on", "off") if repeat % 2 == 0 else ("off", "on"):
+            times, _ = run(f"{tmp}/{mode}", micro, accum, steps, processes, oom_recovery=mode == "on")
+            results[mode].append(statistics.median(times[2:]))  # steady state: skip the first windows
     on, off = min(results["on"]), min(results["off"])
     return {"processes": processes, "micro": micro, "accum": accum, "window_s_on": round(on, 4),
             "window_s_off": round(off, 4), "throughput_ratio_on_vs_off": round(off / on, 4)}
@@ -115,11 +116,12 @@ if __name__ == "__main__":
     if sys.argv[1] == "one":
         print(json.dumps(on_vs_off(1)))
         print(json.dumps(recovery_cost()))
-    else:
-        result = on_vs_off(2, micro=4, accum=4)
-        cost = agreement_cost()
-        import torch.distributed as dist
+    else:  # two-on | two-off: one launch each (end_training ends the process group)
+        import os
 
-        if dist.get_rank() == 0:
-            print(json.dumps(result))
-            print(json.dumps(cost))
+        mode = sys.argv[1].split("-")[1]
+        cost = agreement_cost() if mode == "on" else None
+        times, _ = run(f"{tempfile.gettempdir()}/accum-adaptive-bench/{mode}", 4, 4, 12, 2, oom_recovery=mode == "on")
+        if os.environ.get("RANK", "0") == "0":
+            print(json.dumps({"processes": 2, "recovery": mode, "window_s": round(statistics.median(times[2:]), 4),
+                              **(cost or {})}))
