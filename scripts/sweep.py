@@ -794,6 +794,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the run in progress was stopped and not recorded; the same command resumes "
+              f"from {Path(sweep.output_dir) / RESULTS}", file=sys.stderr)
+        return 130
     out = Path(sweep.output_dir)
     print(write_tables(out, sweep, records) if records else "no runs")
     failed = sum(r["status"] != "ok" for r in records)
