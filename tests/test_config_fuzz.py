@@ -19,7 +19,7 @@ scalars = st.one_of(
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
                                                                                                max_size=3), max_leaves=6)
 keys = st.sampled_from(KEYS) | st.text(alphabet=string.ascii_lowercase + "_", min_size=1, max_size=12)
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def one_line(exc: ConfigError) -> None:

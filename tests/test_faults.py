@@ -370,3 +370,95 @@ def test_model_repo_code_runs_only_when_asked(monkeypatch, flag, expected):
     with pytest.raises(ConfigError):
         data_lib.build_tokenizer(config)
     assert seen["trust_remote_code"] is expected
+
+
+# ----------------------------------------------------------------------------- two ranks
+
+TWO_RANKS = TINY + ["--dropout", "0.0", "--optimizer", "sgd", "--lr", "0.5", "--micro-batch-size", "1",
+                    "--grad-accum-steps", "auto", "--max-steps", "30", "--save-every", "3", "--dist-timeout-s", "10"]
+
+
+def launch_two_ranks(args: list[str]):
+    import subprocess
+    import sys
+
+    from tests.helpers.fault_common import ROOT
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               ACCELERATE_USE_CPU="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--main_process_port", "0", "scripts/train.py", *args]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def rank_one_once_saved(process, out: Path):
+    """Wait for the first checkpoint, then return rank 1's process."""
+    import time
+
+    import psutil
+
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-00000003").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    ranks = [c for c in psutil.Process(process.pid).children(recursive=True) if c.environ().get("RANK") == "1"]
+    assert len(ranks) == 1
+    return ranks[0]
+
+
+def close_to(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in a if b[k].norm() > 0) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def one_rank_reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one-rank") / "run"
+    code, err = run_main(TWO_RANKS + ["--output-dir", str(out)])
+    assert code == 0, err
+    return out
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, one_rank_reference):
+    out = tmp_path / "run"
+    process = launch_two_ranks(TWO_RANKS + ["--output-dir", str(out)])
+    rank_one_once_saved(process, out).send_signal(signal.SIGTERM)  # rank 0 never gets a signal
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0
+    stops = [line.split("error:", 1)[1] for line in stderr.splitlines() if "error: stopped by SIGTERM" in line]
+    assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]  # both ranks, the same optimizer step
+    latest = ckpt.list_checkpoints(out)[-1]
+    assert f"after optimizer step {check_complete(latest)};" in stops[0]
+    assert (latest / "rng-rank1.safetensors").is_file()
+    # resume on one process: the same effective batch (4 = 1 x 2 x 2 ranks = 1 x 4 x 1) is re-planned
+    code, err = run_main(TWO_RANKS + ["--output-dir", str(out), "--resume-from-checkpoint", "latest"])
+    assert code == 0, err
+    assert close_to(final_weights(out), final_weights(one_rank_reference))
+
+
+@pytest.mark.slow
+def test_a_hung_rank_makes_the_other_stop_within_the_timeout_and_resume_works(tmp_path, one_rank_reference):
+    import time
+
+    out = tmp_path / "run"
+    process = launch_two_ranks(TWO_RANKS + ["--output-dir", str(out)])
+    rank_one = rank_one_once_saved(process, out)
+    import psutil
+
+    rank_zero = [c for c in psutil.Process(process.pid).children(recursive=True) if c.environ().get("RANK") == "0"][0]
+    rank_one.suspend()  # SIGSTOP: alive but silent, so no connection reset tells rank 0 anything
+    stopped_at = time.time()
+    try:
+        rank_zero.wait(timeout=120)  # it must give up on its own
+        waited = time.time() - stopped_at
+    finally:
+        rank_one.kill()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert "error: lost contact with another rank" in stderr and "--dist-timeout-s" in stderr, stderr[-3000:]
+    assert waited < 60, waited  # --dist-timeout-s 10 (gloo's default would be 30 minutes)
+    for path in ckpt.list_checkpoints(out):
+        check_complete(path)
+    code, err = run_main(TWO_RANKS + ["--output-dir", str(out), "--resume-from-checkpoint", "latest"])
+    assert code == 0, err
+    assert close_to(final_weights(out), final_weights(one_rank_reference))
