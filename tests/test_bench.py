@@ -52,6 +52,7 @@ def test_quick_bench_reports_every_section(quick_report):
 
     overhead = results["overhead"]
     assert_spread(overhead["ratio"], cfg["overhead"]["repeats"])
+    assert_spread(overhead["ratio_cpu"], cfg["overhead"]["repeats"])
     assert isinstance(overhead["met"], bool)
 
     memory = results["memory"]
