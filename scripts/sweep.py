@@ -515,12 +515,18 @@ def fmt_number(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _fmt_raw(value: Any, digits: int = 0) -> str:
+    return "" if value is None else str(value)
+
+
 def fmt_bytes(value: Any) -> str:
     return "" if value is None else f"{value / 2**20:.0f} MiB"
 
 
 def table_rows(records: list[dict[str, Any]], csv_values: bool = False) -> list[list[str]]:
+    """Rows of TABLE_COLUMNS: rounded for people, or (csv_values) full precision and raw bytes."""
     rows = []
+    fmt_number = _fmt_raw if csv_values else globals()["fmt_number"]
     for r in records:
         metric = r.get("eval_metric")
         metric_text = fmt_number(metric) if csv_values else (
@@ -563,9 +569,10 @@ def write_tables(out: Path, sweep: SweepConfig, records: list[dict[str, Any]]) -
     write_text_atomic(out / "results.md", text)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow([c if c != "peak memory" else "peak memory bytes" for c in TABLE_COLUMNS] + ["error"])
+    writer.writerow([c if c != "peak memory" else "peak memory bytes" for c in TABLE_COLUMNS]
+                    + ["eval metric name", "error"])
     for record, row in zip(records, table_rows(records, csv_values=True), strict=True):
-        writer.writerow(row + [record.get("error") or ""])
+        writer.writerow(row + [record.get("eval_metric_name") or "", record.get("error") or ""])
     write_text_atomic(out / "results.csv", buffer.getvalue())
     return table
 
