@@ -43,7 +43,7 @@ from accum.scaling import ScaledLR, scale_lr
 from accum.schedule import BatchSchedule, Change, Progress, SampleLR, schedule_from_config
 from accum.signals import Interrupted, StopRequest
 from accum.stats import AccumulationStats
-from accum.windows import epoch_order, layout_window, window_indices, windows_per_epoch
+from accum.windows import epoch_order, layout_window, windows_per_epoch
 from scripts import checkpoint as ckpt
 from scripts import data as data_lib
 
@@ -156,7 +156,8 @@ def lr_base_batch(config: RunConfig) -> int:
 
 def probe_length(config: RunConfig, model) -> int:
     """Tokens per probed sample: max_seq_len, the longest training can meet, within the model's positions."""
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    model_config = getattr(model, "module", model).config  # DDP-wrapped after prepare() on several ranks
+    limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
     return min(config.max_seq_len, limit) if limit else config.max_seq_len
 
 
