@@ -73,36 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_model(spec: str):
-    """A causal LM from a model directory, a config JSON file, inline JSON or a built-in name.
+    """A causal LM from a model directory (with weights), or random weights from a config JSON file,
+    inline JSON or a built-in name (parsed by accum.estimate.load_model_config, shared with `estimate`).
     Raises ConfigError when the spec is none of these."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    path = Path(spec)
-    if path.is_dir():
-        return AutoModelForCausalLM.from_pretrained(path)
-    if spec in BUILTIN_CONFIGS:
-        values = dict(BUILTIN_CONFIGS[spec])
-    elif path.is_file():
-        try:
-            values = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"--model {spec!r} is not a JSON config: {exc}") from None
-    elif spec.lstrip().startswith("{"):
-        try:
-            values = json.loads(spec)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--model {spec!r} is not valid JSON: {exc}") from None
-    else:
-        raise ConfigError(
-            f"--model {spec!r} is neither a model directory, a config JSON file nor one of "
-            f"{', '.join(BUILTIN_CONFIGS)}"
-        )
-    if not isinstance(values, dict) or "model_type" not in values:
-        raise ConfigError(f"--model {spec!r}: a config needs a 'model_type' key, e.g. \"gpt2\"")
-    values = dict(values)
-    model_type = values.pop("model_type")
+    from accum.estimate import load_model_config
+
+    if Path(spec).is_dir():
+        return AutoModelForCausalLM.from_pretrained(spec)
+    config = load_model_config(spec)
     try:
-        config = AutoConfig.for_model(model_type, **values)
         return AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"--model {spec!r}: cannot build a causal LM: {str(exc).splitlines()[0]}") from None
