@@ -17,7 +17,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 # Substrings of the messages that PyTorch, its backends and the C++ runtime use for "no memory".
-# CUDNN_STATUS_NOT_SUPPORTED is cuDNN's OOM in disguise (it fails to allocate a workspace).
+# CUDNN_STATUS_NOT_SUPPORTED is cuDNN's OOM in disguise (it fails to allocate a workspace), and
+# oneDNN's "could not create a primitive" is the CPU's: measured here with MiniLM under RLIMIT_AS,
+# where its scratch allocation fails (make bench's planner runs).
 OOM_MESSAGES = (
     "out of memory",  # CUDA, HIP, XPU, "CUDA error: out of memory", "MPS backend out of memory"
     "CUBLAS_STATUS_ALLOC_FAILED",
@@ -26,6 +28,7 @@ OOM_MESSAGES = (
     "std::bad_alloc",
     "PT_DEVMEM Allocation failed",  # HPU
     "Cannot allocate memory",  # ENOMEM surfacing through other C++ paths
+    "could not create a primitive",  # oneDNN (CPU matmul/linear) when its scratch allocation fails
 )
 
 _STATUS = Path("/proc/self/status")

@@ -19,6 +19,7 @@ OOM_ERRORS = [
     RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input."),
     RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes."),
     RuntimeError("std::bad_alloc"),
+    RuntimeError("could not create a primitive"),  # oneDNN under RLIMIT_AS
     RuntimeError("MPS backend out of memory (MPS allocated: 1.00 GB)"),
     RuntimeError("XPU out of memory. Tried to allocate 1.00 GiB"),
 ]
