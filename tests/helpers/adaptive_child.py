@@ -51,6 +51,16 @@ def main() -> int:
             return original(*args, **kwargs)
 
         train_mod.fetch_window = fetch_then_limit
+        original_eval = train_mod.run_eval
+
+        def lift_limit_then_eval(*args, **kwargs):
+            # Training is over: lift the cap before evaluation and teardown. Under it, a rank can hang
+            # while the process group shuts down (seen 1 run in 6), which is the harness, not recovery.
+            _, hard = resource.getrlimit(resource.RLIMIT_AS)
+            resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+            return original_eval(*args, **kwargs)
+
+        train_mod.run_eval = lift_limit_then_eval
     window = spec["batch"]
     data = growing_data(spec["samples"], window, spec["long_from_window"])
     config = run_config(spec["output_dir"], spec["batch"], spec["micro"], spec["accum"], spec["steps"],
