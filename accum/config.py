@@ -205,7 +205,8 @@ def _parse_cli_value(raw: str, annotation: Any) -> Any:
         try:
             return yaml.safe_load(raw)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{raw!r} is not a YAML mapping: {exc.problem}") from None
+            detail = getattr(exc, "problem", None) or str(exc).splitlines()[0]  # ReaderError has no .problem
+            raise ConfigError(f"{raw!r} is not a YAML mapping: {detail}") from None
     if bool in kinds and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
         return raw.lower() in ("true", "1", "yes")
     for kind in (int, float):

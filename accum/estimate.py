@@ -561,11 +561,14 @@ def _next_guess(lo: int, hi: int, limit: int, budget: int, measured: dict[int, i
     guess, interpolated = None, False
     if not bisect:
         # Interpolate between the nearest evaluated sizes on each side; with no failure yet,
-        # extrapolate from the two largest fits; with one point only, double.
+        # extrapolate from the two largest fits, and with no fit yet from the two smallest
+        # failures (a start far above the answer); with one point only, double or halve.
         if low_side and high_side:
             a, b = max(low_side), min(high_side)
         elif len(low_side) >= 2:
             a, b = sorted(low_side)[-2:]
+        elif len(high_side) >= 2:
+            a, b = sorted(high_side)[:2]
         else:
             a = b = None
         if a is not None and b is not None and measured[b] > measured[a]:

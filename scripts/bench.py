@@ -96,7 +96,12 @@ def quiet_transformers() -> None:
 
 def build_model(kind: str) -> torch.nn.Module:
     """A sequence classifier with dropout off (fp32): pretrained MiniLM, or a tiny BERT from a config."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        BertConfig,
+        BertForSequenceClassification,
+    )
 
     quiet_transformers()
     torch.manual_seed(0)
@@ -257,7 +262,6 @@ def bench_overhead(cfg: dict, workdir: Path) -> dict:
     micro, accum, steps = o["micro"], o["accum"], o["optimizer_steps"]
     base = build_model(kind)
     data = fixed_length_data(micro * accum * steps, o["seq_len"])
-    samples = micro * accum * steps
     plain_loop(copy.deepcopy(base), data, micro, accum, 1)  # warm-up: allocator, kernels, caches
     rates: dict[str, dict[str, list[float]]] = {arm: {"wall": [], "cpu": []} for arm in ("accum", "plain")}
     ratios: dict[str, list[float]] = {"wall": [], "cpu": []}
@@ -591,10 +595,10 @@ def bench_equivalence(cfg: dict, workdir: Path) -> dict:
         model, grads = copy.deepcopy(base), {}
         original = torch.optim.SGD.step
 
-        def step(optimizer, *args, **kwargs):
-            if "first" not in grads:
-                grads["first"] = [p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"]]
-            return original(optimizer, *args, **kwargs)
+        def step(optimizer, *args, _grads=grads, _original=original, **kwargs):
+            if "first" not in _grads:
+                _grads["first"] = [p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"]]
+            return _original(optimizer, *args, **kwargs)
 
         with mock.patch.object(torch.optim.SGD, "step", step):
             run_accum(model, data, micro, accum, steps, workdir, optimizer="sgd", lr=0.05, max_grad_norm=None)

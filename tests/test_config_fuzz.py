@@ -6,7 +6,7 @@ from __future__ import annotations
 import string
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from accum.config import ConfigError, RunConfig, load_yaml, make_config, parse_config
@@ -62,6 +62,7 @@ def test_arbitrary_file_contents_raise_only_config_error(tmp_path_factory, conte
 
 @FUZZ
 @given(st.sampled_from(KEYS), st.text(alphabet=string.printable, max_size=30))
+@example(key="accumulation_schedule", text="\x0c")  # found in CI: yaml's ReaderError has no .problem
 def test_any_flag_value_raises_only_config_error(key, text):
     try:
         parse_config(["--model", "x", "--" + key.replace("_", "-"), text])

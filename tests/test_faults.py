@@ -18,7 +18,14 @@ import torch
 import scripts.train as train_module
 from scripts import checkpoint as ckpt
 from tests.helpers.fault_common import (
-    TINY, check_complete, final_weights, identical, in_child, kill_self, run_main, weights,
+    TINY,
+    check_complete,
+    final_weights,
+    identical,
+    in_child,
+    kill_self,
+    run_main,
+    weights,
 )
 
 SAVE = ["--save-every", "3", "--keep-checkpoints", "2"]  # saves at 3, 6, 9 and 10 (the end)

@@ -41,7 +41,7 @@ def test_scheduled_run_equals_two_manual_runs_stitched_at_the_change_and_resumes
     records = step_records(scheduled)
     assert [r["effective_batch_size"] for r in records] == [4] * 4 + [8] * 3
     micro_steps = [0] + [r["micro_step"] for r in records]
-    assert [b - a for a, b in zip(micro_steps, micro_steps[1:])] == [r["gradient_accumulation_steps"] for r in records]
+    assert [b - a for a, b in zip(micro_steps, micro_steps[1:], strict=False)] == [r["gradient_accumulation_steps"] for r in records]
     (change,) = adjustments(scheduled)
     assert (change["optimizer_step"], change["samples_seen"]) == (4, 16)
     assert (change["old_accumulation_steps"], change["new_accumulation_steps"]) == (2, 4)
@@ -83,7 +83,7 @@ def test_ramp_and_noise_driven_runs_change_only_at_windows_within_bounds(tmp_pat
     assert batches == sorted(batches) and batches[0] == 4 and batches[-1] == 12
     assert all(b % 2 == 0 for b in batches)
     assert json.loads((ramp / "metrics.json").read_text())["effective_batch_size"] == 12
-    assert sum(r["samples_seen"] - p["samples_seen"] for p, r in zip([{"samples_seen": 0}] + records, records)) == 60
+    assert sum(r["samples_seen"] - p["samples_seen"] for p, r in zip([{"samples_seen": 0}] + records, records, strict=False)) == 60
 
     noise = tmp_path / "noise"
     run_ok(COMMON + ["--adaptive-batch", "noise", "--adaptive-batch-min", "4", "--adaptive-batch-max", "16",
@@ -91,7 +91,7 @@ def test_ramp_and_noise_driven_runs_change_only_at_windows_within_bounds(tmp_pat
     changes = adjustments(noise)
     records = step_records(noise)
     assert all(r["noise_b_simple"] is None for r in records[:9])  # the tracker needs 10 windows first
-    for before, after in zip(changes, changes[1:]):
+    for before, after in zip(changes, changes[1:], strict=False):
         assert after["optimizer_step"] - before["optimizer_step"] >= 2
     for change in changes:
         assert 4 <= change["old_effective_batch_size"] < change["new_effective_batch_size"] <= 16
