@@ -33,7 +33,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 train: install
-	$(VENV)/bin/accelerate launch --config_file $(ACCEL_CONFIG) scripts/train.py --config $(TRAIN_CONFIG)
+	$(PY) -m accum launch --config_file $(ACCEL_CONFIG) scripts/train.py --config $(TRAIN_CONFIG)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

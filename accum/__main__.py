@@ -4,6 +4,8 @@
     python -m accum plan --model gpt2-tiny --seq-len 128 --batch-size 256 --json
     python -m accum estimate ...      (accum/estimate.py; plans without running anything)
     python -m accum recommend --run runs/clm_tiny   (a batch near the measured noise scale)
+    python -m accum launch --config_file accelerate_configs/cpu.yaml scripts/train.py --config ...
+                                      (`accelerate launch`, configs checked first, exit codes kept)
 
 Bad input prints one line on stderr and exits with code 2.
 """
@@ -69,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--lr-scaling", default=None, help="none | linear | sqrt (default: the run's rule, else sqrt)")
     recommend.add_argument("--rounding", default="multiple", help="multiple (of micro x processes) | power_of_two")
     recommend.add_argument("--json", action="store_true", help="print the recommendation as JSON")
+    # Listed for --help; `launch` takes accelerate launch's arguments and is dispatched before parsing.
+    commands.add_parser("launch", add_help=False,
+                        help="accelerate launch with the configs checked first and the script's exit code kept")
     return parser
 
 
@@ -220,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "estimate":
             return run_estimate(argv[1:])
+        if argv and argv[0] == "launch":
+            from accum.launch import launch_main
+
+            return launch_main(argv[1:])
         if not argv or argv[0] in ("-h", "--help"):
             build_parser().print_help()
             return 0 if argv else 2

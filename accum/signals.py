@@ -4,7 +4,9 @@ The handler only records the signal; the training loop asks `StopRequest.agreed(
 between optimizer steps, so the step in flight finishes and the state saved is a
 whole one. With several ranks a signal may reach one rank only, or reach them at
 different steps: `agreed()` all-reduces the flag (one int, max over ranks), so every
-rank stops after the same optimizer step. A second signal stops at once.
+rank stops after the same optimizer step. A second signal stops at once, unless it comes within
+`duplicate_window_s` of the first: Ctrl-C reaches every process of the terminal's process group and
+launchers pass it on as well, so one request often arrives twice in a few milliseconds.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 import torch
@@ -37,9 +40,12 @@ class StopRequest:
     previous ones come back on exit.
     """
 
+    duplicate_window_s = 1.0
+
     def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
         self.signals = signals
         self.signum: int | None = None
+        self._received_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -57,13 +63,15 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signum is not None:  # asked twice: stop now, the way the process would have without us
-            self.restore()
+        if self.signum is not None:
+            if time.monotonic() - self._received_at < self.duplicate_window_s:
+                return  # the same request delivered twice (process group and launcher)
+            self.restore()  # asked twice: stop now, the way the process would have without us
             signal.raise_signal(signum)
             return
-        self.signum = signum
+        self.signum, self._received_at = signum, time.monotonic()
         print(f"received {signal.Signals(signum).name}: stopping after this optimizer step and saving a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+              "(send it again, a second or more later, to stop at once)", file=sys.stderr, flush=True)
 
     def agreed(self, accelerator) -> int | None:
         """The signal any rank received (the same answer on every rank), or None to go on.

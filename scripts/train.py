@@ -634,6 +634,31 @@ def final_metrics(stats: AccumulationStats, plan: Plan, eval_metrics: dict, trai
     return summary
 
 
+def noise_summary(run: Run) -> dict[str, Any]:
+    """The smoothed noise-scale estimates for metrics.json, B_simple also in samples: the tracker works
+    in loss items, which are tokens under token-weighted normalisation."""
+    summary = run.noise.tracker.as_dict()
+    tokens = run.config.resolved_loss_normalization() == "tokens"
+    per_sample = run.stats.tokens_seen / run.stats.samples_seen if tokens and run.stats.samples_seen else 1.0
+    b_simple = summary["noise_b_simple"]
+    summary.update(noise_items="tokens" if tokens else "samples", noise_method=run.noise.method,
+                   noise_b_simple_samples=None if b_simple is None else b_simple / per_sample)
+    return summary
+
+
+def describe_noise(metrics: dict[str, Any]) -> str:
+    """The final noise-scale line: B_simple against the effective batch trained with, or why it is unknown."""
+    b_simple = metrics.get("noise_b_simple")
+    if metrics.get("noise_method") is None:
+        return "noise scale: not measured (one process with accumulation 1; see the note at the start)"
+    if b_simple is None:
+        return (f"noise scale: not known after {metrics['noise_updates']} measured steps (needs 10, and a "
+                "positive |G|^2 estimate): train longer, or with accumulation >= 2")
+    in_samples = "" if metrics["noise_items"] == "samples" else f" = {metrics['noise_b_simple_samples']:.1f} samples"
+    return (f"noise scale: B_simple {b_simple:.0f} {metrics['noise_items']}{in_samples} after {metrics['noise_updates']} steps (effective batch {metrics['effective_batch_size']}); "
+            "`python -m accum recommend --run <output_dir>` suggests a batch")
+
+
 @dataclass
 class Run:
     """What the loop needs, built once by `setup`."""
@@ -953,6 +978,9 @@ def train_until_done(config: RunConfig, model, train_data, eval_data, cli_keys: 
     save(run, position)
     eval_metrics = run_eval(run) if run.eval_data else {}
     metrics = final_metrics(run.stats, run.plan, eval_metrics, train_seconds, run.lr)
+    if run.noise is not None:
+        metrics.update(noise_summary(run))
+        accelerator.print(describe_noise(metrics))
     if accelerator.is_main_process:
         write_json_atomic(run.out / "metrics.json", metrics)
     accelerator.print("final: " + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))

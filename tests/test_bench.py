@@ -47,13 +47,18 @@ def test_quick_bench_reports_every_section(quick_report):
         assert report["versions"][key]
     assert report["machine"]["cores"] >= 1 and report["machine"]["memory_gib"] > 0 and report["machine"]["cpu"]
     results = report["results"]
-    assert set(results) == {"overhead", "memory", "planner", "trainer", "equivalence"}
+    assert set(results) == {"overhead", "noise", "memory", "planner", "trainer", "equivalence"}
     assert not [name for name, section in results.items() if "error" in section]
 
     overhead = results["overhead"]
     assert_spread(overhead["ratio"], cfg["overhead"]["repeats"])
     assert_spread(overhead["ratio_cpu"], cfg["overhead"]["repeats"])
     assert isinstance(overhead["met"], bool)
+
+    noise = results["noise"]
+    assert_spread(noise["ratio"], cfg["noise"]["repeats"])
+    assert_spread(noise["ratio_cpu"], cfg["noise"]["repeats"])
+    assert isinstance(noise["met"], bool)
 
     memory = results["memory"]
     for key in ("peak_ratio_accum_vs_m", "peak_ratio_accum_vs_big", "growth_ratio_accum_vs_m"):
@@ -84,6 +89,6 @@ def test_quick_bench_reports_every_section(quick_report):
     assert equivalence["largest"] <= 1e-5
 
     assert "| figure | measured | aim | met |" in markdown
-    for phrase in ("overhead", "memory: peak", "planner from 1", "find_executable_batch_size from",
+    for phrase in ("overhead", "noise scale cost", "memory: peak", "planner from 1", "find_executable_batch_size from",
                    "Trainer default", "equivalence", report["versions"]["torch"]):
         assert phrase in markdown

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import scripts.train as train_module
+from accum.signals import StopRequest
 from scripts import checkpoint as ckpt
 from tests.helpers.fault_common import (
     TINY,
@@ -94,14 +95,25 @@ def test_signal_finishes_the_step_saves_and_resume_is_identical(tmp_path, monkey
     resume_and_compare(out, reference)
 
 
-def test_a_second_signal_stops_at_once(tmp_path, monkeypatch):
-    def twice(signum):
-        def send(loss):
-            os.kill(os.getpid(), signum)
-            os.kill(os.getpid(), signum)
-            return loss
-        return send
+def twice(signum):
+    def send(loss):
+        os.kill(os.getpid(), signum)
+        os.kill(os.getpid(), signum)
+        return loss
+    return send
 
+
+def test_one_signal_delivered_twice_at_once_is_one_request(tmp_path, monkeypatch):
+    """Ctrl-C reaches the rank from the terminal and again from its launcher, milliseconds apart."""
+    out = tmp_path / "run"
+    on_call(monkeypatch, {3}, twice(signal.SIGINT))
+    code, err = run_main(TINY + ["--output-dir", str(out), *SAVE])
+    assert code == 128 + signal.SIGINT and len(err) == 1 and "stopped by SIGINT after optimizer step 2;" in err[0], err
+    assert check_complete(ckpt.list_checkpoints(out)[-1]) == 2
+
+
+def test_a_second_signal_stops_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(StopRequest, "duplicate_window_s", 0.0)  # the second one counts as a second request
     on_call(monkeypatch, {3}, twice(signal.SIGINT))
     with pytest.raises(KeyboardInterrupt):
         run_main(TINY + ["--output-dir", str(tmp_path / "int")])

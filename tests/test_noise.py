@@ -283,3 +283,35 @@ def test_local_gradient_norm_hook_on_two_ranks(tmp_path):
     data = json.loads(result.read_text())
     assert data["grads_match"], "the hook must all-reduce like DDP's default (mean over ranks)"
     assert data["measured"] == pytest.approx(data["expected"], rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- through train.py
+
+
+def test_noise_scale_in_train_changes_no_weight_and_reports_b_simple(tmp_path):
+    """--noise-scale reads the gradients accumulation computes anyway: the run's weights are
+    bit-identical to a run without it, and B_simple lands in metrics.jsonl and metrics.json."""
+    from tests.helpers.fault_common import TINY, final_weights, identical, run_main
+
+    flags = TINY + ["--max-steps", "12"]
+    assert run_main(flags + ["--output-dir", str(tmp_path / "off")]) == (0, [])
+    assert run_main(flags + ["--output-dir", str(tmp_path / "on"), "--noise-scale"]) == (0, [])
+    assert identical(final_weights(tmp_path / "on"), final_weights(tmp_path / "off"))
+    metrics = json.loads((tmp_path / "on" / "metrics.json").read_text())
+    assert metrics["noise_method"] == "micro_batches" and metrics["noise_updates"] == 12
+    assert metrics["noise_items"] == "tokens"  # CLM: the loss is a mean over tokens
+    steps = [json.loads(line) for line in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
+    assert [s["noise_b_simple"] is not None for s in steps] == [False] * 9 + [True] * 3  # 10 updates first
+    assert metrics["noise_b_simple"] == steps[-1]["noise_b_simple"] > 0
+    assert metrics["noise_b_simple_samples"] < metrics["noise_b_simple"]  # tokens -> samples
+    assert "noise_b_simple" not in json.loads((tmp_path / "off" / "metrics.json").read_text())
+
+
+def test_noise_scale_with_nothing_to_compare_says_so_and_trains(tmp_path, capsys):
+    from tests.helpers.fault_common import TINY, run_main
+
+    flags = TINY + ["--max-steps", "2", "--grad-accum-steps", "1", "--micro-batch-size", "4", "--noise-scale"]
+    assert run_main(flags + ["--output-dir", str(tmp_path / "run")]) == (0, [])
+    out = capsys.readouterr()
+    assert "one process with accumulation 1 has no smaller batch" in out.out + out.err
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["noise_method"] is None

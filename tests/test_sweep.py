@@ -179,7 +179,7 @@ def test_a_failing_grid_point_is_recorded_and_the_others_complete(tmp_path, caps
     ok = records["public_domain.txt", 1e-3]
     assert ok["status"] == "ok" and ok["final_loss"] > 0 and ok["optimizer_steps"] == 2
     failed = records["missing.txt", 1e-3]
-    assert failed["status"] == "failed" and failed["returncode"] != 0  # the launcher exits 1 for a child's 2
+    assert failed["status"] == "failed" and failed["returncode"] == 2  # train.py's own code: python -m accum launch
     # train.py's own one line, not the launcher's traceback
     assert failed["error"].startswith("train_file 'data/tiny/missing.txt' does not exist"), failed["error"]
     # A value the schema rejects never starts a process: it is recorded with the schema's one line.
@@ -204,3 +204,52 @@ def test_every_sweep_config_in_configs_plans_without_errors():
         specs = sweep_lib.plan_runs(sweep_lib.load_sweep(path))
         assert specs and all(spec.error is None for spec in specs), [(s.name, s.error) for s in specs if s.error]
         assert os.path.isfile(ROOT / yaml.safe_load(path.read_text())["accelerate_config"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["SIGKILL to the sweep", "Ctrl-C"])
+def test_a_sweep_stopped_mid_run_restarts_only_the_unfinished_runs(tmp_path, capsys, stop):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    path = write_sweep(tmp_path, kind="grid", axes={"lr": [1e-3, 2e-3, 3e-3]},
+                       base={"overrides": dict(TINY_CLM, batch_size=4, micro_batch_size=2, grad_accum_steps=2,
+                                               max_steps=40)})
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    sweep = subprocess.Popen([sys.executable, "scripts/sweep.py", "--config", str(path)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    second = None
+    while time.time() < deadline and sweep.poll() is None:
+        lines = (out / "results.jsonl").read_text().splitlines() if (out / "results.jsonl").exists() else []
+        started = [p for p in out.glob("*/train.log") if not (p.parent / "metrics.json").exists()]
+        if len(lines) == 1 and started and (started[0].parent / "config.json").exists():
+            second = started[0].parent  # the second run is training now
+            break
+        time.sleep(0.1)
+    assert second is not None and sweep.poll() is None, sweep.communicate()[1][-3000:]
+    running = psutil.Process(sweep.pid).children(recursive=True)
+    if stop == "SIGKILL to the sweep":
+        sweep.kill()  # no handler runs; the run learns of it through PR_SET_PDEATHSIG
+    else:
+        os.killpg(sweep.pid, signal.SIGINT)
+    _, stderr = sweep.communicate(timeout=120)
+    _, alive = psutil.wait_procs(running, timeout=120)
+    assert not alive, "a run outlived its sweep"
+    if stop == "Ctrl-C":
+        assert sweep.returncode == 130 and "the same command resumes" in stderr, stderr[-2000:]
+    first = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    stamp = (out / first["run"] / "metrics.json").stat().st_mtime_ns
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1  # the stopped run was not recorded
+
+    assert main(["--config", str(path)]) == 0
+    assert "3 runs, 1 already recorded" in capsys.readouterr().out
+    records = results(tmp_path)
+    assert sorted(r["run"] for r in records) == sorted({r["run"] for r in records}) and len(records) == 3
+    assert all(r["status"] == "ok" and r["optimizer_steps"] == 40 for r in records), records
+    assert (out / first["run"] / "metrics.json").stat().st_mtime_ns == stamp  # the finished run was not re-trained
