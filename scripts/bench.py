@@ -1,13 +1,14 @@
 """`make bench`: accum measured side by side with a plain PyTorch loop, Accelerate's batch-size helper
 and Hugging Face Trainer, in one run, on this machine.
 
-    python scripts/bench.py                      # full run, about 15 minutes on a 2-core CPU
+    python scripts/bench.py                      # full run, about 11 minutes on a 2-core CPU
     python scripts/bench.py --quick              # 1-2 minutes, a tiny model (what tests/test_bench.py runs)
     python scripts/bench.py --only overhead,memory --out /tmp/bench
 
 Every figure is a ratio of two things measured in this run, repeated, with the spread of the
 repeats: (1) overhead: train() at (micro m, accum N) against a plain PyTorch loop doing the same
-micro-batches and optimizer steps, repeats interleaved A B B A so drift cancels; (2) memory: peak
+micro-batches and optimizer steps, repeats interleaved A B B A so drift cancels; (1b) noise: train()
+with --noise-scale against train() without it, interleaved the same way; (2) memory: peak
 resident memory of a window at (m, 8) against (m, 1) and (8m, 1), each in a fresh child process with
 MALLOC_MMAP_THRESHOLD_=65536; (3) planner: probes, seconds and size found against brute force and
 against accelerate.utils.find_executable_batch_size, each in a fresh child process under the same
@@ -59,7 +60,7 @@ STATUS = Path("/proc/self/status")
 FULL = {
     "model": "minilm", "threads": 1,
     "overhead": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 5, "repeats": 4},
-    "noise": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 5, "repeats": 4},
+    "noise": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 8, "repeats": 6},
     "memory": {"micro": 8, "accum": 8, "seq_len": 64, "repeats": 2},
     "planner": {"budget_mib": 256, "febs_start": 512, "cache_target": 64},
     "trainer": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 6, "repeats": 2, "lr": 1e-4},
@@ -705,18 +706,15 @@ def yes_no(flag: bool | None) -> str:
 def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
     """(figure, measured, aim, met) for the headline table."""
     rows = []
-    o = results.get("overhead")
-    if o and "ratio" in o:
-        rows.append((f"overhead: train() at {o['micro']}x{o['accum']} / plain PyTorch loop, samples per wall second",
-                     fmt_spread(o["ratio"]), o["aim"], yes_no(o["met"])))
-        rows.append((f"overhead: train() at {o['micro']}x{o['accum']} / plain PyTorch loop, samples per CPU second",
-                     fmt_spread(o["ratio_cpu"]), o["aim"], yes_no(o["met_cpu"])))
-    n = results.get("noise")
-    if n and "ratio" in n:
-        rows.append((f"noise scale cost: train() --noise-scale / without, {n['micro']}x{n['accum']}, samples per wall second",
-                     fmt_spread(n["ratio"]), n["aim"], yes_no(n["met"])))
-        rows.append((f"noise scale cost: train() --noise-scale / without, {n['micro']}x{n['accum']}, samples per CPU second",
-                     fmt_spread(n["ratio_cpu"]), n["aim"], yes_no(n["met_cpu"])))
+    for name, label in (("overhead", "overhead: train() at {}x{} / plain PyTorch loop"),
+                        ("noise", "noise scale cost: train() --noise-scale / without, {}x{}")):
+        section = results.get(name)
+        if section and "ratio" in section:
+            figure = label.format(section["micro"], section["accum"])
+            rows.append((f"{figure}, samples per wall second", fmt_spread(section["ratio"]), section["aim"],
+                         yes_no(section["met"])))
+            rows.append((f"{figure}, samples per CPU second", fmt_spread(section["ratio_cpu"]), section["aim"],
+                         yes_no(section["met_cpu"])))
     m = results.get("memory")
     if m and "peak_ratio_accum_vs_m" in m:
         n = m["accum"]

@@ -72,3 +72,24 @@ def test_any_flag_value_raises_only_config_error(key, text):
     except SystemExit as exc:  # argparse itself: usage and one error line, exit 2 (e.g. a value starting with -)
         # or, when the "value" is itself an option such as -h after a flag whose value is optional, help: exit 0
         assert exc.code == 2 or (exc.code == 0 and text.startswith("-")), (key, text, exc.code)
+
+
+ACCELERATE_KEYS = ["compute_environment", "distributed_type", "mixed_precision", "use_cpu", "num_processes",
+                   "num_machines", "machine_rank", "main_process_port", "gpu_ids", "fsdp_config", "deepspeed_config",
+                   "downcast_bf16", "enable_cpu_affinity", "same_network", "rdzv_backend", "tpu_env"]
+accelerate_values = values | st.sampled_from(["NO", "MULTI_GPU", "MULTI_CPU", "FSDP", "LOCAL_MACHINE",
+                                              "AMAZON_SAGEMAKER", "fp16", "bf16", "no", "all"])
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(ACCELERATE_KEYS) | keys, accelerate_values, max_size=6))
+@example(raw={"compute_environment": "AMAZON_SAGEMAKER", "distributed_type": "NO"})  # needs its own keys
+def test_accelerate_config_check_raises_only_config_error(tmp_path_factory, raw):
+    from accum.launch import check_accelerate_config
+
+    path = tmp_path_factory.mktemp("fuzz") / "accelerate.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    try:
+        check_accelerate_config(path)
+    except ConfigError as exc:
+        one_line(exc)
