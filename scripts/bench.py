@@ -498,10 +498,24 @@ class GradientRecorder:
             yield self
 
 
+def in_accum_order(data: list[dict], seed: int = 3) -> list[dict]:
+    """`data` in the order train() draws its first epoch (accum.windows.epoch_order), so a Trainer that
+    reads it sequentially sees the same micro-batches, padded to the same lengths."""
+    from accum.windows import epoch_order
+
+    return [data[i] for i in epoch_order(len(data), seed, 0)]
+
+
 def run_trainer(model, data, micro: int, accum: int, steps: int, lr: float, workdir: Path, fair: bool,
-                max_grad_norm: float = 1.0) -> dict:
-    """Hugging Face Trainer, offline, same optimizer (torch AdamW), schedule and clipping as train()."""
+                max_grad_norm: float = 1.0, sequential: bool = False) -> dict:
+    """Hugging Face Trainer, offline, same optimizer (torch AdamW), schedule and clipping as train().
+    sequential: read `data` in its order instead of Trainer's own shuffle (pass it in_accum_order)."""
+    from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainingArguments
+
+    class InOrderTrainer(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
 
     out = Path(tempfile.mkdtemp(dir=workdir, prefix="trainer-"))
     args = TrainingArguments(
@@ -509,7 +523,8 @@ def run_trainer(model, data, micro: int, accum: int, steps: int, lr: float, work
         max_steps=steps, learning_rate=lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=max_grad_norm, optim="adamw_torch", logging_steps=1, report_to="none", save_strategy="no",
         eval_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=3)
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate_fn())
+    trainer = (InOrderTrainer if sequential else Trainer)(model=model, args=args, train_dataset=data,
+                                                          data_collator=collate_fn())
     if fair:
         # Sequence-classification heads take **kwargs but do not normalise by num_items_in_batch:
         # without this, Trainer 5.x applies accumulation-steps times the gradient (transformers #47688).
@@ -573,6 +588,7 @@ def bench_trainer(cfg: dict, workdir: Path) -> dict:
     base = build_model(cfg["model"])
     data = tweet_data(micro * accum * steps, t["seq_len"])
     scale = gradient_scale(base, data[: micro * accum], micro, accum, workdir)
+    trainer_data = in_accum_order(data)  # the same micro-batches in the same order as train()
     runs: dict[str, list] = {"accum": [], "trainer": []}
     ratios_loop, ratios_wall, ratios_cpu = [], [], []
     for repeat in range(t["repeats"]):
@@ -587,7 +603,7 @@ def bench_trainer(cfg: dict, workdir: Path) -> dict:
                              "cpu_seconds": time.process_time() - cpu,
                              "final_loss": metrics["final_loss"], "optimizer_steps": metrics["optimizer_step"]}
             else:
-                result = run_trainer(model, data, micro, accum, steps, lr, workdir, fair=True)
+                result = run_trainer(model, trainer_data, micro, accum, steps, lr, workdir, fair=True, sequential=True)
                 this[arm] = {"wall_seconds": result["wall_seconds"], "loop_seconds": result["train_runtime"],
                              "cpu_seconds": result["cpu_seconds"],
                              "final_loss": result["losses"][-1], "optimizer_steps": result["optimizer_steps"],
@@ -600,6 +616,7 @@ def bench_trainer(cfg: dict, workdir: Path) -> dict:
             f"final loss accum {this['accum']['final_loss']:.4f} Trainer {this['trainer']['final_loss']:.4f}")
     return {"micro": micro, "accum": accum, "seq_len": t["seq_len"], "optimizer_steps": steps, "lr": lr,
             "samples": len(data), "gradient_scale": scale, "runs": runs,
+            "data_order": "the same: Trainer reads train()'s epoch order sequentially",
             "ratio_loop": spread(ratios_loop), "ratio_wall": spread(ratios_wall), "ratio_cpu": spread(ratios_cpu),
             "final_loss_accum": spread([r["final_loss"] for r in runs["accum"]]),
             "final_loss_trainer": spread([r["final_loss"] for r in runs["trainer"]]),
