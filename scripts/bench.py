@@ -63,7 +63,7 @@ FULL = {
     "noise": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 8, "repeats": 6},
     "memory": {"micro": 8, "accum": 8, "seq_len": 64, "repeats": 2},
     "planner": {"budget_mib": 256, "febs_start": 512, "cache_target": 64},
-    "trainer": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 6, "repeats": 2, "lr": 1e-4},
+    "trainer": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 6, "repeats": 4, "lr": 1e-4},
     "equivalence": {"samples": 28, "micro_total": 8},
 }
 QUICK = {

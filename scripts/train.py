@@ -178,7 +178,9 @@ def plan_eval_batch_size(config: RunConfig, model, train_ds, eval_ds, collate, p
 
     if config.eval_batch_size != "auto":
         return config.eval_batch_size
-    per_process = math.ceil(len(eval_ds) / state.num_processes) if eval_ds else 1
+    if not eval_ds:  # nothing to evaluate: no probes (they cost as much as a training step or two)
+        return plan.micro_batch_size
+    per_process = math.ceil(len(eval_ds) / state.num_processes)
     limit = max(1, min(8 * plan.micro_batch_size, per_process))
     start = min(plan.micro_batch_size, limit)
     result = plan_eval_batch(model, probe_batch_maker(config, model, train_ds, collate, state.device), limit=limit,
