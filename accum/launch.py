@@ -274,8 +274,11 @@ def wait_for_children() -> None:
 
 
 class RepeatedErrorFilter:
-    """Passes a byte stream on as it comes (progress bars included) but for an `error: ` line already
-    passed: every rank of a run prints the same one, and it is shown once."""
+    """Passes a byte stream on as it comes (progress bars included) but for an `error: ...` line
+    already passed: every rank of a run prints the same one, and it is shown once. The error may
+    follow a progress bar on the same line (tqdm leaves the cursor after the bar)."""
+
+    MARK = b"error: "
 
     def __init__(self, write: Callable[[bytes], Any]):
         self._write = write
@@ -291,21 +294,39 @@ class RepeatedErrorFilter:
             self._line(line, sent)
             sent = 0
         self._sent = sent
-        if self._partial and not b"error: ".startswith(self._partial[:7]):  # hold what may be an error line
-            self._write(self._partial[self._sent:])
-            self._sent = len(self._partial)
+        safe = self._safe_end(self._partial)
+        if safe > self._sent:  # pass on what cannot be part of an error line yet
+            self._write(self._partial[self._sent:safe])
+            self._sent = safe
 
     def close(self) -> None:
         if self._partial:
             self._line(self._partial, self._sent)
         self._partial, self._sent = b"", 0
 
+    @classmethod
+    def _safe_end(cls, partial: bytes) -> int:
+        """How much of an unfinished line can go out now: up to an `error: ` in it, or to a tail
+        that may be the start of one."""
+        found = partial.find(cls.MARK)
+        if found >= 0:
+            return found
+        for size in range(min(len(cls.MARK), len(partial)), 0, -1):
+            if partial.endswith(cls.MARK[:size]):
+                return len(partial) - size
+        return len(partial)
+
     def _line(self, line: bytes, already_sent: int) -> None:
-        if line.startswith(b"error: "):
-            if line.strip() in self._errors_seen:
-                return
-            self._errors_seen.add(line.strip())
-        self._write(line[already_sent:])
+        found = line.find(self.MARK, already_sent)
+        if found < 0:
+            self._write(line[already_sent:])
+            return
+        self._write(line[already_sent:found])
+        error = line[found:]
+        if error.strip() in self._errors_seen:
+            return
+        self._errors_seen.add(error.strip())
+        self._write(error)
 
 
 @contextlib.contextmanager
@@ -380,6 +401,15 @@ def cpu_thread_args(args: Any, data: dict[str, Any]) -> list[str]:
     return ["--num_cpu_threads_per_process", str(max(cores // max(processes // machines, 1), 1))]
 
 
+def one_line_errors(parser):
+    """accelerate's parser, but a usage error is one line (ConfigError, exit 2) rather than usage text."""
+    def error(message: str):
+        raise ConfigError(f"python -m accum launch: {message}; see python -m accum launch --help")
+
+    parser.error = error
+    return parser
+
+
 def launch_main(argv: list[str]) -> int:
     """Entry of `python -m accum launch ...`: check, then run accelerate launch with the same arguments."""
     from accelerate.commands.launch import launch_command_parser
@@ -389,7 +419,7 @@ def launch_main(argv: list[str]) -> int:
         print("\naccelerate launch's own arguments:")
         launch_command_parser().print_help()
         return 0
-    args = launch_command_parser().parse_args(argv)
+    args = one_line_errors(launch_command_parser()).parse_args(argv)
     data = check_accelerate_config(args.config_file)
     script = args.training_script
     if not args.module and not args.no_python and not os.path.isfile(script):

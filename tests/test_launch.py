@@ -53,6 +53,17 @@ def test_a_malformed_accelerate_config_is_one_line_naming_the_key(tmp_path, case
     assert expected in message and "\n" not in message and str(path) in message, message
 
 
+def test_launch_usage_errors_are_one_line(capsys):
+    from accum.__main__ import main
+
+    assert main(["launch", "--config_file", "accelerate_configs/cpu.yaml"]) == 2  # no script
+    assert main(["launch", "--num_processes", "two", "scripts/train.py"]) == 2
+    assert main(["launch", "--config_file", "accelerate_configs/cpu.yaml", "scripts/nope.py"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), lines
+    assert "training_script" in lines[0] and "'two'" in lines[1] and "scripts/nope.py" in lines[2]
+
+
 def test_a_missing_accelerate_config(tmp_path):
     with pytest.raises(ConfigError, match="does not exist: check --config_file"):
         check_accelerate_config(tmp_path / "nope.yaml")
@@ -74,6 +85,17 @@ def test_repeated_error_lines_are_shown_once_and_progress_passes_at_once():
     stream.feed(b"or: another\nlast")
     stream.close()
     assert b"".join(out) == b"\r 10%|#   |\r 20%|##  |\nerror: bad value; fix it\nerror: another\nlast"
+
+
+def test_an_error_after_a_progress_bar_on_the_same_line_is_shown_once():
+    out: list[bytes] = []
+    stream = RepeatedErrorFilter(out.append)
+    for _ in range(2):  # two ranks, each with its bar still on the line
+        stream.feed(b"\rsteps:  0%| 5/100 [00:00]")
+        stream.feed(b"error: stopped by SIGINT after optimizer step 6\n")
+    stream.close()
+    assert b"".join(out) == (b"\rsteps:  0%| 5/100 [00:00]error: stopped by SIGINT after optimizer step 6\n"
+                             b"\rsteps:  0%| 5/100 [00:00]")
 
 
 def test_the_scripts_exit_code_comes_back_and_only_unexplained_exits_get_a_line():
@@ -131,14 +153,16 @@ def test_two_ranks_refusing_the_same_input_print_one_line(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("who", ["the launcher", "the process group"])
-def test_ctrl_c_reaches_the_script_which_saves_and_exits_130(tmp_path, who):
+@pytest.mark.parametrize("setup,who", [("cpu", "the launcher"), ("cpu", "the process group"),
+                                       ("multi_cpu_2proc", "the process group")])
+def test_ctrl_c_reaches_the_script_which_saves_and_exits_130(tmp_path, setup, who):
     from scripts import checkpoint as ckpt
     from tests.helpers.fault_common import check_complete
 
     out = tmp_path / "run"
-    process = launch(["--config_file", "accelerate_configs/cpu.yaml", "scripts/train.py", *TINY, "--max-steps", "100000",
-                      "--save-every", "5", "--output-dir", str(out)], start_new_session=True)
+    split = ["--grad-accum-steps", "1"] if setup == "multi_cpu_2proc" else []  # 4 = 2 micro x 1 x 2 ranks
+    process = launch(["--config_file", f"accelerate_configs/{setup}.yaml", "scripts/train.py", *TINY, *split,
+                      "--max-steps", "100000", "--save-every", "5", "--output-dir", str(out)], start_new_session=True)
     deadline = time.time() + 120
     while not (out / "checkpoints" / "step-00000005").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -150,7 +174,7 @@ def test_ctrl_c_reaches_the_script_which_saves_and_exits_130(tmp_path, who):
     _, stderr = process.communicate(timeout=120)
     errors = [line for line in stderr.splitlines() if "error:" in line]
     assert process.returncode == 130, stderr[-3000:]
-    assert len(errors) == 1 and "stopped by SIGINT after optimizer step" in errors[0], stderr[-3000:]
+    assert len(errors) == 1 and "stopped by SIGINT after optimizer step" in errors[0], stderr[-3000:]  # every rank: once
     assert "Traceback" not in stderr
     step = int(errors[0].split("after optimizer step ")[1].split(";")[0])
     assert check_complete(ckpt.list_checkpoints(out)[-1]) == step
