@@ -178,3 +178,22 @@ def test_ctrl_c_reaches_the_script_which_saves_and_exits_130(tmp_path, setup, wh
     assert "Traceback" not in stderr
     step = int(errors[0].split("after optimizer step ")[1].split(";")[0])
     assert check_complete(ckpt.list_checkpoints(out)[-1]) == step
+
+
+def test_cpu_threads_are_what_accelerate_would_pick_and_only_on_cpu(monkeypatch):
+    from types import SimpleNamespace
+
+    import psutil
+
+    from accum.launch import cpu_thread_args
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 8)
+    args = SimpleNamespace(num_cpu_threads_per_process=None, cpu=False, num_processes=None, num_machines=None)
+    assert cpu_thread_args(args, {"use_cpu": True, "num_processes": 2}) == ["--num_cpu_threads_per_process", "4"]
+    assert cpu_thread_args(args, {"use_cpu": True, "num_processes": 16}) == ["--num_cpu_threads_per_process", "1"]
+    assert cpu_thread_args(args, {"use_cpu": True}) == ["--num_cpu_threads_per_process", "8"]
+    assert cpu_thread_args(args, {"distributed_type": "MULTI_GPU"}) == []  # a GPU config: accelerate's choice
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_thread_args(args, {"use_cpu": True}) == []  # the user's own setting wins
