@@ -71,7 +71,7 @@ def check_accelerate_config(path: str | Path | None) -> dict[str, Any]:
         hint = f"did you mean {close[0]!r}?" if close else "remove it, or upgrade accelerate if it is a newer key"
         raise ConfigError(f"accelerate config {name!r}: unknown key {unknown[0]!r}; {hint}")
     for key, value in data.items():
-        _check_value(name, str(key), value, fields[str(key)] if str(key) in fields else None)
+        _check_value(name, str(key), value, fields.get(str(key)))
     _check_choices(name, data)
     _check_counts(name, data)
     _check_with_accelerate(name)
@@ -185,6 +185,9 @@ def _check_with_accelerate(name: str) -> None:
 # scripts/train.py's exits that it explains in its own one line (bad input, non-finite loss, out of
 # memory, I/O, lost rank, interrupted): nothing is added to them.
 EXPLAINED_EXIT_CODES = frozenset({2, 3, 4, 5, 6, 128 + signal.SIGINT, 128 + signal.SIGTERM})
+# Ends the line for an exit the script did not explain: its own traceback above is the message
+# (scripts/sweep.py records that one instead).
+SEE_ABOVE = "its own output above says why"
 # torch elastic's account of a failed worker ("Sending process ... closing signal SIGTERM",
 # "failed (exitcode: 2)"), logged after the script's own error line; the exit code says the same.
 _ELASTIC_FAILURE_LOGGERS = ("torch.distributed.elastic.multiprocessing.api",
@@ -225,7 +228,7 @@ def describe_exit(code: int, rank: int | None) -> str | None:
         hint = ("; with no other message that is usually the kernel's out-of-memory killer: lower --max-memory "
                 "or --micro-batch-size" if -code == signal.SIGKILL else "")
         return f"error: {who} was killed by {name}{hint}"
-    return f"error: {who} exited with code {code}; its own output above says why"
+    return f"error: {who} exited with code {code}; {SEE_ABOVE}"
 
 
 class _Drop(logging.Filter):

@@ -53,7 +53,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from accum.config import ConfigError, load_yaml, make_config
-from accum.launch import check_accelerate_config
+from accum.launch import SEE_ABOVE, check_accelerate_config
 from accum.oom import OOM_MESSAGES
 from accum.plan import resolve_batch
 from accum.scaling import scale_lr
@@ -361,7 +361,9 @@ def run_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 OOM_EXIT_CODE = 4  # scripts/train.py: out of memory at micro-batch 1
 _ERROR_LINE = re.compile(r"^(error: |[A-Za-z_.]*(Error|Exception)\b|Killed)")
-_LAUNCHER_NOISE = ("CalledProcessError", "subprocess.", "ChildFailedError", "torch.distributed.elastic")
+# Lines about the run rather than its cause: accelerate's launcher traceback, and accum launch's own
+# line after a crash (the exception line above it says why).
+_LAUNCHER_NOISE = ("CalledProcessError", "subprocess.", "ChildFailedError", "torch.distributed.elastic", SEE_ABOVE)
 
 
 def error_line(stderr_lines: list[str]) -> str | None:
@@ -380,10 +382,10 @@ def classify(returncode: int | None, error: str | None, timed_out: bool) -> str:
     if returncode == 0:
         return "ok"
     text = (error or "").lower()
-    if returncode == OOM_EXIT_CODE:
-        return "oom"  # train.py ran out of memory even at micro-batch 1 (a checkpoint was saved)
-    if returncode in (-signal.SIGKILL, 137) or any(message.lower() in text for message in OOM_MESSAGES):
-        return "oom"  # SIGKILL with no message is the kernel's OOM killer, the usual cause here
+    # train.py's own out-of-memory exit at micro-batch 1; SIGKILL with no message is the kernel's OOM
+    # killer, the usual cause here
+    if returncode in (OOM_EXIT_CODE, -signal.SIGKILL, 137) or any(message.lower() in text for message in OOM_MESSAGES):
+        return "oom"
     return "failed"
 
 

@@ -641,11 +641,18 @@ def noise_summary(run: Run) -> dict[str, Any]:
     in loss items, which are tokens under token-weighted normalisation."""
     summary = run.noise.tracker.as_dict()
     tokens = run.config.resolved_loss_normalization() == "tokens"
-    per_sample = run.stats.tokens_seen / run.stats.samples_seen if tokens and run.stats.samples_seen else 1.0
     b_simple = summary["noise_b_simple"]
     summary.update(noise_items="tokens" if tokens else "samples", noise_method=run.noise.method,
-                   noise_b_simple_samples=None if b_simple is None else b_simple / per_sample)
+                   noise_b_simple_samples=None if b_simple is None else b_simple / loss_items_per_sample(run))
     return summary
+
+
+def loss_items_per_sample(run: Run) -> float:
+    """Loss items per sample seen so far: tokens per sample under token-weighted normalisation (the unit
+    B_simple is measured in then), else 1."""
+    if run.config.resolved_loss_normalization() == "tokens" and run.stats.samples_seen:
+        return run.stats.tokens_seen / run.stats.samples_seen
+    return 1.0
 
 
 def describe_noise(metrics: dict[str, Any]) -> str:
@@ -848,11 +855,8 @@ def apply_schedule(run: Run, position: Position, record: dict[str, Any]) -> None
     record.update(effective_batch_size=run.plan.effective_batch_size,
                   gradient_accumulation_steps=run.plan.accumulation_steps)
     b_simple = run.noise.tracker.b_simple if run.noise is not None else None
-    per_sample = 1.0
-    if run.config.resolved_loss_normalization() == "tokens" and run.stats.samples_seen:
-        per_sample = run.stats.tokens_seen / run.stats.samples_seen  # B_simple is in tokens then
     change = run.schedule.decide(Progress(position.optimizer_step, position.samples_seen, position.tokens_seen,
-                                          b_simple, per_sample))
+                                          b_simple, loss_items_per_sample(run)))
     if change is not None:
         adopt_batch(run, change, position)
     record["lr"] = run.scheduler.advance(position.samples_seen, run.plan.effective_batch_size)

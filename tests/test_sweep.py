@@ -111,6 +111,15 @@ def test_error_line_skips_the_launchers_traceback():
     assert sweep_lib.classify(1, "error: bad", timed_out=False) == "failed"
 
 
+def test_error_line_after_a_crash_is_the_exception_not_the_launchers_summary():
+    from accum.launch import describe_exit
+
+    stderr = ["Traceback (most recent call last):\n", '  File "scripts/train.py", line 9, in <module>\n',
+              "ValueError: boom in the collate function\n", describe_exit(1, None) + "\n"]
+    assert sweep_lib.error_line(stderr) == "ValueError: boom in the collate function"
+    assert sweep_lib.classify(4, "micro-batch 1 does not fit", timed_out=False) == "oom"
+
+
 def _append_many(path: str, worker: int) -> None:
     for index in range(200):
         sweep_lib.append_result(Path(path), {"run": f"w{worker}-{index}", "pad": "x" * (index * 37 % 5000)})
