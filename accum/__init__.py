@@ -6,7 +6,14 @@ from accum.accelerator import begin_window, build_accelerator
 from accum.cache import PlanCache
 from accum.config import ConfigError, RunConfig, parse_memory
 from accum.estimate import MemoryEstimate, estimate_analytic, estimate_traced, max_micro_batch_for
-from accum.loss import backward_scale, count_loss_items, mean_of_means_loss, sum_item_losses
+from accum.loss import (
+    TaskLoss,
+    backward_scale,
+    count_loss_items,
+    mean_of_means_loss,
+    pad_collate,
+    sum_item_losses,
+)
 from accum.noise import (
     LocalGradientNormHook,
     MicroGradientNorms,
@@ -18,17 +25,21 @@ from accum.noise import (
 from accum.oom import device_memory_bytes, free_memory, is_oom, peak_memory_bytes, reset_peak_memory
 from accum.plan import Plan, plan_batch, plan_from_accumulation, resolve_batch
 from accum.probe import NothingFitsError, Probe, ProbeResult, find_max_micro_batch, plan_eval_batch, plan_for
+from accum.recovery import AdaptiveBatch, Decision, OutOfMemoryError, agree_max, run_with_recovery
 from accum.scaling import ScaledLR, scale_lr
 from accum.stats import AccumulationStats, peak_memory
-from accum.windows import epoch_order, layout_window, windows_per_epoch
+from accum.window import Accumulator, Callback, EvalResult, NonFiniteError, WindowResult, evaluate
+from accum.windows import FixedSize, WindowSampler, epoch_order, layout_window, windows_per_epoch
 
 __all__ = [
-    "AccumulationStats", "ConfigError", "LocalGradientNormHook", "MemoryEstimate", "MicroGradientNorms",
-    "NoiseMeter", "NoiseScaleTracker", "NothingFitsError", "Plan", "PlanCache", "Probe", "ProbeResult",
-    "RunConfig", "ScaledLR", "backward_scale", "begin_window", "build_accelerator", "count_loss_items",
-    "device_memory_bytes", "epoch_order", "estimate_analytic", "estimate_noise", "estimate_traced",
-    "find_max_micro_batch", "free_memory", "is_oom", "layout_window", "max_micro_batch_for",
-    "mean_of_means_loss", "parse_memory", "peak_memory", "peak_memory_bytes", "plan_batch", "plan_eval_batch",
-    "plan_for", "plan_from_accumulation", "recommend_batch", "reset_peak_memory", "resolve_batch", "scale_lr",
-    "sum_item_losses", "windows_per_epoch",
+    "AccumulationStats", "Accumulator", "AdaptiveBatch", "Callback", "ConfigError", "Decision", "EvalResult",
+    "FixedSize", "LocalGradientNormHook", "MemoryEstimate", "MicroGradientNorms", "NoiseMeter", "NoiseScaleTracker",
+    "NonFiniteError", "NothingFitsError", "OutOfMemoryError", "Plan", "PlanCache", "Probe", "ProbeResult",
+    "RunConfig", "ScaledLR", "TaskLoss", "WindowResult", "WindowSampler", "agree_max", "backward_scale",
+    "begin_window", "build_accelerator", "count_loss_items", "device_memory_bytes", "epoch_order",
+    "estimate_analytic", "estimate_noise", "estimate_traced", "evaluate", "find_max_micro_batch", "free_memory",
+    "is_oom", "layout_window", "max_micro_batch_for", "mean_of_means_loss", "pad_collate", "parse_memory",
+    "peak_memory", "peak_memory_bytes", "plan_batch", "plan_eval_batch", "plan_for", "plan_from_accumulation",
+    "recommend_batch", "reset_peak_memory", "resolve_batch", "run_with_recovery", "scale_lr", "sum_item_losses",
+    "windows_per_epoch",
 ]

@@ -128,6 +128,7 @@ def run_plan(args: argparse.Namespace) -> int:
     optimizer_type = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.SGD
     optimizer = optimizer_type(model.parameters(), lr=1e-4)
     plan = plan_for(
+        None,
         model,
         _token_batches(model.config.vocab_size, args.seq_len, args.seed),
         args.batch_size,

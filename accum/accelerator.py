@@ -24,7 +24,7 @@ def build_accelerator(
     The steps go through a GradientAccumulationPlugin because the sync behaviour must
     be set: with windows fetched ahead, `sync_with_dataloader=True` (Accelerate's
     default) forces syncs that follow the fetching, not the backward passes
-    (DESIGN.md measured 4 optimizer steps in one window). Loops that fetch windows
+    (docs/architecture.md: 4 optimizer steps measured in one window). Loops that fetch windows
     call `begin_window(accelerator, n)` at each window start. Pass
     `sync_with_dataloader=True` for a plain loop over a prepared DataLoader.
     Raises ValueError when kwargs also set the steps (Accelerate refuses both).

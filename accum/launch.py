@@ -15,7 +15,7 @@ Every argument is `accelerate launch`'s, parsed by accelerate's own parser. Thre
   Every rank prints the same `error: ` line; it is shown once. Ctrl-C or SIGTERM to this process
   reaches the script, which finishes its step and saves.
 - `use_cpu: true` in the config reaches the ranks (ACCELERATE_USE_CPU=1): on its own, accelerate
-  launches a multi-CPU config whose ranks then each train alone (DESIGN.md).
+  launches a multi-CPU config whose ranks then each train alone (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -427,6 +427,6 @@ def launch_main(argv: list[str]) -> int:
     script = args.training_script
     if not args.module and not args.no_python and not os.path.isfile(script):
         raise ConfigError(f"training script {script!r} does not exist: check the path after the launcher's flags")
-    if data.get("use_cpu") is True:  # DESIGN.md: `use_cpu: true` alone does not reach the ranks
+    if data.get("use_cpu") is True:  # docs/architecture.md: `use_cpu: true` alone does not reach the ranks
         os.environ.setdefault("ACCELERATE_USE_CPU", "1")
     return run_launcher(launch_command_parser().parse_args(cpu_thread_args(args, data) + argv))

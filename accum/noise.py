@@ -23,7 +23,7 @@ read it as an effective number of tokens and convert with tokens per sample befo
 
 Scaling the caller passes (`grad_scale`): the constant c such that, on this rank, the accumulated
 ``.grad`` equals c x (sum over the items seen so far of each item's gradient). With accum's exact
-normalisation (DESIGN.md: backward of sum_of_item_losses * N * P / total_items_in_window, which
+normalisation (docs/architecture.md: backward of sum_of_item_losses * N * P / total_items_in_window, which
 Accelerate divides by N) that is
 
     grad_scale = num_processes / total_items_in_window          (x the loss scale under fp16,
@@ -470,14 +470,18 @@ class NoiseMeter:
     """One object for a training loop: measures B_simple the cheapest way the layout allows.
 
     Picks `MicroGradientNorms` (one process, accumulation >= 2) or `LocalGradientNormHook`
-    (several DDP ranks; registered on `model`, the wrapper `accelerator.prepare` returned), and
-    feeds a `NoiseScaleTracker`. `.unavailable` is the one line to print when neither applies.
-    Per window: `start_window(grad_scale)`, `after_backward(items)` after each micro-batch,
-    `finish_window(local_items, total_items, reduce_mean)` before clipping.
+    (several DDP ranks), and feeds a `NoiseScaleTracker`. On several ranks the local gradient is
+    read in a DDP communication hook registered on `model` (the wrapper `accelerator.prepare`
+    returned), or, with `deferred_sync` (gradients all-reduced by the caller after the window, as
+    accum does under OOM recovery), by `before_all_reduce()` just before that all-reduce.
+    `.unavailable` is the one line to print when neither applies. Per window:
+    `start_window(grad_scale)`, `after_backward(items)` after each micro-batch, then
+    `finish_window(local_items, total_items, reduce_mean)` before clipping. `accum.Accumulator`
+    makes these calls in this order; a loop of one's own must too.
     """
 
     def __init__(self, model: torch.nn.Module, num_processes: int, accumulation_steps: int,
-                 tracker: NoiseScaleTracker | None = None):
+                 tracker: NoiseScaleTracker | None = None, deferred_sync: bool = False):
         self.tracker = tracker or NoiseScaleTracker()
         self.method = measurement_method(num_processes, accumulation_steps)
         self.unavailable = describe_unavailable(num_processes, accumulation_steps)
@@ -487,7 +491,8 @@ class NoiseMeter:
             self._micro = MicroGradientNorms(model.parameters())
         elif self.method == "ranks":
             self._hook = LocalGradientNormHook(model.parameters())
-            model.register_comm_hook(state=None, hook=self._hook.comm_hook)
+            if not deferred_sync:
+                model.register_comm_hook(state=None, hook=self._hook.comm_hook)
 
     def start_window(self, grad_scale: float) -> None:
         for meter in (self._micro, self._hook):
@@ -497,6 +502,11 @@ class NoiseMeter:
     def after_backward(self, items: float) -> None:
         if self._micro is not None and items > 0:
             self._micro.after_backward(items)
+
+    def before_all_reduce(self) -> None:
+        """With deferred sync: note this rank's local window gradient before the caller averages it."""
+        if self._hook is not None:
+            self._hook._local_sq = _sq_norm_tensor(p.grad for p in self._hook.parameters)
 
     def finish_window(self, local_items: float, total_items: float,
                       reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float | None:

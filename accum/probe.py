@@ -34,6 +34,7 @@ from accum.oom import (
     reset_peak_memory,
 )
 from accum.plan import Plan, per_process_limit, plan_batch
+from accum.recovery import agree_max
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +141,7 @@ def find_max_micro_batch(
     safety_margin: float = 0.1,
     objective: str = "largest",
     device: torch.device | str | None = None,
-    sync_fit: Callable[[bool], bool] | None = None,
-    sync_seconds: Callable[[float], float] | None = None,
+    agree: Callable[[list[float]], list[float]] | None = None,
     retries: int = 0,
     held_bytes: int = 0,
     progress: bool = True,
@@ -152,8 +152,8 @@ def find_max_micro_batch(
 
     `try_step(n)` runs one real step at micro-batch n; an OOM (see `accum.oom.is_oom`) or a peak over
     the budget (`memory_budget`) is a failure, any other exception propagates unchanged.
-    `sync_fit(fit) -> bool` makes ranks agree (True only when every rank fit); `sync_seconds` takes
-    the slowest rank's time. `retries` re-runs a failed size that many times before believing it
+    `agree(values) -> maxima over ranks` makes ranks agree after every probe, in one collective
+    (`accum.recovery.agree_max`): [failed, seconds] -> any rank failed, the slowest rank's time. `retries` re-runs a failed size that many times before believing it
     (for allocators that fragment); `held_bytes` is memory the caller holds only while probing,
     subtracted from CPU peaks. For objective 'throughput' each fitting size runs once more, warm,
     and that run is timed.
@@ -203,13 +203,11 @@ def find_max_micro_batch(
             if fit and objective == "throughput":
                 fit, seconds, warm_peak, error = run_once(size)
                 peak = max(peak or 0, warm_peak or 0) or None
-            if sync_fit is not None:
-                agreed = bool(sync_fit(fit))
-                if fit and not agreed:
+            if agree is not None:
+                failed_anywhere, seconds = agree([0.0 if fit else 1.0, seconds])
+                if fit and failed_anywhere > 0:
                     error = "failed on another rank"
-                fit = agreed
-            if sync_seconds is not None:
-                seconds = float(sync_seconds(seconds))
+                fit = failed_anywhere == 0
             speed = size / seconds if fit and seconds > 0 else None
             record = Probe(size, fit, seconds, peak, speed, error)
             probes.append(record)
@@ -287,30 +285,12 @@ def _distributed_world() -> int:
     return 1
 
 
-def _reduce(value: float, op: Any, device: torch.device) -> float:
-    """All-reduce one number over the default process group."""
-    dist = torch.distributed
-    comm_device = device if dist.get_backend() != "gloo" else torch.device("cpu")
-    tensor = torch.tensor([float(value)], dtype=torch.float64, device=comm_device)
-    dist.all_reduce(tensor, op=op)
-    return float(tensor.item())
-
-
-def rank_agreement(device: torch.device | str) -> tuple[Callable[[bool], bool], Callable[[float], float]] | tuple[None, None]:
-    """(sync_fit, sync_seconds) over the default process group: fit only if every rank fit (MIN),
-    seconds of the slowest rank (MAX). (None, None) with a single process."""
+def rank_agreement(device: torch.device | str) -> Callable[[list[float]], list[float]] | None:
+    """`agree` for find_max_micro_batch over the default process group (maxima over ranks, one
+    all-reduce per probe); None with a single process."""
     if _distributed_world() <= 1:
-        return None, None
-    device = torch.device(device)
-    ReduceOp = torch.distributed.ReduceOp
-
-    def sync_fit(fit: bool) -> bool:
-        return _reduce(1.0 if fit else 0.0, ReduceOp.MIN, device) > 0.5
-
-    def sync_seconds(seconds: float) -> float:
-        return _reduce(seconds, ReduceOp.MAX, device)
-
-    return sync_fit, sync_seconds
+        return None
+    return lambda values: agree_max(values, device)
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -447,7 +427,9 @@ def make_train_step(
     def try_step(size: int) -> None:
         model.train()
         batch = _to_device(make_batch(size), device)
-        with _no_sync(model, accelerator):
+        # the run's autocast: a model not yet prepared would otherwise be probed in full precision
+        autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+        with _no_sync(model, accelerator), autocast:
             loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
             if accelerator is not None:
                 accelerator.backward(loss)
@@ -502,19 +484,11 @@ def _batch_shape(make_batch: Callable[[int], Mapping[str, Any]]) -> dict[str, li
     return {key: [list(value.shape[1:]), str(value.dtype)] for key, value in batch.items() if torch.is_tensor(value)}
 
 
-def _processes(accelerator: Any, num_processes: int | None) -> int:
-    if num_processes is not None:
-        return num_processes
-    if accelerator is not None:
-        return int(accelerator.num_processes)
-    return _distributed_world()
-
-
 def plan_for(
+    accelerator: Any,
     model: torch.nn.Module,
     make_batch: Callable[[int], Mapping[str, Any]],
     target_batch_size: int,
-    accelerator: Any = None,
     optimizer: Any = None,
     *,
     loss_fn: Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor] | None = None,
@@ -527,25 +501,34 @@ def plan_for(
     replan: bool = False,
     allow_rounding: bool = False,
     progress: bool = True,
-    num_processes: int | None = None,
     retries: int = 0,
+    num_processes: int | None = None,
 ) -> Plan:
-    """Probe `model` with real training steps and return the Plan that reaches `target_batch_size`
-    exactly with the largest (or, for objective 'throughput', the fastest) micro-batch that fits.
+    """Probe `model` with real training steps on `accelerator`'s device and return the Plan that
+    reaches `target_batch_size` exactly, over `accelerator.num_processes` processes, with the largest
+    (or, for objective 'throughput', the fastest) micro-batch that fits.
 
-    `make_batch(n)` returns a dict of tensors for n samples (moved to the device here); the loss is
-    `loss_fn(model, batch)` or `model(**batch).loss`. No micro-batch above target / processes is
-    probed. Model weights, optimizer state, gradients and RNG state are restored bit for bit.
-    The plan cache (`cache_path`; None: the default file, False: no cache) is read first unless
-    `replan`, and written after probing. `num_processes` defaults to the accelerator's (or the
-    process group's) world size.
+    `accelerator`: the run's Accelerator (None: a default one is created), so that the device and the
+    number of processes are the run's. The model is moved to its device first (in place, as
+    `model.to` does) and probed under its autocast. Call it before `accelerator.prepare`, or after:
+    both work. `make_batch(n)` returns a dict of tensors for n samples of the longest length training
+    will meet (moved to the device here); the loss is `loss_fn(model, batch)` or `model(**batch).loss`.
+    No micro-batch above target / processes is probed. Weights, optimizer state, gradients and RNG
+    state are restored bit for bit. The plan cache (`cache_path`; None: the default file, False: no
+    cache) is read first unless `replan`, and written after probing. `num_processes` plans for another
+    launch than this one (`python -m accum plan --num-processes`); by default the accelerator's.
 
     Returns a Plan (source 'probe' or 'cache'). Raises ConfigError for bad sizes, objective or
     budget, NothingFitsError when micro-batch 1 does not fit.
     """
+    if accelerator is None:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+    model.to(accelerator.device)
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective {objective!r} is unknown: use one of {', '.join(OBJECTIVES)}")
-    processes = _processes(accelerator, num_processes)
+    processes = int(num_processes if num_processes is not None else accelerator.num_processes)
     limit = per_process_limit(target_batch_size, processes, allow_rounding)
     if start > limit:
         raise ConfigError(
@@ -584,7 +567,6 @@ def plan_for(
                 logger.info("plan from cache %s: %s", cache.path, plan.banner())
                 return Plan(**{**plan.to_dict(), "source": "cache", "probes": ()})
 
-    sync_fit, sync_seconds = rank_agreement(device) if accelerator is not None or processes > 1 else (None, None)
     raw_optimizer = _raw_optimizer(optimizer)
     is_main = accelerator is None or accelerator.is_main_process
     with _leave_no_trace(model, raw_optimizer) as snapshot:
@@ -596,8 +578,7 @@ def plan_for(
             safety_margin=safety_margin,
             objective=objective,
             device=device,
-            sync_fit=sync_fit,
-            sync_seconds=sync_seconds,
+            agree=rank_agreement(device),
             retries=retries,
             held_bytes=snapshot.nbytes(),
             progress=progress and is_main,
@@ -630,7 +611,6 @@ def plan_eval_batch(
     `limit`. Leaves the model, its mode and the RNG as they were. Returns a ProbeResult; raises as
     `find_max_micro_batch` does."""
     device = _model_device(model, accelerator)
-    sync_fit, sync_seconds = rank_agreement(device)
     is_main = accelerator is None or accelerator.is_main_process
     with _leave_no_trace(model, None) as snapshot:
         return find_max_micro_batch(
@@ -640,8 +620,7 @@ def plan_eval_batch(
             max_memory=max_memory,
             safety_margin=safety_margin,
             device=device,
-            sync_fit=sync_fit,
-            sync_seconds=sync_seconds,
+            agree=rank_agreement(device),
             held_bytes=snapshot.nbytes(),
             progress=progress and is_main,
         )

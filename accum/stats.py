@@ -127,6 +127,13 @@ class AccumulationStats:
         self.samples_seen += int(samples)
         self.tokens_seen += int(tokens)
 
+    def record_window(self, micro_batches: int, samples: int, tokens: int = 0) -> None:
+        """Count a whole window at once: `micro_batches` backward passes (per process) carrying
+        `samples` samples and `tokens` tokens (all processes together, as the window holds them)."""
+        self.micro_step += int(micro_batches)
+        self.samples_seen += int(samples)
+        self.tokens_seen += int(tokens)
+
     @property
     def ema_loss(self) -> float | None:
         """Bias-corrected exponential moving average of the finite losses seen; None before any."""

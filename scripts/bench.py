@@ -37,7 +37,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 if __package__ in (None, ""):  # run as a file: make `scripts` and `accum` importable from the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,6 +47,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+
+from accum.window import Callback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("overhead", "noise", "memory", "planner", "trainer", "equivalence")
@@ -172,31 +173,66 @@ def clocks() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
+class WindowClock(Callback):
+    """Callback: clocks() as each window starts, and after the last window ends."""
+
+    def __init__(self, marks: list):
+        self.marks, self.end = marks, None
+
+    def on_window_start(self, accumulator, samples) -> None:
+        self.marks.append(clocks())
+
+    def on_window_end(self, accumulator, result) -> None:
+        self.end = clocks()
+
+
+class FirstGradient(Callback):
+    """Callback: every parameter's gradient at the first optimizer step, keyed by the parameter, read
+    right before optimizer.step() (for accum's Accumulator and, as a TrainerCallback, Trainer)."""
+
+    def __init__(self):
+        self.grads: dict[int, torch.Tensor] | None = None
+
+    def record(self, parameters) -> None:
+        if self.grads is None:
+            self.grads = {id(p): p.grad.detach().clone() for p in parameters if p.grad is not None}
+
+    def in_order(self, model) -> list[torch.Tensor]:
+        return [self.grads[id(p)] for p in model.parameters() if id(p) in self.grads]
+
+    def on_before_optimizer_step(self, accumulator) -> None:
+        self.record(accumulator.model.parameters())
+
+
+def trainer_callback(recorder: FirstGradient):
+    """The same recorder as a transformers TrainerCallback (Trainer calls it after clipping, right
+    before optimizer.step())."""
+    from transformers import TrainerCallback
+
+    class Record(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            recorder.record(model.parameters())
+
+    return Record()
+
+
 def run_accum(model, data, micro: int, accum: int, steps: int, workdir: Path, marks: list | None = None,
-              **overrides) -> dict:
+              callbacks: tuple = (), **overrides) -> dict:
     """accum's train() in this process, its console output swallowed; returns its metrics. With `marks`,
-    train_window is wrapped (here, no hook in train.py) to append clocks() as each window starts and
-    after the last one ends."""
+    clocks() are appended as each window starts and after the last one ends (train()'s callbacks)."""
     import scripts.train as train_module
 
-    original = train_module.train_window
-
-    def timed_window(*args, **kwargs):
-        marks.append(clocks())
-        record = original(*args, **kwargs)
-        marks.append(clocks())  # overwritten by the next window's start but for the last window
-        return record
-
+    clock = WindowClock(marks) if marks is not None else None
     out = Path(tempfile.mkdtemp(dir=workdir, prefix="accum-"))
-    patch = mock.patch.object(train_module, "train_window", timed_window) if marks is not None else contextlib.nullcontext()
     try:
-        with patch, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             metrics = train_module.train(run_config(micro, accum, steps, out, **overrides), model=model,
-                                         train_data=data, eval_data=None, cli_keys={"micro_batch_size", "grad_accum_steps"})
+                                         train_data=data, eval_data=None, cli_keys={"micro_batch_size", "grad_accum_steps"},
+                                         callbacks=(*callbacks, *([clock] if clock else [])))
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    if marks is not None:
-        marks[:] = marks[0::2] + [marks[-1]]  # each window's start, then the last window's end
+    if clock is not None:
+        marks.append(clock.end)
     return metrics
 
 
@@ -358,30 +394,24 @@ def run_child(role: str, spec: dict, env_extra: dict[str, str] | None = None, ti
 
 
 def child_memory(spec: dict) -> dict:
-    """Peak resident memory of accum's train() over `measured` windows after one warm-up window.
-
-    train_window is wrapped (monkeypatched here, no hook in train.py): after the first window the
-    high-water mark is reset (/proc/self/clear_refs), after the last it is read (VmHWM)."""
-    import scripts.train as train_module
-
+    """Peak resident memory of accum's train() over `measured` windows after one warm-up window: after
+    the first window the high-water mark is reset (/proc/self/clear_refs), after the last it is read
+    (VmHWM), from train()'s window-end event."""
     model = build_model(spec["model"])
     micro, accum, windows = spec["micro"], spec["accum"], 1 + spec["measured"]
     data = fixed_length_data(micro * accum * windows, spec["seq_len"])
-    original, seen = train_module.train_window, {"windows": 0}
+    seen = {}
 
-    def measured_window(*args, **kwargs):
-        record = original(*args, **kwargs)
-        seen["windows"] += 1
-        if seen["windows"] == 1:
-            seen["before"] = status_bytes("VmRSS")
-            Path("/proc/self/clear_refs").write_text("5")
-        elif seen["windows"] == windows:
-            seen["peak"] = status_bytes("VmHWM")
-        return record
+    class Measure(WindowClock):
+        def on_window_end(self, accumulator, result) -> None:
+            if result.optimizer_step == 1:
+                seen["before"] = status_bytes("VmRSS")
+                Path("/proc/self/clear_refs").write_text("5")
+            elif result.optimizer_step == windows:
+                seen["peak"] = status_bytes("VmHWM")
 
-    train_module.train_window = measured_window
     with tempfile.TemporaryDirectory() as workdir:
-        run_accum(model, data, micro, accum, windows, Path(workdir))
+        run_accum(model, data, micro, accum, windows, Path(workdir), callbacks=(Measure([]),))
     return {"before": seen["before"], "peak": seen["peak"], "growth": seen["peak"] - seen["before"]}
 
 
@@ -462,7 +492,7 @@ def cache_hit(workdir: Path, target: int) -> dict:
     for _ in range(2):
         began = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()):
-            plan = plan_for(model, make_batch, target, optimizer=optimizer, loss_fn=loss_fn, cache_path=cache,
+            plan = plan_for(None, model, make_batch, target, optimizer=optimizer, loss_fn=loss_fn, cache_path=cache,
                             cache_key="bench", progress=False)
         calls.append({"source": plan.source, "probes": len(plan.probes), "seconds": time.perf_counter() - began,
                       "micro": plan.micro_batch_size})
@@ -474,30 +504,6 @@ def cache_hit(workdir: Path, target: int) -> dict:
 # ----------------------------------------------------------------------------- 4. Trainer
 
 
-class GradientRecorder:
-    """Each parameter's gradient at the first optimizer step of whatever calls torch.optim.AdamW.step,
-    keyed by the parameter (Trainer groups parameters in its own order)."""
-
-    def __init__(self):
-        self.grads: dict[int, torch.Tensor] | None = None
-
-    def in_order(self, model) -> list[torch.Tensor]:
-        return [self.grads[id(p)] for p in model.parameters() if id(p) in self.grads]
-
-    @contextlib.contextmanager
-    def patched(self):
-        original, recorder = torch.optim.AdamW.step, self
-
-        def step(optimizer, *args, **kwargs):
-            if recorder.grads is None:
-                recorder.grads = {id(p): p.grad.detach().clone() for g in optimizer.param_groups
-                                  for p in g["params"] if p.grad is not None}
-            return original(optimizer, *args, **kwargs)
-
-        with mock.patch.object(torch.optim.AdamW, "step", step):
-            yield self
-
-
 def in_accum_order(data: list[dict], seed: int = 3) -> list[dict]:
     """`data` in the order train() draws its first epoch (accum.windows.epoch_order), so a Trainer that
     reads it sequentially sees the same micro-batches, padded to the same lengths."""
@@ -507,9 +513,10 @@ def in_accum_order(data: list[dict], seed: int = 3) -> list[dict]:
 
 
 def run_trainer(model, data, micro: int, accum: int, steps: int, lr: float, workdir: Path, fair: bool,
-                max_grad_norm: float = 1.0, sequential: bool = False) -> dict:
+                max_grad_norm: float = 1.0, sequential: bool = False, callbacks: tuple = ()) -> dict:
     """Hugging Face Trainer, offline, same optimizer (torch AdamW), schedule and clipping as train().
-    sequential: read `data` in its order instead of Trainer's own shuffle (pass it in_accum_order)."""
+    sequential: read `data` in its order instead of Trainer's own shuffle (pass it in_accum_order);
+    callbacks: TrainerCallbacks."""
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainingArguments
 
@@ -524,7 +531,7 @@ def run_trainer(model, data, micro: int, accum: int, steps: int, lr: float, work
         max_grad_norm=max_grad_norm, optim="adamw_torch", logging_steps=1, report_to="none", save_strategy="no",
         eval_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=3)
     trainer = (InOrderTrainer if sequential else Trainer)(model=model, args=args, train_dataset=data,
-                                                          data_collator=collate_fn())
+                                                          data_collator=collate_fn(), callbacks=list(callbacks))
     if fair:
         # Sequence-classification heads take **kwargs but do not normalise by num_items_in_batch:
         # without this, Trainer 5.x applies accumulation-steps times the gradient (transformers #47688).
@@ -564,15 +571,14 @@ def gradient_scale(base, data, micro: int, accum: int, workdir: Path) -> dict:
     ref_norm = global_norm(ref_grads)
     out = {"reference_loss": ref_loss}
     for name in ("trainer_default", "trainer_fair", "accum"):
-        recorder, model = GradientRecorder(), copy.deepcopy(base)
-        with recorder.patched():
-            if name == "accum":
-                metrics = run_accum(model, data, micro, accum, 1, workdir, max_grad_norm=None)
-                logged = metrics["final_loss"]
-            else:
-                result = run_trainer(model, data, micro, accum, 1, 1e-6, workdir,
-                                     fair=name == "trainer_fair", max_grad_norm=0.0)
-                logged = result["losses"][0]
+        recorder, model = FirstGradient(), copy.deepcopy(base)
+        if name == "accum":
+            metrics = run_accum(model, data, micro, accum, 1, workdir, callbacks=(recorder,), max_grad_norm=None)
+            logged = metrics["final_loss"]
+        else:
+            result = run_trainer(model, data, micro, accum, 1, 1e-6, workdir, fair=name == "trainer_fair",
+                                 max_grad_norm=0.0, callbacks=(trainer_callback(recorder),))
+            logged = result["losses"][0]
         grads = recorder.in_order(model)
         ratio = global_norm(grads) / ref_norm
         # after dividing out the scale, what is left should be rounding
@@ -652,21 +658,15 @@ def bench_equivalence(cfg: dict, workdir: Path) -> dict:
     steps = -(-len(data) // total)
     results, reference = {}, None
     for micro, accum in layouts:
-        model, grads = copy.deepcopy(base), {}
-        original = torch.optim.SGD.step
-
-        def step(optimizer, *args, _grads=grads, _original=original, **kwargs):
-            if "first" not in _grads:
-                _grads["first"] = [p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"]]
-            return _original(optimizer, *args, **kwargs)
-
-        with mock.patch.object(torch.optim.SGD, "step", step):
-            run_accum(model, data, micro, accum, steps, workdir, optimizer="sgd", lr=0.05, max_grad_norm=None)
+        model, recorder = copy.deepcopy(base), FirstGradient()
+        run_accum(model, data, micro, accum, steps, workdir, callbacks=(recorder,), optimizer="sgd", lr=0.05,
+                  max_grad_norm=None)
         weights = [p.detach().clone() for p in model.parameters()]
+        first = recorder.in_order(model)
         if reference is None:
-            reference = (grads["first"], weights)
+            reference = (first, weights)
             continue
-        gradient, gradient_at = relative_differences(grads["first"], reference[0], names)
+        gradient, gradient_at = relative_differences(first, reference[0], names)
         weight, weight_at = relative_differences(weights, reference[1], names)
         results[f"{micro}x{accum}"] = {"first_gradient": gradient, "first_gradient_tensor": gradient_at,
                                        "weights": weight, "weights_tensor": weight_at}

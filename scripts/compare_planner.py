@@ -5,7 +5,7 @@
 
 Every search runs in its own child process: one thread, a warm-up step at micro-batch 1, then
 RLIMIT_AS set to (address space in use + budget), so an oversized step raises a real
-"DefaultCPUAllocator: can't allocate memory" (DESIGN.md: a thread or arena created under a tight cap
+"DefaultCPUAllocator: can't allocate memory" (docs/architecture.md: a thread or arena created under a tight cap
 can abort the process instead; hence threads and warm-up first). The true maximum is found by brute
 force, one fresh child per size, around the sizes the searches report.
 

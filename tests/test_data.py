@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from accum.config import ConfigError, make_config
+from accum.loss import TaskLoss
 from scripts import data as data_lib
 from scripts import make_tweets
 
@@ -46,9 +47,10 @@ def test_clm_collate_pads_right_and_masks_labels():
     assert batch["labels"].tolist() == [[1, 2, 3, -100], [4, -100, -100, -100], [5, 6, 8, 9]]
     assert all(t.dtype == torch.long for t in batch.values())
     # Next-token targets: 2 + 0 + 3 positions.
-    assert data_lib.count_items(batch, "tokens") == 5
-    assert data_lib.count_items(batch, "clm") == 5
-    assert data_lib.count_items(batch, "samples") == 3
+    assert TaskLoss("clm").count(batch) == 5
+    assert TaskLoss("clm", "tokens").count(batch) == 5
+    assert TaskLoss("clm", "mean").count(batch) == 5  # mean of means still counts its natural items
+    assert TaskLoss("clm", "samples").count(batch) == 3
 
 
 def test_pad_token_inside_a_sequence_still_counts():
@@ -56,7 +58,7 @@ def test_pad_token_inside_a_sequence_still_counts():
     collate = data_lib.make_collate("clm", pad_token_id=0)
     batch = collate([{"input_ids": [5, 0, 6]}, {"input_ids": [5]}])
     assert batch["labels"].tolist() == [[5, 0, 6], [5, -100, -100]]
-    assert data_lib.count_items(batch, "tokens") == 2
+    assert TaskLoss("clm").count(batch) == 2
 
 
 def test_classification_collate_gives_one_label_per_sample():
@@ -64,23 +66,22 @@ def test_classification_collate_gives_one_label_per_sample():
     batch = collate([{"input_ids": [101, 9, 102], "labels": 2}, {"input_ids": [101, 102], "labels": 0}])
     assert batch["labels"].tolist() == [2, 0]
     assert batch["input_ids"].tolist() == [[101, 9, 102], [101, 102, 0]]
-    assert data_lib.count_items(batch, "samples") == 2
-    assert data_lib.count_items(batch, "classification") == 2
-    with pytest.raises(ValueError):
-        data_lib.count_items(batch, "tokens")
+    assert TaskLoss("classification").count(batch) == 2
+    assert TaskLoss("classification", "samples").count(batch) == 2
 
 
 def test_empty_micro_batch_counts_zero():
     # Ranks with fewer micro-batches pad their window with empty ones that carry no items.
-    for task, unit in (("clm", "tokens"), ("classification", "samples")):
+    for task in ("clm", "classification"):
         batch = data_lib.make_collate(task, pad_token_id=0)([])
-        assert data_lib.count_items(batch, unit) == 0
+        assert TaskLoss(task).count(batch) == 0
 
 
-def test_count_items_rejects_unknown_unit():
-    batch = data_lib.make_collate("clm", 0)([{"input_ids": [1, 2]}])
-    with pytest.raises(ValueError, match="unit"):
-        data_lib.count_items(batch, "mean")
+def test_task_loss_rejects_unknown_task_and_unit():
+    with pytest.raises(ValueError, match="normalization"):
+        TaskLoss("clm", "bogus")
+    with pytest.raises(ValueError, match="task"):
+        TaskLoss("seq2seq")
 
 
 # -- make_tweets ----------------------------------------------------------------------------------

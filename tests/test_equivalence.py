@@ -1,10 +1,13 @@
-"""Gradient equivalence across (micro x accum) layouts, driving the real train().
+"""Gradient equivalence across (micro x accum) layouts, through the real train() and through a user's
+own loop on accum.Accumulator, against an independent full-batch reference computed here.
 
-fp32, dropout off, tiny models built from a config, SGD: the accumulated gradient of
-the first optimizer step and the weights after several steps must agree per
-tensor within 1e-5 (norm of the difference / norm of the reference) for (8x1),
-(4x2), (2x4) and (1x8), with padded sequences of varied length and a partial last
-window. `mean` normalisation must *fail* the same comparison, so the test can fail.
+fp32, dropout off, tiny models built from a config, SGD. The reference is written in this file with
+no accum code but the window order: each window's gradient is the mean of a plain cross-entropy over
+every item of its samples, each sample run alone (no padding, no micro-batches). For (8x1), (4x2),
+(2x4) and (1x8), with padded sequences of varied length and a partial last window, the first
+accumulated gradient and the weight *update* after several SGD steps must agree with it per tensor
+within 1e-5 (norm of the difference / norm of the reference's update, so a partial-window error is
+not diluted by the weights' own size). `mean` normalisation must *fail* the same comparison.
 """
 
 from __future__ import annotations
@@ -14,13 +17,17 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
+from accum import Accumulator, Callback, TaskLoss, WindowSampler, pad_collate, plan_from_accumulation
 from accum.config import make_config
 from scripts.train import train
 
 LAYOUTS = [(8, 1), (4, 2), (2, 4), (1, 8)]
 TOLERANCE = 1e-5
+SEED, LR, STEPS = 3, 0.5, 4
 
 
 def tiny_bert() -> torch.nn.Module:
@@ -48,35 +55,83 @@ def varied_data(task: str, count: int, seed: int = 1) -> list[dict]:
     return rows
 
 
-class FirstGradient:
-    """Records every parameter's gradient at the first SGD step (monkeypatched in, no hook in train.py)."""
+# ----------------------------------------------------------------------------- the independent reference
 
-    def __init__(self, monkeypatch):
+
+def full_batch_gradient(model, task: str, window: list[dict]) -> list[torch.Tensor]:
+    """The gradient of the window's item mean, by hand: every sample alone, a plain loss sum, one backward."""
+    model.zero_grad(set_to_none=True)
+    total, items = 0.0, 0
+    for sample in window:
+        ids = torch.tensor([sample["input_ids"]])
+        logits = model(input_ids=ids).logits
+        if task == "clm":
+            total = total + F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+            items += ids.shape[1] - 1
+        else:
+            total = total + F.cross_entropy(logits, torch.tensor([sample["labels"]]), reduction="sum")
+            items += 1
+    (total / items).backward()
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def reference_run(base, task: str, data: list[dict], window_size: int = 8):
+    """(first gradient, weight updates after STEPS windows) of plain full-batch SGD over the windows
+    accum's sampler draws (which samples form a window is the one thing taken from accum)."""
+    model = copy.deepcopy(base)
+    model.train()
+    sampler = WindowSampler(len(data), window_size, seed=SEED)
+    first = None
+    for _ in range(STEPS):
+        grads = full_batch_gradient(model, task, [data[i] for i in sampler.next_window()])
+        first = first if first is not None else grads
+        with torch.no_grad():
+            for param, grad in zip(model.parameters(), grads, strict=True):
+                param -= LR * grad
+    return first, updates(base, model)
+
+
+def updates(base, model) -> list[torch.Tensor]:
+    return [(p - p0).detach().clone() for p, p0 in zip(model.parameters(), base.parameters(), strict=True)]
+
+
+# ----------------------------------------------------------------------------- the two ways to run accum
+
+
+class FirstGradient(Callback):
+    """Each parameter's gradient at the first optimizer step (after clipping, before the step)."""
+
+    def __init__(self):
         self.grads: list[torch.Tensor] | None = None
-        original = torch.optim.SGD.step
-        recorder = self
 
-        def step(optimizer, *args, **kwargs):
-            if recorder.grads is None:
-                recorder.grads = [p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"]]
-            return original(optimizer, *args, **kwargs)
-
-        monkeypatch.setattr(torch.optim.SGD, "step", step)
+    def on_before_optimizer_step(self, accumulator):
+        if self.grads is None:
+            self.grads = [p.grad.detach().clone() for p in accumulator.model.parameters()]
 
 
-def run_layout(tmp_path, monkeypatch, task, base_model, data, micro, accum, normalization="auto", steps=4):
-    model = copy.deepcopy(base_model)
-    recorder = FirstGradient(monkeypatch)
+def run_train_py(tmp_path, task, base, data, micro, accum, normalization="auto"):
+    model, recorder = copy.deepcopy(base), FirstGradient()
     config = make_config(dict(
-        task=task, model_config_overrides={"model_type": "unused-in-process"}, optimizer="sgd", lr=0.5,
+        task=task, model_config_overrides={"model_type": "unused-in-process"}, optimizer="sgd", lr=LR,
         lr_scheduler="constant", max_grad_norm=None, batch_size=micro * accum, micro_batch_size=micro,
-        grad_accum_steps=accum, max_steps=steps, output_dir=str(tmp_path / f"{task}-{micro}x{accum}-{normalization}"),
-        report_to="none", loss_normalization=normalization, seed=3,
+        grad_accum_steps=accum, max_steps=STEPS, output_dir=str(tmp_path / f"{task}-{micro}x{accum}-{normalization}"),
+        report_to="none", loss_normalization=normalization, seed=SEED,
     ))
     metrics = train(config, model=model, train_data=data, eval_data=data[:4],
-                    cli_keys={"micro_batch_size", "grad_accum_steps"})
-    weights = [p.detach().clone() for p in model.parameters()]
-    return recorder.grads, weights, metrics
+                    cli_keys={"micro_batch_size", "grad_accum_steps"}, callbacks=[recorder])
+    return recorder.grads, updates(base, model), metrics
+
+
+def run_user_loop(task, base, data, micro, accum):
+    """A user's own Accelerate loop: prepare, an Accumulator, a WindowSampler, one call per window."""
+    model, recorder = copy.deepcopy(base), FirstGradient()
+    accelerator = Accelerator(cpu=True)
+    model_, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
+    accumulator = Accumulator(accelerator, model_, optimizer, plan_from_accumulation(micro, accum), loss=TaskLoss(task),
+                              collate=pad_collate(task, 0), callbacks=[recorder])
+    sampler = WindowSampler(len(data), micro * accum, seed=SEED)
+    results = [accumulator.step([data[i] for i in sampler.next_window()]) for _ in range(STEPS)]
+    return recorder.grads, updates(base, model), results
 
 
 def structurally_zero(name: str) -> bool:
@@ -86,38 +141,57 @@ def structurally_zero(name: str) -> bool:
     return name.endswith("key.bias")
 
 
-def largest_relative_difference(tensors, reference, names) -> float:
+def largest_relative_difference(tensors, reference, names, floors=None) -> float:
+    """max over tensors of |value - ref| / max(|ref|, floor). `floors` (for weight updates): 1e-3 of each
+    weight's norm, so that a tensor that barely moved is not judged by the fp32 rounding of its weights
+    (an update of 1e-5 of the weight is at the resolution of fp32 itself)."""
     worst = 0.0
-    for name, value, ref in zip(names, tensors, reference, strict=True):
-        denominator = ref.norm().item()
+    floors = floors or [0.0] * len(reference)
+    for name, value, ref, floor in zip(names, tensors, reference, floors, strict=True):
+        denominator = max(ref.norm().item(), floor)
         if denominator > 0 and not structurally_zero(name):
             worst = max(worst, (value - ref).norm().item() / denominator)
     return worst
 
 
+def update_floors(base) -> list[float]:
+    return [1e-3 * p.norm().item() for p in base.parameters()]
+
+
 @pytest.mark.parametrize("task,build", [("classification", tiny_bert), ("clm", tiny_gpt2)])
-def test_every_layout_gives_the_full_batch_gradient(tmp_path, monkeypatch, task, build):
+def test_every_layout_gives_the_full_batch_gradient(tmp_path, task, build):
     base = build()
     data = varied_data(task, 28)  # 3 full windows of 8 and a partial one of 4
     names = [name for name, _ in base.named_parameters()]
-    grads_ref, deltas_ref, metrics_ref = run_layout(tmp_path, monkeypatch, task, base, data, 8, 1)
-    for micro, accum in LAYOUTS[1:]:
-        grads, deltas, metrics = run_layout(tmp_path, monkeypatch, task, base, data, micro, accum)
-        grad_diff = largest_relative_difference(grads, grads_ref, names)
-        weight_diff = largest_relative_difference(deltas, deltas_ref, names)
-        print(f"{task} {micro}x{accum}: first gradient {grad_diff:.2e}, weights after 4 steps {weight_diff:.2e}")
-        assert grad_diff <= TOLERANCE
-        assert weight_diff <= TOLERANCE
-        assert metrics["optimizer_step"] == metrics_ref["optimizer_step"] == 4
-        assert abs(metrics["final_loss"] - metrics_ref["final_loss"]) <= 1e-5 * max(1.0, metrics_ref["final_loss"])
+    ref_grad, ref_update = reference_run(base, task, data)
+    for micro, accum in LAYOUTS:
+        for way, (grads, deltas, _) in (("train.py", run_train_py(tmp_path, task, base, data, micro, accum)),
+                                        ("user loop", run_user_loop(task, base, data, micro, accum))):
+            grad_diff = largest_relative_difference(grads, ref_grad, names)
+            update_diff = largest_relative_difference(deltas, ref_update, names, update_floors(base))
+            print(f"{task} {micro}x{accum} {way}: first gradient {grad_diff:.2e}, update after {STEPS} steps "
+                  f"{update_diff:.2e}")
+            assert grad_diff <= TOLERANCE, (way, micro, accum)
+            assert update_diff <= TOLERANCE, (way, micro, accum)
 
 
-def test_mean_of_means_is_not_equivalent(tmp_path, monkeypatch):
+def test_user_loop_reports_the_window_as_train_py_logs_it(tmp_path):
+    base, data = tiny_gpt2(), varied_data("clm", 28)
+    _, _, metrics = run_train_py(tmp_path, "clm", base, data, 2, 4)
+    _, _, results = run_user_loop("clm", base, data, 2, 4)
+    assert [r.samples for r in results] == [8, 8, 8, 4]  # the partial last window: one step, its true size
+    assert [r.micro_batches for r in results] == [4, 4, 4, 2]
+    assert results[-1].optimizer_step == metrics["optimizer_step"] == STEPS
+    assert results[-1].loss == pytest.approx(metrics["final_loss"], rel=1e-6)
+    assert sum(r.tokens for r in results) == metrics["tokens_seen"] == sum(len(d["input_ids"]) for d in data)
+
+
+def test_mean_of_means_is_not_equivalent(tmp_path):
     """Accelerate's default weighting (what --loss-normalization mean reproduces) is measurably off."""
     base = tiny_gpt2()
     names = [name for name, _ in base.named_parameters()]
     data = varied_data("clm", 28)
-    grads_ref, deltas_ref, _ = run_layout(tmp_path, monkeypatch, "clm", base, data, 8, 1)
-    grads, deltas, _ = run_layout(tmp_path, monkeypatch, "clm", base, data, 2, 4, normalization="mean")
-    assert largest_relative_difference(grads, grads_ref, names) > 1e-3
-    assert largest_relative_difference(deltas, deltas_ref, names) > TOLERANCE
+    ref_grad, ref_update = reference_run(base, "clm", data)
+    grads, deltas, _ = run_train_py(tmp_path, "clm", base, data, 2, 4, normalization="mean")
+    assert largest_relative_difference(grads, ref_grad, names) > 1e-3
+    assert largest_relative_difference(deltas, ref_update, names, update_floors(base)) > 1e-3

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import scripts.train as train_module
+from accum.loss import TaskLoss
 from accum.signals import StopRequest
 from scripts import checkpoint as ckpt
 from tests.helpers.fault_common import (
@@ -58,15 +59,18 @@ def resume_and_compare(out: Path, reference: Path, extra: list[str] = ()) -> Non
 
 
 def on_call(monkeypatch, calls: set[int], action) -> None:
-    """Wrap forward_loss_sum: on its n-th call (n in `calls`) apply `action` to the loss it returns."""
-    original, count = train_module.forward_loss_sum, [0]
+    """Wrap the training forward (TaskLoss.forward with gradients on): on its n-th call (n in `calls`)
+    apply `action` to the loss sum it returns."""
+    original, count = TaskLoss.forward, [0]
 
-    def wrapped(model, batch, task):
+    def wrapped(self, model, batch):
+        loss, logits = original(self, model, batch)
+        if not torch.is_grad_enabled():  # evaluation
+            return loss, logits
         count[0] += 1
-        loss = original(model, batch, task)
-        return action(loss) if count[0] in calls else loss
+        return (action(loss) if count[0] in calls else loss), logits
 
-    monkeypatch.setattr(train_module, "forward_loss_sum", wrapped)
+    monkeypatch.setattr(TaskLoss, "forward", wrapped)
 
 
 # ----------------------------------------------------------------------------- signals

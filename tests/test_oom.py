@@ -1,4 +1,4 @@
-"""OOM detection is as broad as DESIGN.md lists, and nothing else counts as an OOM."""
+"""OOM detection is as broad as docs/architecture.md lists, and nothing else counts as an OOM."""
 
 import pytest
 import torch

@@ -126,16 +126,18 @@ def test_bad_arguments_are_config_errors(kwargs, match):
     assert "\n" not in str(info.value)
 
 
-def test_sync_fit_lets_another_rank_veto():
+def test_agreement_lets_another_rank_veto_and_takes_the_slowest_time():
     mine, theirs = Threshold(100), Threshold(10)
 
-    def sync_fit(fit):  # the other rank ran the same size and fits only up to 10
+    def agree(values):  # the other rank ran the same size, fits only up to 10, and is slower
+        failed, seconds = values
         size = mine.calls[-1]
-        return fit and size <= theirs.max_fit
+        return [max(failed, float(size > theirs.max_fit)), max(seconds, 5.0)]
 
-    result = search(mine, sync_fit=sync_fit, limit=64)
+    result = search(mine, agree=agree, limit=64)
     assert result.size == 10
     assert any(p.error == "failed on another rank" for p in result.probes)
+    assert all(p.seconds == 5.0 for p in result.probes)
 
 
 def test_throughput_objective_reports_fastest_and_largest():
@@ -215,7 +217,7 @@ def test_probing_leaves_model_and_adamw_bit_identical(cache_dir):
     model(**make_batch(2)).loss.backward()
     model.eval()
     before = state_of(model, optimizer)
-    plan = plan_for(model, make_batch, 24, optimizer=optimizer, progress=False)
+    plan = plan_for(None, model, make_batch, 24, optimizer=optimizer, progress=False)
     assert_identical(before, state_of(model, optimizer))
     assert plan.effective_batch_size == 24
     assert max(p["size"] for p in plan.probes) <= 24  # limit: target / processes
@@ -226,7 +228,7 @@ def test_probing_leaves_model_and_adamw_bit_identical(cache_dir):
 def test_cache_hit_costs_zero_probes_and_replan_probes_again(cache_dir):
     model = tiny_gpt2()
     optimizer = torch.optim.AdamW(model.parameters())
-    first = plan_for(model, make_batch, 16, optimizer=optimizer, progress=False)
+    first = plan_for(None, model, make_batch, 16, optimizer=optimizer, progress=False)
     assert first.source == "probe" and first.probes
     calls = []
 
@@ -234,11 +236,11 @@ def test_cache_hit_costs_zero_probes_and_replan_probes_again(cache_dir):
         calls.append(size)
         return make_batch(size)
 
-    hit = plan_for(model, counting_batch, 16, optimizer=optimizer, progress=False)
+    hit = plan_for(None, model, counting_batch, 16, optimizer=optimizer, progress=False)
     assert hit.source == "cache" and hit.probes == ()
     assert calls == [1]  # only to read the batch's shape for the key; no step ran
     assert hit.micro_batch_size == first.micro_batch_size
-    again = plan_for(model, make_batch, 16, optimizer=optimizer, progress=False, replan=True)
+    again = plan_for(None, model, make_batch, 16, optimizer=optimizer, progress=False, replan=True)
     assert again.source == "probe"
 
 
@@ -246,7 +248,7 @@ def test_cache_hit_costs_zero_probes_and_replan_probes_again(cache_dir):
 def test_corrupt_cache_file_is_ignored(cache_dir):
     (cache_dir / "plans.json").write_text("\x00 garbage")
     model = tiny_gpt2()
-    plan = plan_for(model, make_batch, 8, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), progress=False)
+    plan = plan_for(None, model, make_batch, 8, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), progress=False)
     assert plan.source == "probe" and plan.effective_batch_size == 8
 
 
@@ -259,7 +261,7 @@ def test_plan_for_validates_before_probing(cache_dir):
                           (dict(target_batch_size=8, start=16), "above the per-process"),
                           (dict(target_batch_size=8, objective="fast"), "unknown")]:
         with pytest.raises(ConfigError, match=match):
-            plan_for(model, make_batch, progress=False, cache_path=False, **kwargs)
+            plan_for(None, model, make_batch, progress=False, cache_path=False, **kwargs)
 
 
 @real_model

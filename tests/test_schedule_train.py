@@ -46,7 +46,7 @@ def test_scheduled_run_equals_two_manual_runs_stitched_at_the_change_and_resumes
     assert (change["optimizer_step"], change["samples_seen"]) == (4, 16)
     assert (change["old_accumulation_steps"], change["new_accumulation_steps"]) == (2, 4)
     assert change["lr"] == pytest.approx(0.5 * 8 / 4)  # linear rule from base batch 4
-    assert [r["lr"] for r in records] == pytest.approx([0.5] * 3 + [1.0] * 4)  # the LR of the next step
+    assert [r["lr"] for r in records] == pytest.approx([0.5] * 4 + [1.0] * 3)  # the LR each step used
 
     # two manual runs: 4 steps at batch 4, then resumed from that checkpoint at batch 8
     manual = tmp_path / "manual"

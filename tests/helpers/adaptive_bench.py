@@ -19,6 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from accum.config import make_config  # noqa: E402
+from accum.loss import TaskLoss  # noqa: E402
+from accum.window import Callback  # noqa: E402
 from scripts import train as train_mod  # noqa: E402
 
 CPU_OOM = "DefaultCPUAllocator: can't allocate memory"
@@ -44,20 +46,16 @@ def run(out, micro, accum, steps, processes, **extra):
                               report_to="none", plan_cache=f"{out}/plans.json", overwrite=True, **extra))
     train_set = data(micro * accum * processes * steps)
     times = []
-    original = train_mod.run_window
 
-    def timed(*args):
-        start = time.perf_counter()
-        result = original(*args)
-        times.append(time.perf_counter() - start)
-        return result
+    class Timer(Callback):
+        def on_window_start(self, accumulator, samples):
+            self.start = time.perf_counter()
 
-    train_mod.run_window = timed
-    try:
-        metrics = train_mod.train(config, model=model(), train_data=train_set, eval_data=train_set[:8],
-                                  cli_keys={"micro_batch_size", "grad_accum_steps"})
-    finally:
-        train_mod.run_window = original
+        def on_window_end(self, accumulator, result):
+            times.append(time.perf_counter() - self.start)
+
+    metrics = train_mod.train(config, model=model(), train_data=train_set, eval_data=train_set[:8],
+                              cli_keys={"micro_batch_size", "grad_accum_steps"}, callbacks=[Timer()])
     return times, metrics
 
 
@@ -76,35 +74,35 @@ def on_vs_off(processes, micro=8, accum=4, steps=12, repeats=3):
 def agreement_cost(accelerator_calls=300):
     from accelerate import Accelerator
 
-    from accum.adaptive import any_rank
+    from accum.recovery import agree_max
 
     accelerator = Accelerator()
-    any_rank(False, accelerator, 0.0)
+    agree_max([0.0, 0.0], accelerator.device)
     start = time.perf_counter()
     for _ in range(accelerator_calls):
-        any_rank(False, accelerator, 0.0)
-    return {"any_rank_allreduce_us": round((time.perf_counter() - start) / accelerator_calls * 1e6, 1),
+        agree_max([0.0, 0.0], accelerator.device)
+    return {"agree_max_allreduce_us": round((time.perf_counter() - start) / accelerator_calls * 1e6, 1),
             "processes": accelerator.num_processes}
 
 
 def recovery_cost(micro=8, accum=4, steps=10, fail_at_window=5):
     """One injected OOM in the last micro-batch of a window (the worst case: the whole window is redone)."""
     state = {"forwards": 0}
-    original = train_mod.forward_loss_sum
+    original = TaskLoss.forward
 
-    def forward(model_, batch, task):
+    def forward(self, model_, batch):  # a measurement script, not product code: the OOM is injected here
         if model_.training:
             state["forwards"] += 1
             if state["forwards"] == fail_at_window * accum:
                 raise RuntimeError(CPU_OOM)
-        return original(model_, batch, task)
+        return original(self, model_, batch)
 
-    train_mod.forward_loss_sum = forward
+    TaskLoss.forward = forward
     try:
         with tempfile.TemporaryDirectory() as tmp:
             times, metrics = run(f"{tmp}/rec", micro, accum, steps, 1)
     finally:
-        train_mod.forward_loss_sum = original
+        TaskLoss.forward = original
     after = statistics.median(times[fail_at_window:])
     return {"recovery_window_s": round(times[fail_at_window - 1], 3), "normal_window_s_after": round(after, 3),
             "one_recovery_costs_s": round(times[fail_at_window - 1] - after, 3),

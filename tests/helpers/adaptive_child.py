@@ -34,40 +34,35 @@ def main() -> int:
     import tqdm
 
     tqdm.tqdm.monitor_interval = 0  # no monitor thread, which could be born under the limit
-    from accum.adaptive import OutOfMemoryError
+    from accum.recovery import OutOfMemoryError
+    from accum.window import Callback
     from scripts import train as train_mod
     from tests.helpers.adaptive_case import growing_data, run_config, tiny_gpt2
 
-    rank = int(os.environ.get("RANK", "0"))
-    budget = spec.get("budget_mib")
-    if budget is not None and spec.get("limit_rank") in (None, rank):
-        original, calls = train_mod.fetch_window, []
+    class MemoryCap(Callback):
+        """Caps the address space once the first window is trained; lifts it before evaluation."""
 
-        def fetch_then_limit(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 2:  # the first window is trained: limit what follows
+        def on_window_start(self, accumulator, samples):
+            if accumulator.stats.optimizer_step == 1:
                 _, hard = resource.getrlimit(resource.RLIMIT_AS)
                 resource.setrlimit(resource.RLIMIT_AS, (vm_size() + int(budget * 2**20), hard))
-            return original(*args, **kwargs)
 
-        train_mod.fetch_window = fetch_then_limit
-        original_eval = train_mod.run_eval
-
-        def lift_limit_then_eval(*args, **kwargs):
+        def on_evaluate(self, run):
             # Training is over: lift the cap before evaluation and teardown. Under it, a rank can hang
             # while the process group shuts down (seen 1 run in 6), which is the harness, not recovery.
             _, hard = resource.getrlimit(resource.RLIMIT_AS)
             resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
-            return original_eval(*args, **kwargs)
 
-        train_mod.run_eval = lift_limit_then_eval
+    rank = int(os.environ.get("RANK", "0"))
+    budget = spec.get("budget_mib")
+    callbacks = [MemoryCap()] if budget is not None and spec.get("limit_rank") in (None, rank) else []
     window = spec["batch"]
     data = growing_data(spec["samples"], window, spec["long_from_window"])
     config = run_config(spec["output_dir"], spec["batch"], spec["micro"], spec["accum"], spec["steps"],
                         **spec.get("extra", {}))
     try:
         train_mod.train(config, model=tiny_gpt2(), train_data=data, eval_data=data[:4],
-                        cli_keys={"micro_batch_size", "grad_accum_steps"})
+                        cli_keys={"micro_batch_size", "grad_accum_steps"}, callbacks=callbacks)
     except OutOfMemoryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 4

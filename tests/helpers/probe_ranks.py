@@ -28,7 +28,7 @@ def main() -> None:
         make_train_step(model, make_batch, accelerator, optimizer, loss_fn)(1)
     accelerator.wait_for_everyone()
     cap_memory(budgets[accelerator.process_index])
-    plan = plan_for(model, make_batch, 128, accelerator, optimizer, loss_fn=loss_fn, cache_path=False, progress=False)
+    plan = plan_for(accelerator, model, make_batch, 128, optimizer, loss_fn=loss_fn, cache_path=False, progress=False)
     accelerator.wait_for_everyone()
     record = {
         "rank": accelerator.process_index,

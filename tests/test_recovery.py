@@ -1,4 +1,4 @@
-"""OOM recovery (accum/adaptive.py, scripts/train.py): the pure decisions, the replay driven through the
+"""OOM recovery (accum/recovery.py, accum/window.py, scripts/train.py): the pure decisions, the replay driven through the
 real train() with an injected OOM, and real OOMs under RLIMIT_AS in child processes (one rank, micro-batch 1,
 and two ranks where only one runs out)."""
 
@@ -15,17 +15,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from accum.adaptive import (
+import accum.window
+from accum.loss import TaskLoss
+from accum.plan import plan_from_accumulation
+from accum.recovery import (
     AdaptiveBatch,
     OutOfMemoryError,
-    any_rank,
+    agree_max,
     grow_plan,
     larger_micro_batch,
     run_with_recovery,
     shrink_plan,
     smaller_micro_batch,
 )
-from accum.plan import plan_from_accumulation
+from accum.window import Callback
 from scripts import train as train_mod
 from tests.helpers.adaptive_case import LONG, growing_data, run_config, tiny_gpt2
 
@@ -115,37 +118,51 @@ def test_run_with_recovery_replays_until_the_window_fits():
             raise RuntimeError(CPU_OOM)
         return plan.micro_batch_size * plan.accumulation_steps
 
-    batch = AdaptiveBatch(plan_from_accumulation(8, 2))
-    assert run_with_recovery(attempt, batch, on_adjust=adjustments.append) == 16
-    assert calls == [8, 4, 2] and [d.new.micro_batch_size for d in adjustments] == [4, 2]
+    def shrink(plan):
+        decision = batch.on_oom()
+        return None if decision is None else decision.new
+
+    batch, cleaned, gave_up = AdaptiveBatch(plan_from_accumulation(8, 2)), [], []
+    result, plan, agreed = run_with_recovery(attempt, batch.plan, shrink, cleanup=lambda: cleaned.append(1),
+                                             on_shrink=lambda old, new: adjustments.append(new), measure=lambda: [0.5])
+    assert (result, plan.micro_batch_size, agreed) == (16, 2, [0.0, 0.5])
+    assert calls == [8, 4, 2] and [p.micro_batch_size for p in adjustments] == [4, 2] and len(cleaned) == 2
+    batch = AdaptiveBatch(plan_from_accumulation(1, 4))
     with pytest.raises(OutOfMemoryError, match="gradient-checkpointing"):
-        run_with_recovery(lambda plan: attempt(plan_from_accumulation(4, 1)), AdaptiveBatch(plan_from_accumulation(1, 4)))
+        run_with_recovery(lambda plan: attempt(plan_from_accumulation(4, 1)), batch.plan, shrink,
+                          on_give_up=lambda: gave_up.append(1))
+    assert gave_up == [1]  # the caller saves before the error
     with pytest.raises(ValueError, match="not memory"):  # anything but an OOM passes through
-        run_with_recovery(lambda plan: (_ for _ in ()).throw(ValueError("not memory")), batch)
-    assert any_rank(True, None, 0.5) == [1.0, 0.5]
+        run_with_recovery(lambda plan: (_ for _ in ()).throw(ValueError("not memory")), batch.plan, shrink)
+    # an evaluation batch shrinks the same way: a plain number, halved
+    sizes = []
+    run_with_recovery(lambda size: sizes.append(size) or (_ for _ in ()).throw(MemoryError) if size > 3 else size,
+                      16, lambda size: size // 2 if size > 1 else None)
+    assert sizes == [16, 8, 4]
+    assert agree_max([1.0, 0.5]) == [1.0, 0.5]  # one process: nothing to agree with
 
 
 # ----------------------------------------------------------------------------- train() with an injected OOM
 
 
 def inject_oom(monkeypatch, too_big):
-    """forward_loss_sum raises the CPU allocator's OOM whenever `too_big(batch, training)`."""
-    original = train_mod.forward_loss_sum
+    """TaskLoss.forward raises the CPU allocator's OOM whenever `too_big(batch, training)`."""
+    original = TaskLoss.forward
 
-    def forward(model, batch, task):
+    def forward(self, model, batch):
         if too_big(batch, model.training):
             raise RuntimeError(CPU_OOM)
-        return original(model, batch, task)
+        return original(self, model, batch)
 
-    monkeypatch.setattr(train_mod, "forward_loss_sum", forward)
+    monkeypatch.setattr(TaskLoss, "forward", forward)
     return original
 
 
-def train_in_process(tmp_path, name, data, micro, accum, steps=6, batch=8, **extra):
+def train_in_process(tmp_path, name, data, micro, accum, steps=6, batch=8, callbacks=(), **extra):
     model = tiny_gpt2()
     config = run_config(str(tmp_path / name), batch, micro, accum, steps, **extra)
     metrics = train_mod.train(config, model=model, train_data=data, eval_data=data[:2],
-                              cli_keys={"micro_batch_size", "grad_accum_steps"})
+                              cli_keys={"micro_batch_size", "grad_accum_steps"}, callbacks=callbacks)
     return metrics, {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
@@ -197,14 +214,7 @@ def test_oom_in_optimizer_step_and_without_recovery_are_errors(tmp_path, monkeyp
 
 
 def test_oom_in_evaluation_halves_the_eval_batch_alone(tmp_path, monkeypatch, short_data):
-    original = train_mod.sum_item_losses
-
-    def eval_losses(logits, labels, task):
-        if not torch.is_grad_enabled() and logits.shape[0] > 1:
-            raise RuntimeError(CPU_OOM)
-        return original(logits, labels, task)
-
-    monkeypatch.setattr(train_mod, "sum_item_losses", eval_losses)
+    inject_oom(monkeypatch, lambda batch, training: not training and batch["input_ids"].shape[0] > 1)
     metrics, _ = train_in_process(tmp_path, "eval", short_data, 4, 2, steps=2)
     assert metrics["eval"]["loss"] > 0
     assert [(a["old_eval_batch_size"], a["new_eval_batch_size"]) for a in metrics["adjustments"]] == [(2, 1)]
@@ -213,23 +223,19 @@ def test_oom_in_evaluation_halves_the_eval_batch_alone(tmp_path, monkeypatch, sh
 
 def test_memory_pressure_shrinks_then_regrows_without_changing_the_result(tmp_path, monkeypatch, short_data):
     reference, ref_weights = train_in_process(tmp_path, "ref", short_data, 8, 1)
-    budget = {}
+    window = {}
+
+    class Counter(Callback):
+        def on_window_start(self, accumulator, samples):
+            window.update(number=accumulator.stats.optimizer_step + 1, budget=accumulator.memory_budget)
 
     def fake_peak(device=None):
         # window 2 presses memory (95% of the budget); the rest stay at 10%
-        return int((0.95 if train_mod_stats["windows"] == 2 else 0.1) * budget["bytes"])
+        return int((0.95 if window["number"] == 2 else 0.1) * window["budget"])
 
-    train_mod_stats = {"windows": 0}
-    original_window = train_mod.train_window
-
-    def counting_window(run, *args):
-        budget["bytes"] = run.memory_budget
-        train_mod_stats["windows"] = run.stats.optimizer_step + 1
-        return original_window(run, *args)
-
-    monkeypatch.setattr(train_mod, "train_window", counting_window)
-    monkeypatch.setattr(train_mod, "peak_memory_bytes", fake_peak)
-    metrics, weights = train_in_process(tmp_path, "pressure", short_data, 8, 1, memory_pressure=0.9, regrow=2)
+    monkeypatch.setattr(accum.window, "peak_memory_bytes", fake_peak)
+    metrics, weights = train_in_process(tmp_path, "pressure", short_data, 8, 1, memory_pressure=0.9, regrow=2,
+                                        callbacks=[Counter()])
     assert largest_difference(weights, ref_weights) <= TOLERANCE
     changes = [(a["optimizer_step"], a["old_micro_batch_size"], a["new_micro_batch_size"], a["reason"].split(":")[0])
                for a in metrics["adjustments"]]
@@ -325,7 +331,7 @@ def test_two_ranks_one_runs_out_both_adjust_no_hang(tmp_path):
     assert "adjusted from optimizer step 4: micro-batch 8 -> 4" in result.stdout
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["optimizer_step"] == 6 and metrics["plan"]["micro_batch_size"] == 4
-    # one rank x 4 = two ranks x 2 (DESIGN.md)
+    # one rank x 4 = two ranks x 2 (docs/architecture.md)
     difference = compare_to_reference(tmp_path, tmp_path / "two", growing_data(96, 16, long_from_window=3), 16, 4, 4)
     print("two ranks, rank 1 out of memory, vs one rank started at micro-batch 4:", difference)
     assert difference <= TOLERANCE

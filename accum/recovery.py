@@ -1,4 +1,6 @@
-"""Recover from out-of-memory mid-training without changing the effective batch.
+"""Out-of-memory recovery, the one owner: attempt, agree across ranks, shrink at the same effective
+batch, replay. Training windows (accum/window.py), evaluation batches and the planner's probes
+(accum/probe.py) all go through the two functions at the bottom of this module.
 
 A run that fit at step 0 can run out at step 5,000 (longer sequences, fragmentation, another
 process). The answer here keeps the effective batch, and so the training, unchanged: drop the
@@ -13,17 +15,21 @@ Pure parts (no device, no model), tested without an OOM:
 - `shrink_plan` / `grow_plan`: a new Plan with the same effective batch.
 - `AdaptiveBatch`: the decisions (OOM -> shrink; memory pressure -> shrink; `regrow` quiet windows
   -> grow back), with a ceiling that an OOM lowers for good, a cool-down that doubles each time a
-  regrow is followed by pressure, and at most `max_adjustments` optional adjustments: no thrashing. Every rank that feeds it the same agreed inputs decides the same.
+  regrow is followed by pressure, and at most `max_adjustments` optional adjustments: no thrashing.
+  Every rank that feeds it the same agreed inputs decides the same.
 
-And a small helper for anyone's loop, `run_with_recovery(attempt, batch)`: call `attempt(plan)`,
-and on OOM free memory outside the `except` block, shrink, call again. Several ranks must agree
-that a window failed before anyone steps: `any_rank(flag, accelerator)` is that one all-reduce.
+And the two functions that touch devices:
+
+- `agree_max(values, device)`: the maxima of a few numbers over all ranks, one all-reduce; the only
+  "did any rank fail" collective in accum (the planner's probes use it too).
+- `run_with_recovery(attempt, limit, shrink, ...)`: call `attempt(limit)`; an OOM on any rank makes
+  every rank free memory outside the `except` block, shrink the limit and call again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -37,7 +43,8 @@ __all__ = [
     "Decision",
     "OutOfMemoryError",
     "advice",
-    "any_rank",
+    "agree_max",
+    "attempt_on_every_rank",
     "grow_plan",
     "larger_micro_batch",
     "run_with_recovery",
@@ -46,6 +53,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+L = TypeVar("L")
 
 ADVICE = ("enable --gradient-checkpointing, use an 8-bit optimizer (--optimizer adamw_8bit), "
           "or lower --max-seq-len")
@@ -118,11 +126,13 @@ def grow_plan(plan: Plan, ceiling: int) -> Plan | None:
 
 @dataclass(frozen=True)
 class Decision:
-    """A change of plan: the new plan, the old one, and why (one short phrase)."""
+    """A change of plan: the new plan, the old one, why (one short phrase), and the first optimizer
+    step (1-based) that trains with the new plan, when the caller knows it."""
 
     old: Plan
     new: Plan
     reason: str
+    optimizer_step: int | None = None
 
     def record(self, **extra: Any) -> dict[str, Any]:
         """The fields of an adjustment entry (for AccumulationStats.record_adjustment)."""
@@ -215,39 +225,79 @@ class AdaptiveBatch:
         return None
 
 
-def any_rank(flag: bool | float, accelerator: Any = None, *values: float) -> list[float]:
-    """All-reduce (max) of [flag, *values] over the ranks: one collective, skipped on a single
-    process. Returns the maxima as floats (flag first: > 0 means some rank raised it)."""
-    local = [float(flag), *map(float, values)]
-    if accelerator is None or accelerator.num_processes <= 1:
+def agree_max(values: Sequence[float], device: torch.device | str | None = None) -> list[float]:
+    """The maxima of `values` over all ranks of the default process group: one all-reduce, none on a
+    single process. "Did any rank fail" is a flag (1.0 failed) among the values; the slowest rank's
+    time or the largest peak ride on the same collective. Every rank must call it with as many values."""
+    local = [float(value) for value in values]
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
         return local
-    tensor = torch.tensor(local, dtype=torch.float64, device=accelerator.device)
-    return accelerator.reduce(tensor, "max").tolist()
+    # gloo reduces CPU tensors only; NCCL only device tensors
+    device = torch.device("cpu") if dist.get_backend() == "gloo" else torch.device(device or "cuda")
+    tensor = torch.tensor(local, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
 
 
-def run_with_recovery(attempt: Callable[[Plan], T], batch: AdaptiveBatch, *, optimizer: Any = None,
-                      on_adjust: Callable[[Decision], None] | None = None, where: str = "forward/backward") -> T:
-    """Call `attempt(plan)` until it returns without OOM, shrinking the plan after each OOM.
+def attempt_on_every_rank(
+    attempt: Callable[[], T],
+    device: torch.device | str | None = None,
+    measure: Callable[[], Sequence[float]] | None = None,
+) -> tuple[T | None, list[float]]:
+    """Run `attempt()`, catching only an out-of-memory error; then every rank learns whether any rank
+    ran out, in one all-reduce that also carries the maxima of `measure()` (e.g. peak memory).
 
-    `attempt` runs one whole window (all its micro-batches) at the plan it is given and must start
-    from zero gradients; after an OOM the gradients are dropped (`optimizer.zero_grad`) and memory is
-    freed outside the `except` block before the replay. Single process only: with several ranks,
-    agree on the failure with `any_rank` instead. Returns what `attempt` returns; raises
-    OutOfMemoryError at micro-batch 1, and any non-OOM error unchanged.
+    Returns (what attempt returned, or None when any rank ran out; [failed flag, *maxima]). Any
+    other exception propagates unchanged. `attempt` must run no collective that a failing rank
+    would skip (e.g. DDP's all-reduce inside backward): a rank that ran out would leave it waiting.
+    """
+    result, failed = None, False
+    try:
+        result = attempt()
+    except Exception as exc:  # noqa: BLE001 - only OOMs are kept, below
+        if not is_oom(exc):
+            raise
+        failed = True
+    agreed = agree_max([float(failed), *(measure() if measure is not None else ())], device)
+    return (None if agreed[0] > 0 else result), agreed
+
+
+def run_with_recovery(
+    attempt: Callable[[L], T],
+    limit: L,
+    shrink: Callable[[L], L | None],
+    *,
+    device: torch.device | str | None = None,
+    where: str = "forward/backward",
+    cleanup: Callable[[], None] | None = None,
+    on_shrink: Callable[[L, L], None] | None = None,
+    on_give_up: Callable[[], None] | None = None,
+    measure: Callable[[], Sequence[float]] | None = None,
+    optimizer_step: int | None = None,
+) -> tuple[T, L, list[float]]:
+    """Call `attempt(limit)` until it runs on every rank without running out of memory.
+
+    `limit` is what a replay shrinks: a Plan (training windows), a batch size (evaluation), a token
+    budget. After an OOM on any rank, every rank calls `cleanup()` (drop gradients), frees memory,
+    asks `shrink(limit)` for the next limit and calls `on_shrink(old, new)`, then replays. When
+    `shrink` returns None (nothing smaller), `on_give_up()` runs (save a checkpoint) and
+    OutOfMemoryError is raised, naming `where`. Returns (the result, the limit it ran at, the agreed
+    [0.0, *maxima of measure()]). Non-OOM errors propagate unchanged.
     """
     while True:
-        try:
-            return attempt(batch.plan)
-        except Exception as exc:
-            if not is_oom(exc):
-                raise
-        # out here, not in the except block: its traceback would keep the failed step's tensors alive
-        if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
-        free_memory()
-        micro = batch.plan.micro_batch_size
-        decision = batch.on_oom(where)
-        if decision is None:
-            raise OutOfMemoryError(advice(where, None, micro))
-        if on_adjust is not None:
-            on_adjust(decision)
+        result, agreed = attempt_on_every_rank(lambda at=limit: attempt(at), device, measure)
+        if agreed[0] == 0:
+            return result, limit, agreed
+        if cleanup is not None:
+            cleanup()
+        free_memory()  # outside the except block: its traceback no longer pins the failed step's tensors
+        new = shrink(limit)
+        if new is None:
+            if on_give_up is not None:
+                on_give_up()
+            size = getattr(limit, "micro_batch_size", limit)
+            raise OutOfMemoryError(advice(where, optimizer_step, size if isinstance(size, int) else 1))
+        if on_shrink is not None:
+            on_shrink(limit, new)
+        limit = new

@@ -1,0 +1,442 @@
+"""One exact accumulation window, end to end, for any Accelerate loop: `Accumulator.step(samples)`.
+
+A *window* is the data of one optimizer step on all ranks. `step` takes the window's samples (the
+same list on every rank, e.g. from `WindowSampler`), and in this order (docs/architecture.md):
+
+1. cuts this rank's share into micro-batches (`cut(samples, limit)`; ranks with fewer get empty
+   ones), collates them on the CPU and counts their loss items there (no host-device sync);
+2. agrees on the window's item and token counts over all ranks (one all-reduce);
+3. runs the micro-batches inside `accelerator.accumulate()` after `begin_window`, back-propagating
+   each one's loss *sum* x accumulation x processes / window items, so Accelerate's division and
+   DDP's average cancel and the gradient is the window's item mean (accum/loss.py);
+4. with OOM recovery, agrees whether any rank ran out; if one did, drops the gradients, shrinks the
+   micro-batch at the same effective batch and replays the window (accum/recovery.py); on several
+   DDP ranks the gradient all-reduce then waits until every rank's backward passes succeeded;
+5. measures the gradient noise scale (before clipping), refuses a non-finite loss or gradient,
+   clips, steps the optimizer and the scheduler once, and zeroes the gradients.
+
+Loss, counts and norms stay on the device until the window ends; then one transfer. What happened
+comes back as a `WindowResult`; events go to the callbacks (`Callback`), never to patched code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from accum.accelerator import begin_window
+from accum.loss import backward_scale
+from accum.noise import NoiseMeter
+from accum.oom import is_oom, peak_memory_bytes, reset_peak_memory
+from accum.plan import Plan
+from accum.recovery import AdaptiveBatch, Decision, OutOfMemoryError, advice, run_with_recovery
+from accum.stats import AccumulationStats
+from accum.windows import FixedSize, rank_micro_batches
+
+__all__ = ["Accumulator", "Callback", "EvalResult", "NonFiniteError", "WindowResult", "all_reduce_gradients", "evaluate"]
+
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+class NonFiniteError(FloatingPointError):
+    """A window's loss or gradient was NaN/inf; no weight was changed. `optimizer_step` is the step
+    that was refused (1-based)."""
+
+    def __init__(self, what: str, optimizer_step: int):
+        self.what, self.optimizer_step = what, optimizer_step
+        super().__init__(f"{what} at optimizer step {optimizer_step}")
+
+
+class Callback:
+    """Events of an `Accumulator`, for timing, logging or tests; override what you need. Callbacks
+    observe; they must not change the gradients or the optimizer."""
+
+    def on_window_start(self, accumulator: Accumulator, samples: Sequence[Any]) -> None:
+        """Before a window's first micro-batch is cut (once per window, not per replay)."""
+
+    def on_before_optimizer_step(self, accumulator: Accumulator) -> None:
+        """After clipping, right before `optimizer.step()`: `.grad` holds the window's gradient."""
+
+    def on_after_optimizer_step(self, accumulator: Accumulator) -> None:
+        """Right after `optimizer.step()` and the scheduler's step, before the gradients are zeroed."""
+
+    def on_window_end(self, accumulator: Accumulator, result: WindowResult) -> None:
+        """After the window, with what happened."""
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """What one window did. Counts are over all ranks; `micro_batches` is per rank."""
+
+    optimizer_step: int  # windows done, this one included
+    loss: float | None  # mean loss per item over the window (None when not finite)
+    items: int  # loss items (tokens or samples)
+    samples: int
+    tokens: int  # real (unpadded) tokens
+    micro_batches: int  # micro-batches each rank ran, empty ones included
+    micro_batch_size: int  # the cutting limit the window ran at
+    grad_norm: float | None  # global norm before clipping; None when refused before it
+    lr: float  # the learning rate this step used
+    skipped: bool
+    skip_reason: str | None = None
+    b_simple: float | None = None  # smoothed gradient noise scale, in loss items
+    adjustments: tuple[Decision, ...] = ()
+    record: dict[str, Any] = field(default_factory=dict)  # AccumulationStats' record of this step
+
+
+@dataclass
+class _Micro:
+    """One collated micro-batch (CPU tensors) and what it carries; `batch` None for an empty one."""
+
+    batch: dict[str, torch.Tensor] | None
+    items: int = 0
+    samples: int = 0
+    tokens: int = 0
+
+
+def _tokens(batch: dict[str, torch.Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+def all_reduce_gradients(model: torch.nn.Module, num_processes: int, bucket_bytes: int = 25 * 2**20) -> None:
+    """Average the gradients over ranks, as DDP's sync backward would, in flat buckets of ~25 MiB.
+    A parameter without a gradient on this rank (no data reached it) joins with zeros."""
+    grads = []
+    for param in model.parameters():
+        if param.requires_grad:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            grads.append(param.grad)
+    bucket, size = [], 0
+    for grad in grads + [None]:
+        if grad is not None and (not bucket or (grad.dtype == bucket[0].dtype and size < bucket_bytes)):
+            bucket.append(grad)
+            size += grad.numel() * grad.element_size()
+            continue
+        flat = torch._utils._flatten_dense_tensors(bucket)
+        torch.distributed.all_reduce(flat)
+        flat /= num_processes
+        for target, reduced in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket), strict=True):
+            target.copy_(reduced)
+        bucket, size = ([grad], grad.numel() * grad.element_size()) if grad is not None else ([], 0)
+
+
+class Accumulator:
+    """Runs exact accumulation windows for an Accelerate loop: `step(samples)` is one optimizer step.
+
+    accelerator, model, optimizer: as `accelerator.prepare` returned them (the scheduler not
+    prepared: Accelerate would step it once per process; here it steps once per optimizer step).
+    plan: the Plan whose micro-batch is the cutting limit (`plan_for`, `plan_batch`).
+    loss: `accum.TaskLoss(task)` or any object with `count(batch) -> int` and
+    `forward(model, batch) -> (loss_sum, outputs)`; collate: list of samples -> dict of CPU tensors.
+    cut: the cutting policy `cut(samples, limit) -> micro-batches` (default `FixedSize()`).
+    max_grad_norm: clip to this norm (None: measure only). recovery: OOM recovery (True, or an
+    `AdaptiveBatch` for memory pressure and regrowth; then `memory_budget` in bytes is the peak
+    that pressure is measured against). noise_scale: measure B_simple. nonfinite: 'raise'
+    (NonFiniteError, nothing stepped) or 'skip' (the window is dropped and counted).
+    on_give_up: called before OutOfMemoryError is raised at micro-batch 1 (save a checkpoint).
+
+    `notes` lists one line per feature that this layout turned off, and why. `state_dict()` holds
+    the counters and the noise scale, so `accelerator.register_for_checkpointing(accumulator)`
+    resumes them too.
+    """
+
+    def __init__(self, accelerator: Any, model: torch.nn.Module, optimizer: Any, plan: Plan, *, loss: Any,
+                 collate: Any, scheduler: Any = None, max_grad_norm: float | None = None, cut: Any = None,
+                 recovery: bool | AdaptiveBatch = True, memory_budget: int | None = None,
+                 noise_scale: bool | NoiseMeter = False, nonfinite: str = "raise", callbacks: Sequence[Callback] = (),
+                 on_give_up: Any = None, stats: AccumulationStats | None = None):
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite={nonfinite!r}: use one of {', '.join(NONFINITE_POLICIES)}")
+        if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm >= 0):
+            raise ValueError(f"max_grad_norm={max_grad_norm!r}: must be a finite number >= 0 (0 or None: no clipping)")
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.scheduler = getattr(scheduler, "scheduler", scheduler)  # an AcceleratedScheduler would step per process
+        self.loss, self.collate, self.cut = loss, collate, cut if cut is not None else FixedSize()
+        self.max_grad_norm = max_grad_norm or None
+        self.nonfinite, self.callbacks, self.on_give_up = nonfinite, list(callbacks), on_give_up
+        self.memory_budget = memory_budget
+        self.stats = stats if stats is not None else AccumulationStats(device=accelerator.device)
+        self.notes: list[str] = []
+        self._plan = plan
+        self.adaptive = self._setup_recovery(recovery, plan)
+        # several ranks with recovery: no all-reduce inside backward, where an OOM on one rank would
+        # leave the others waiting; the gradients are averaged once every rank has succeeded
+        self.defer_sync = self.adaptive is not None and accelerator.num_processes > 1
+        self.noise = self._setup_noise(noise_scale, plan)
+
+    # -- setup --------------------------------------------------------------------------------------
+
+    def _setup_recovery(self, recovery: bool | AdaptiveBatch, plan: Plan) -> AdaptiveBatch | None:
+        if recovery is False or recovery is None:
+            return None
+        if self.accelerator.num_processes > 1 and not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            self.notes.append("OOM recovery off: several ranks are handled for DDP only (not FSDP or DeepSpeed)")
+            return None
+        return recovery if isinstance(recovery, AdaptiveBatch) else AdaptiveBatch(plan)
+
+    def _setup_noise(self, noise_scale: bool | NoiseMeter, plan: Plan) -> NoiseMeter | None:
+        if isinstance(noise_scale, NoiseMeter):
+            return noise_scale
+        if not noise_scale:
+            return None
+        meter = NoiseMeter(self.model, self.accelerator.num_processes, plan.accumulation_steps,
+                           deferred_sync=self.defer_sync)
+        if meter.unavailable:
+            self.notes.append(meter.unavailable)
+        return meter
+
+    # -- the plan in force ----------------------------------------------------------------------------
+
+    @property
+    def plan(self) -> Plan:
+        """The plan in force: OOM recovery and memory pressure change its micro-batch (never its batch)."""
+        return self.adaptive.plan if self.adaptive is not None else self._plan
+
+    def use_plan(self, plan: Plan) -> None:
+        """Train the next windows with `plan` (a batch schedule changes the effective batch)."""
+        self._plan = plan
+        if self.adaptive is not None:
+            self.adaptive.plan = plan
+
+    # -- one window -----------------------------------------------------------------------------------
+
+    def step(self, samples: Sequence[Any]) -> WindowResult:
+        """Train one window (`samples`: the window on all ranks, the same sequence on every rank) and
+        take exactly one optimizer step. Returns a WindowResult. Raises NonFiniteError (nonfinite
+        'raise'; no weight changed), OutOfMemoryError (nothing smaller to replay with, or in the
+        optimizer step), ValueError for an empty window."""
+        if len(samples) == 0:
+            raise ValueError("a window needs at least one sample")
+        self._emit("on_window_start", samples)
+        accelerator, adjustments, initial = self.accelerator, [], self.plan
+        micros = self._collate(samples, initial)
+        local_items = sum(m.items for m in micros)
+        totals = accelerator.reduce(torch.tensor([local_items, sum(m.tokens for m in micros)],
+                                                 device=accelerator.device), "sum").tolist()
+        window_items, window_tokens = int(totals[0]), int(totals[1])
+
+        def attempt(plan: Plan) -> tuple[torch.Tensor, int, int]:
+            cut = micros if plan is initial else self._collate(samples, plan)  # a replay re-cuts the same samples
+            stand_in = self.collate([samples[0]]) if any(m.batch is None for m in cut) else None
+            return self._accumulate(cut, window_items, stand_in), len(cut), plan.micro_batch_size
+
+        if self.adaptive is None:
+            loss_sum, micro_batches, limit = attempt(initial)
+        else:
+            (loss_sum, micro_batches, limit), _, agreed = run_with_recovery(
+                attempt, initial, lambda plan: self._shrink(adjustments), device=accelerator.device,
+                cleanup=lambda: self.optimizer.zero_grad(set_to_none=True), on_give_up=self.on_give_up,
+                measure=self._peak_fraction, optimizer_step=self.stats.optimizer_step + 1)
+            if self.defer_sync:
+                if self.noise is not None:
+                    self.noise.before_all_reduce()
+                all_reduce_gradients(self.model, accelerator.num_processes)
+            self._after_window(agreed[1], adjustments)
+        b_simple = None
+        if self.noise is not None:  # before clipping changes the gradients
+            b_simple = self.noise.finish_window(local_items, window_items, lambda t: accelerator.reduce(t, "mean"))
+        window_loss = accelerator.reduce(loss_sum.reshape(1), "sum").item() / max(window_items, 1)
+        grad_norm, lr, skipped, reason = self._optimizer_step(window_loss)
+        self.stats.record_window(micro_batches, len(samples), window_tokens)
+        record = self.stats.record_optimizer_step(loss=window_loss, grad_norm=grad_norm, lr=lr, skipped=skipped)
+        result = WindowResult(
+            optimizer_step=self.stats.optimizer_step, loss=record["loss"], items=window_items, samples=len(samples),
+            tokens=window_tokens, micro_batches=micro_batches, micro_batch_size=limit, grad_norm=grad_norm, lr=lr,
+            skipped=skipped, skip_reason=reason, b_simple=b_simple, adjustments=tuple(adjustments), record=record)
+        self._emit("on_window_end", result)
+        return result
+
+    def _collate(self, samples: Sequence[Any], plan: Plan) -> list[_Micro]:
+        """This rank's micro-batches at the plan's micro-batch size, collated on the CPU and counted."""
+        accelerator = self.accelerator
+        parts = rank_micro_batches(samples, self.cut, plan.micro_batch_size, accelerator.num_processes,
+                                   accelerator.process_index)
+        micros = []
+        for part in parts:
+            if not part:
+                micros.append(_Micro(None))
+                continue
+            batch = self.collate(part)
+            micros.append(_Micro(batch, self.loss.count(batch), len(part), _tokens(batch)))
+        return micros
+
+    def _accumulate(self, micros: list[_Micro], window_items: int, stand_in: dict | None) -> torch.Tensor:
+        """Forward and backward every micro-batch of the window; return this rank's loss sum (device)."""
+        accelerator, model = self.accelerator, self.model
+        begin_window(accelerator, len(micros))
+        scale = backward_scale(len(micros), accelerator.num_processes, window_items)
+        if self.noise is not None:
+            self.noise.start_window(accelerator.num_processes / max(window_items, 1) * self._loss_scale())
+        if self.adaptive is not None and self.memory_budget:
+            reset_peak_memory(accelerator.device)
+        loss_total = torch.zeros((), device=accelerator.device)
+        with accelerator.no_sync(model) if self.defer_sync else contextlib.nullcontext():
+            for micro in micros:
+                with accelerator.accumulate(model):
+                    empty = micro.batch is None
+                    # an empty micro-batch joins the sync step's all-reduce (at zero weight); with
+                    # deferred sync there is none in backward, and off the sync step nothing to add
+                    if empty and (self.defer_sync or not accelerator.sync_gradients):
+                        continue
+                    batch = {k: v.to(accelerator.device) for k, v in (stand_in if empty else micro.batch).items()}
+                    loss_sum, _ = self.loss.forward(model, batch)
+                    if getattr(self.loss, "mean_of_means", False):
+                        to_backward = loss_sum / max(micro.items, 1)
+                    else:
+                        to_backward = loss_sum * scale
+                    accelerator.backward(to_backward * 0.0 if empty else to_backward)
+                if not empty:
+                    loss_total += loss_sum.detach()
+                    if self.noise is not None:
+                        self.noise.after_backward(micro.items)
+        return loss_total
+
+    def _shrink(self, adjustments: list[Decision]) -> Plan | None:
+        decision = self.adaptive.on_oom("forward/backward")
+        if decision is None:
+            return None
+        self._adjusted(decision, self.stats.optimizer_step + 1, adjustments)  # the replayed step
+        return decision.new
+
+    def _adjusted(self, decision: Decision, optimizer_step: int, adjustments: list[Decision]) -> None:
+        decision = dataclasses.replace(decision, optimizer_step=optimizer_step)
+        adjustments.append(decision)
+        self.stats.record_adjustment(**decision.record(optimizer_step=optimizer_step))
+
+    def _peak_fraction(self) -> list[float]:
+        if not self.memory_budget:
+            return [0.0]
+        return [peak_memory_bytes(self.accelerator.device) / self.memory_budget]
+
+    def _after_window(self, peak_fraction: float | None, adjustments: list[Decision]) -> None:
+        """Memory pressure and regrowth decide the next window's micro-batch (this one is done)."""
+        decision = self.adaptive.after_window(peak_fraction if self.memory_budget else None)
+        if decision is not None:  # this step is done; the next one changes
+            self._adjusted(decision, self.stats.optimizer_step + 2, adjustments)
+
+    def _loss_scale(self) -> float:
+        """fp16's current loss scale (gradients hold it until clipping unscales them), else 1."""
+        scaler = self.accelerator.scaler
+        return float(scaler.get_scale()) if scaler is not None else 1.0
+
+    def _optimizer_step(self, window_loss: float) -> tuple[float | None, float, bool, str | None]:
+        """Refuse non-finite, clip, step, schedule, zero: once per window. Returns (grad norm, the LR
+        the step used, skipped, why skipped)."""
+        accelerator, optimizer = self.accelerator, self.optimizer
+        lr = float(optimizer.param_groups[0]["lr"])
+        if not math.isfinite(window_loss):
+            return None, lr, True, self._refuse(f"loss is {window_loss}")
+        max_norm = self.max_grad_norm if self.max_grad_norm else float("inf")
+        grad_norm = float(accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
+        if accelerator.scaler is None and not math.isfinite(grad_norm):  # fp16's scaler skips on its own
+            return grad_norm, lr, True, self._refuse(f"gradient norm is {grad_norm}")
+        self._emit("on_before_optimizer_step")
+        failed = False
+        try:
+            optimizer.step()
+        except Exception as exc:  # noqa: BLE001 - only OOMs are turned into advice, below
+            if not is_oom(exc):
+                raise
+            failed = True
+        if failed:  # a partial update cannot be replayed exactly, and a smaller micro-batch would not help
+            raise OutOfMemoryError(advice("optimizer step", self.stats.optimizer_step + 1))
+        skipped = bool(accelerator.optimizer_step_was_skipped)  # fp16: the scaler found inf/nan gradients
+        if not skipped and self.scheduler is not None:
+            self.scheduler.step()
+        self._emit("on_after_optimizer_step")
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm, lr, skipped, "fp16 overflow" if skipped else None
+
+    def _refuse(self, what: str) -> str:
+        """A NaN/inf window never updates the weights: drop its gradients, then skip or raise."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.nonfinite == "raise":
+            raise NonFiniteError(what, self.stats.optimizer_step + 1)
+        return what
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(self, *args)
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, statistics and the noise scale (JSON-able), for resuming."""
+        state: dict[str, Any] = {"stats": self.stats.state_dict()}
+        if self.noise is not None:
+            state["noise"] = self.noise.tracker.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stats.load_state_dict(state["stats"])
+        if self.noise is not None and state.get("noise"):
+            self.noise.tracker.load_state_dict(state["noise"])
+
+
+# -- evaluation -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Mean loss per item over the evaluation samples on all ranks, the batch size it ran at (per
+    process; smaller than asked after an out-of-memory error), and this rank's `on_batch` values."""
+
+    loss: float
+    items: int
+    batch_size: int
+    outputs: list[Any]
+
+
+def _halve(size: int) -> int | None:
+    return size // 2 if size > 1 else None
+
+
+@torch.no_grad()
+def evaluate(accelerator: Any, model: torch.nn.Module, samples: Sequence[Any], collate: Any, loss: Any,
+             batch_size: int, *, recovery: bool = True, on_batch: Any = None, on_shrink: Any = None) -> EvalResult:
+    """Loss over `samples` (the whole evaluation set, the same on every rank; each rank takes its
+    contiguous share, so nothing is counted twice), forward only, in eval mode.
+
+    `on_batch(batch, outputs)` may return something per batch (predictions for a metric); they come
+    back in `outputs`, this rank's only. With `recovery`, an out-of-memory error on any rank halves
+    the batch on every rank and starts the evaluation again (`on_shrink(old, new)` is told), through
+    the same code as training windows (accum/recovery.py). Raises OutOfMemoryError at batch 1.
+    """
+    from accum.windows import rank_share
+
+    start, stop = rank_share(len(samples), accelerator.num_processes, accelerator.process_index)
+    was_training = model.training
+
+    def attempt(size: int) -> tuple[torch.Tensor, int, list[Any]]:
+        model.eval()
+        loss_total, items, outputs = torch.zeros((), device=accelerator.device), 0, []
+        for first in range(start, stop, size):
+            batch = collate([samples[i] for i in range(first, min(first + size, stop))])
+            items += loss.count(batch)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            loss_sum, logits = loss.forward(model, batch)
+            loss_total += loss_sum.detach()
+            if on_batch is not None:
+                outputs.append(on_batch(batch, logits))
+        return loss_total, items, outputs
+
+    try:
+        if recovery:
+            (loss_total, items, outputs), batch_size, _ = run_with_recovery(
+                attempt, batch_size, _halve, device=accelerator.device, where="evaluation", on_shrink=on_shrink)
+        else:
+            loss_total, items, outputs = attempt(batch_size)
+    finally:
+        model.train(was_training)
+    totals = accelerator.reduce(torch.stack([loss_total.double(), torch.tensor(float(items), dtype=torch.float64,
+                                                                               device=accelerator.device)]), "sum")
+    loss_value, items_total = totals.tolist()
+    return EvalResult(loss_value / max(items_total, 1), int(items_total), batch_size, outputs)
