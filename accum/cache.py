@@ -14,8 +14,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import accum
-
 logger = logging.getLogger(__name__)
 
 
@@ -33,29 +31,13 @@ class PlanCache:
         self.path = Path(path) if path is not None else default_cache_path()
 
     @staticmethod
-    def key(
-        model_id: str,
-        seq_len: int | None,
-        precision: str,
-        device_name: str,
-        device_memory: int,
-        num_processes: int,
-        extra: dict[str, Any] | None = None,
-    ) -> str:
-        """A readable key; `extra` (budget, objective, optimizer, ...) enters as a short hash."""
-        parts = [
-            str(model_id),
-            f"seq={seq_len}",
-            str(precision),
-            str(device_name),
-            f"mem={int(device_memory)}",
-            f"procs={int(num_processes)}",
-            f"accum={accum.__version__}",
-        ]
-        if extra:
-            digest = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode()).hexdigest()[:12]
-            parts.append(f"extra={digest}")
-        return "|".join(parts)
+    def key_for(fields: dict[str, Any]) -> str:
+        """The one cache key of accum: every input a probed plan depends on (`fields`, as
+        `accum.probe.plan_cache_fields` collects them), hashed whole, behind a readable prefix
+        (model, device, processes). Two runs share a plan only when every field is equal."""
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        prefix = [str(fields.get(name, "-")) for name in ("model", "device", "processes")]
+        return "|".join([*prefix, digest])
 
     def _load(self) -> dict[str, Any]:
         try:

@@ -1,7 +1,15 @@
 """What an out-of-memory error looks like, and how to measure and free memory: the one place that knows.
 
-Peak memory on CUDA comes from torch.cuda's allocator statistics; on CPU from the process's
-resident high-water mark (VmHWM), which `reset_peak_memory` resets through /proc/self/clear_refs.
+Peak memory on CUDA comes from torch.cuda's allocator statistics: what the caching allocator
+*reserved* (what runs out; it holds fragmentation and cached blocks beside what tensors hold), or
+what tensors held (`reserved=False`). On CPU it is the process's resident high-water mark (VmHWM),
+which `reset_peak_memory` resets through /proc/self/clear_refs.
+
+A step's memory, as the planner and memory pressure compare it with a budget
+(`start_peak_measurement` / `measured_peak`): on CUDA the reserved peak (the device is the run's
+alone); on CPU the growth of the resident set over what the process held when the measurement
+started, so that a plan does not depend on what else the process happened to hold (the model's
+weights, a data set in memory, a snapshot of the optimizer).
 """
 
 from __future__ import annotations
@@ -64,6 +72,26 @@ def _libc():
 _LIBC = _libc()
 
 
+def _mkl_free_buffers():
+    """MKL's `mkl_free_buffers` inside torch's CPU library (statically linked, exported as
+    mkl_serv_free_buffers), or None where torch is not built with MKL."""
+    import os
+
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        return getattr(ctypes.CDLL(path), "mkl_serv_free_buffers", None)
+    except OSError:
+        return None
+
+
+# MKL's memory manager keeps per-thread GEMM buffers after the first matmuls of a new size (about
+# 6 MiB each, measured with a 4096-wide output): a probing process then holds memory that a fresh
+# training process does not, and every later probe has that much less room (the search said 34
+# where a fresh process fits 36). Freeing them between probes keeps the probes' verdicts those of
+# a fresh process.
+_MKL_FREE_BUFFERS = _mkl_free_buffers()
+
+
 def free_memory(full: bool = True) -> None:
     """Collect garbage and hand cached memory back: CUDA's cache, and glibc's free heap pages.
 
@@ -77,6 +105,8 @@ def free_memory(full: bool = True) -> None:
     mps = getattr(torch, "mps", None)
     if mps is not None and torch.backends.mps.is_available():
         mps.empty_cache()
+    if _MKL_FREE_BUFFERS is not None:
+        _MKL_FREE_BUFFERS()
     # glibc keeps freed heap memory; without a trim the next probe's peak would include it.
     trim = getattr(_LIBC, "malloc_trim", None)
     if trim is not None:
@@ -116,17 +146,30 @@ def current_memory_bytes(device: torch.device | str | None = None) -> int:
     return kib * 1024 if kib is not None else 0
 
 
-def peak_memory_bytes(device: torch.device | str | None = None) -> int:
+def peak_memory_bytes(device: torch.device | str | None = None, reserved: bool = True) -> int:
     """Peak memory since the last `reset_peak_memory`, in bytes.
 
-    CUDA: `torch.cuda.max_memory_allocated`. CPU: this process's resident high-water mark
-    (VmHWM), 0 where /proc is not readable.
+    CUDA: `torch.cuda.max_memory_reserved` (or `max_memory_allocated` with reserved=False). CPU:
+    this process's resident high-water mark (VmHWM), 0 where /proc is not readable.
     """
     device = _as_device(device)
     if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
+        return int(torch.cuda.max_memory_reserved(device) if reserved else torch.cuda.max_memory_allocated(device))
     kib = _status_kib("VmHWM")
     return kib * 1024 if kib is not None else 0
+
+
+def start_peak_measurement(device: torch.device | str | None = None) -> int:
+    """Reset the peak and return the baseline a step's memory is counted from: on CPU the resident
+    set now (a step counts its growth over it), on CUDA 0 (the reserved peak counts whole)."""
+    device = _as_device(device)
+    reset_peak_memory(device)
+    return 0 if device.type == "cuda" else current_memory_bytes(device)
+
+
+def measured_peak(device: torch.device | str | None, baseline: int) -> int:
+    """The peak since `start_peak_measurement` returned `baseline`, counted as a budget counts it."""
+    return max(0, peak_memory_bytes(device) - baseline)
 
 
 def reset_peak_memory(device: torch.device | str | None = None) -> None:

@@ -27,6 +27,7 @@ class Plan:
     target_batch_size: int
     source: str = "probe"  # probe | cache | given | derived | estimate
     probes: tuple[dict[str, Any], ...] = field(default=(), compare=False)
+    cache_key: str | None = field(default=None, compare=False)  # where a probed plan is cached
 
     def banner(self) -> str:
         """`Effective batch size: 256 = 16 micro x 16 accum x 1 process`."""
@@ -54,6 +55,7 @@ class Plan:
                 target_batch_size=int(data["target_batch_size"]),
                 source=str(data.get("source", "probe")),
                 probes=tuple(dict(probe) for probe in data.get("probes", ())),
+                cache_key=data.get("cache_key"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"plan {data!r:.200} is missing or has a bad field: {exc}") from None

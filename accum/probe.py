@@ -10,6 +10,7 @@ the ranks agree on "did any rank fail" through one all-reduce, so they never div
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,8 +31,8 @@ from accum.oom import (
     device_total_bytes,
     free_memory,
     is_oom,
-    peak_memory_bytes,
-    reset_peak_memory,
+    measured_peak,
+    start_peak_measurement,
 )
 from accum.plan import Plan, per_process_limit, plan_batch
 from accum.recovery import agree_max
@@ -49,8 +50,10 @@ class NothingFitsError(ConfigError):
 
 @dataclass(frozen=True)
 class Probe:
-    """One trial step. `seconds` is the step's wall time; `peak_bytes` the memory peak during it
-    (CUDA allocated, or process resident set on CPU, less memory the planner itself holds)."""
+    """One trial: `steps` training steps back to back at micro-batch `size`. `seconds` is the wall
+    time of one step (the mean); `peak_bytes` the memory the budget is compared with (accum.oom:
+    the allocator's reserved peak on CUDA, the resident set's growth over the memory held before
+    the probe on CPU)."""
 
     size: int
     fit: bool
@@ -58,6 +61,7 @@ class Probe:
     peak_bytes: int | None
     samples_per_s: float | None
     error: str | None = None
+    steps: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,8 +107,10 @@ def memory_budget(
     max_memory: str | float | int | None, safety_margin: float, device: torch.device | str | None
 ) -> int | None:
     """The peak a probe may reach, in bytes: `max_memory` (bytes, '8GiB', or a fraction of device
-    memory) less `safety_margin`. Default: half the available memory on CPU (probing must never meet
-    the kernel's OOM killer), all of it on CUDA, none elsewhere. Raises ConfigError on bad values."""
+    memory) less `safety_margin`. On CUDA it bounds the allocator's reserved peak; on CPU the growth
+    of the process over what it held before the step (accum.oom.measured_peak). Default: half the
+    available memory on CPU (probing must never meet the kernel's OOM killer), all of it on CUDA,
+    none elsewhere. Raises ConfigError on bad values."""
     if not 0 <= safety_margin < 1:
         raise ConfigError(f"safety margin {safety_margin!r} must be in [0, 1): e.g. 0.1 keeps 10% free")
     kind = torch.device(device).type if device is not None else "cpu"
@@ -143,7 +149,7 @@ def find_max_micro_batch(
     device: torch.device | str | None = None,
     agree: Callable[[list[float]], list[float]] | None = None,
     retries: int = 0,
-    held_bytes: int = 0,
+    steps: int = 1,
     progress: bool = True,
 ) -> ProbeResult:
     """Search the largest n for which `try_step(n)` runs without an out-of-memory error and within
@@ -154,9 +160,9 @@ def find_max_micro_batch(
     the budget (`memory_budget`) is a failure, any other exception propagates unchanged.
     `agree(values) -> maxima over ranks` makes ranks agree after every probe, in one collective
     (`accum.recovery.agree_max`): [failed, seconds] -> any rank failed, the slowest rank's time. `retries` re-runs a failed size that many times before believing it
-    (for allocators that fragment); `held_bytes` is memory the caller holds only while probing,
-    subtracted from CPU peaks. For objective 'throughput' each fitting size runs once more, warm,
-    and that run is timed.
+    (for allocators that fragment). `steps` is how many training steps `try_step` runs per call (for
+    the time per step). For objective 'throughput' each fitting size runs once more, warm, and that
+    run is timed.
 
     Returns a ProbeResult (sizes in samples per process). Raises ConfigError for start < 1, a limit
     below start or an unknown objective, and NothingFitsError when size 1 does not fit.
@@ -176,7 +182,7 @@ def find_max_micro_batch(
 
     def run_once(size: int) -> tuple[bool, float, int | None, str | None]:
         free_memory(full=False)
-        reset_peak_memory(device)
+        baseline = start_peak_measurement(device)
         error = None
         began = time.perf_counter()
         try:
@@ -186,13 +192,10 @@ def find_max_micro_batch(
             if not is_oom(exc):
                 raise
             error = f"out of memory: {_first_line(exc)}"
-        seconds = time.perf_counter() - began
+        seconds = (time.perf_counter() - began) / steps
         if error is not None:
             free_memory()  # outside the except block: the traceback no longer pins the step's tensors
-        peak = peak_memory_bytes(device)
-        if device.type == "cpu":
-            peak = max(0, peak - held_bytes)
-        peak = peak or None
+        peak = measured_peak(device, baseline) or None
         if error is None and budget is not None and peak is not None and peak > budget:
             error = f"over budget: peak {format_bytes(peak)} > {format_bytes(budget)}"
         return error is None, seconds, peak, error
@@ -209,7 +212,7 @@ def find_max_micro_batch(
                     error = "failed on another rank"
                 fit = failed_anywhere == 0
             speed = size / seconds if fit and seconds > 0 else None
-            record = Probe(size, fit, seconds, peak, speed, error)
+            record = Probe(size, fit, seconds, peak, speed, error, steps)
             probes.append(record)
             if progress:
                 print(_probe_line(record), file=sys.stderr, flush=True)
@@ -418,13 +421,20 @@ def make_train_step(
     accelerator: Any = None,
     optimizer: Any = None,
     loss_fn: Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor] | None = None,
+    steps: int = 1,
 ) -> Callable[[int], None]:
-    """try_step(n) for the planner: forward on make_batch(n), backward (under no_sync), a real
-    optimizer step and zero_grad, so activations, gradients and optimizer state are all counted."""
+    """try_step(n) for the planner: `steps` training steps at micro-batch n, back to back (forward
+    on make_batch(n), backward under no_sync, a real optimizer step and zero_grad; nothing freed in
+    between), so activations, gradients, optimizer state and what the allocator keeps between
+    steps are all counted, as in a run."""
     device = _model_device(model, accelerator)
     raw_optimizer = _raw_optimizer(optimizer)
 
     def try_step(size: int) -> None:
+        for _ in range(steps):
+            one_step(size)
+
+    def one_step(size: int) -> None:
         model.train()
         batch = _to_device(make_batch(size), device)
         # the run's autocast: a model not yet prepared would otherwise be probed in full precision
@@ -462,16 +472,74 @@ def make_eval_step(
 
 
 def _model_id(model: torch.nn.Module) -> str:
-    """A name plus a hash of the architecture: the HF config when there is one, else parameter shapes."""
+    """A name plus a hash of the architecture and head: the HF config (and the model class, which
+    says the task) when there is one, else parameter shapes."""
     inner = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)  # torch.compile's wrapper
     config = getattr(inner, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
-        text = config.to_json_string(use_diff=False)
+        text = type(inner).__name__ + config.to_json_string(use_diff=False)
         name = getattr(config, "_name_or_path", "") or getattr(config, "model_type", "") or type(inner).__name__
     else:
         text = json.dumps([[n, list(p.shape), str(p.dtype)] for n, p in inner.named_parameters()])
         name = type(inner).__name__
     return f"{name}#{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def _versions() -> dict[str, str | None]:
+    import accum
+
+    transformers = sys.modules.get("transformers")
+    return {"torch": torch.__version__, "transformers": getattr(transformers, "__version__", None),
+            "accum": accum.__version__}
+
+
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Whether activation checkpointing is on (transformers renamed the attribute in 5.x)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name) or name in vars(model):
+            return bool(getattr(model, name))
+    return False
+
+
+def plan_cache_fields(model: torch.nn.Module, accelerator: Any, optimizer: Any, batch_shape: dict[str, Any], *,
+                      processes: int, limit: int, max_memory: str | float | int | None, safety_margin: float,
+                      objective: str, steps: int, loss_fn: Any = None) -> dict[str, Any]:
+    """Everything a probed plan depends on, for `PlanCache.key_for`: the model (architecture and
+    head, so the task), attention implementation, gradient checkpointing, compilation, precision,
+    optimizer, loss, objective, engine, device and its total memory, processes, the memory budget
+    and margin, the batch's per-sample shape (sequence length), the probe's steps and the versions
+    of torch, transformers and accum. A plan cached under one budget is never used under another. The
+    budget enters in bytes when given in bytes, else as given (a share of what is available now
+    changes from run to run; the device's total memory is a field of its own)."""
+    inner = getattr(model, "module", model)
+    base = getattr(inner, "_orig_mod", inner)
+    config = getattr(base, "config", None)
+    device = torch.device(accelerator.device)
+    dtypes = sorted({str(p.dtype) for p in base.parameters()})
+    budget = max_memory
+    if max_memory is not None and parse_memory(max_memory) > 1:
+        budget = int(parse_memory(max_memory))
+    return {
+        "model": _model_id(model),
+        "attention": getattr(config, "_attn_implementation", None),
+        "gradient_checkpointing": _checkpointing(base),
+        "compiled": hasattr(model, "_orig_mod") or hasattr(inner, "_orig_mod"),
+        "precision": f"{getattr(accelerator, 'mixed_precision', 'no')}/{','.join(dtypes)}",
+        "optimizer": type(_raw_optimizer(optimizer)).__name__ if optimizer is not None else None,
+        "loss": getattr(loss_fn, "__qualname__", None),
+        "objective": objective,
+        "engine": str(getattr(accelerator, "distributed_type", "NO")),
+        "device": device_name(device),
+        "device_memory": device_total_bytes(device),
+        "processes": processes,
+        "limit": limit,
+        "budget": budget,
+        "safety_margin": safety_margin,
+        "batch": batch_shape,
+        "steps_per_probe": steps,
+        **_versions(),
+    }
 
 
 def _batch_shape(make_batch: Callable[[int], Mapping[str, Any]]) -> dict[str, list[Any]]:
@@ -497,12 +565,12 @@ def plan_for(
     objective: str = "largest",
     start: int = 1,
     cache_path: str | Any = None,
-    cache_key: str | None = None,
     replan: bool = False,
     allow_rounding: bool = False,
     progress: bool = True,
     retries: int = 0,
     num_processes: int | None = None,
+    steps_per_probe: int = 2,
 ) -> Plan:
     """Probe `model` with real training steps on `accelerator`'s device and return the Plan that
     reaches `target_batch_size` exactly, over `accelerator.num_processes` processes, with the largest
@@ -513,10 +581,14 @@ def plan_for(
     `model.to` does) and probed under its autocast. Call it before `accelerator.prepare`, or after:
     both work. `make_batch(n)` returns a dict of tensors for n samples of the longest length training
     will meet (moved to the device here); the loss is `loss_fn(model, batch)` or `model(**batch).loss`.
-    No micro-batch above target / processes is probed. Weights, optimizer state, gradients and RNG
-    state are restored bit for bit. The plan cache (`cache_path`; None: the default file, False: no
-    cache) is read first unless `replan`, and written after probing. `num_processes` plans for another
-    launch than this one (`python -m accum plan --num-processes`); by default the accelerator's.
+    Each probe runs `steps_per_probe` training steps back to back (forward, backward, optimizer step,
+    no cache emptied between them), so optimizer state and the allocator's fragmentation count as in
+    a run. No micro-batch above target / processes is probed. Weights, optimizer state, gradients and
+    RNG state are restored bit for bit. The plan cache (`cache_path`; None: the default file, False:
+    no cache) is read first unless `replan`, under the key of every input the answer depends on
+    (`plan_cache_fields`), and written after probing; the Plan carries that key (`cache_key`) for a
+    caller that later adjusts it. `num_processes` plans for another launch than this one
+    (`python -m accum plan --num-processes`); by default the accelerator's.
 
     Returns a Plan (source 'probe' or 'cache'). Raises ConfigError for bad sizes, objective or
     budget, NothingFitsError when micro-batch 1 does not fit.
@@ -537,41 +609,33 @@ def plan_for(
         )
     device = _model_device(model, accelerator)
     budget = memory_budget(max_memory, safety_margin, device)  # validates before any probing
+    if isinstance(steps_per_probe, bool) or not isinstance(steps_per_probe, int) or steps_per_probe < 1:
+        raise ConfigError(f"steps per probe {steps_per_probe!r} must be a positive integer")
     cache = PlanCache(cache_path) if cache_path is not False else None
-    if cache is not None and cache_key is None:
-        precision = str(getattr(accelerator, "mixed_precision", "no"))
-        dtype = str(next(iter(model.parameters())).dtype) if any(True for _ in model.parameters()) else "-"
-        cache_key = PlanCache.key(
-            _model_id(model),
-            None,
-            f"{precision}/{dtype}",
-            device_name(device),
-            device_total_bytes(device),
-            processes,
-            extra={
-                "batch": _batch_shape(make_batch),
-                "limit": limit,
-                "start": start,
-                "max_memory": max_memory,
-                "safety_margin": safety_margin,
-                "objective": objective,
-                "optimizer": type(_raw_optimizer(optimizer)).__name__,
-                "loss_fn": getattr(loss_fn, "__qualname__", None),
-            },
-        )
+    cache_key = None
+    if cache is not None:
+        cache_key = PlanCache.key_for(plan_cache_fields(
+            model, accelerator, optimizer, _batch_shape(make_batch), processes=processes, limit=limit,
+            max_memory=max_memory, safety_margin=safety_margin, objective=objective, steps=steps_per_probe,
+            loss_fn=loss_fn))
     if cache is not None and not replan:
         cached = cache.get(cache_key)
         if cached is not None:
-            plan = Plan.from_dict(cached)
-            if plan.target_batch_size == target_batch_size and plan.num_processes == processes:
+            try:
+                plan = Plan.from_dict(cached)
+            except ConfigError as exc:
+                logger.warning("plan cache %s: the entry for this run is invalid (%s): probing again; "
+                               "--replan rewrites it", cache.path, exc)
+                plan = None
+            if plan is not None and plan.target_batch_size == target_batch_size and plan.num_processes == processes:
                 logger.info("plan from cache %s: %s", cache.path, plan.banner())
-                return Plan(**{**plan.to_dict(), "source": "cache", "probes": ()})
+                return Plan(**{**plan.to_dict(), "source": "cache", "probes": (), "cache_key": cache_key})
 
     raw_optimizer = _raw_optimizer(optimizer)
     is_main = accelerator is None or accelerator.is_main_process
-    with _leave_no_trace(model, raw_optimizer) as snapshot:
+    with _leave_no_trace(model, raw_optimizer):
         result = find_max_micro_batch(
-            make_train_step(model, make_batch, accelerator, optimizer, loss_fn),
+            make_train_step(model, make_batch, accelerator, optimizer, loss_fn, steps=steps_per_probe),
             start,
             limit,
             max_memory=budget / (1 - safety_margin) if budget is not None else None,
@@ -580,7 +644,7 @@ def plan_for(
             device=device,
             agree=rank_agreement(device),
             retries=retries,
-            held_bytes=snapshot.nbytes(),
+            steps=steps_per_probe,
             progress=progress and is_main,
         )
     plan = plan_batch(
@@ -591,6 +655,7 @@ def plan_for(
         source="probe",
         probes=[probe.as_dict() for probe in result.probes],
     )
+    plan = dataclasses.replace(plan, cache_key=cache_key)
     if cache is not None and is_main:
         cache.put(cache_key, plan.to_dict())
     return plan
@@ -612,7 +677,7 @@ def plan_eval_batch(
     `find_max_micro_batch` does."""
     device = _model_device(model, accelerator)
     is_main = accelerator is None or accelerator.is_main_process
-    with _leave_no_trace(model, None) as snapshot:
+    with _leave_no_trace(model, None):
         return find_max_micro_batch(
             make_eval_step(model, make_batch, accelerator),
             start,
@@ -621,6 +686,5 @@ def plan_eval_batch(
             safety_margin=safety_margin,
             device=device,
             agree=rank_agreement(device),
-            held_bytes=snapshot.nbytes(),
             progress=progress and is_main,
         )

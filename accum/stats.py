@@ -42,37 +42,22 @@ __all__ = ["AccumulationStats", "peak_memory"]
 _STATE_VERSION = 1
 
 
-def _read_vm_hwm() -> int | None:
-    """Peak resident set size of this process in bytes (Linux VmHWM), or None where unavailable."""
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmHWM:"):
-                    return int(line.split()[1]) * 1024  # reported in kB
-    except OSError:
-        pass
-    try:
-        import resource
-        import sys
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # bytes on macOS, kB elsewhere
-    except (ImportError, OSError):
-        return None
-
-
 def peak_memory(device: torch.device | str | None = None) -> dict[str, int]:
-    """Peak memory in bytes: on CUDA {"peak_memory_bytes": max allocated, "peak_memory_reserved_bytes":
-    max reserved} since the last `torch.cuda.reset_peak_memory_stats`; elsewhere {"peak_memory_bytes":
-    the process's peak resident set size} (empty if the platform does not say)."""
+    """Peak memory of the device the run trains on, in bytes, labelled by what it counts.
+
+    CUDA: {"peak_memory_bytes": the caching allocator's reserved peak (what the device gave the
+    run), "peak_memory_allocated_bytes": what tensors held at most} since the last reset of the
+    allocator's statistics. Elsewhere: {"peak_memory_bytes": the process's resident high-water
+    mark (VmHWM)}, empty where the platform does not say. Never the process's CPU memory for a
+    CUDA run."""
+    from accum.oom import peak_memory_bytes
+
     device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cuda" and torch.cuda.is_available():
-        return {
-            "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)),
-            "peak_memory_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
-        }
-    hwm = _read_vm_hwm()
-    return {} if hwm is None else {"peak_memory_bytes": hwm}
+    if device.type == "cuda":
+        return {"peak_memory_bytes": peak_memory_bytes(device, reserved=True),
+                "peak_memory_allocated_bytes": peak_memory_bytes(device, reserved=False)}
+    hwm = peak_memory_bytes(device)
+    return {"peak_memory_bytes": hwm} if hwm else {}
 
 
 def _finite_or_none(value: Any) -> float | None:
@@ -88,7 +73,8 @@ class AccumulationStats:
     micro_step counts backward passes, optimizer_step counts completed windows (synced steps,
     including ones the fp16 scaler skipped, which `skipped_steps` also counts), samples_seen and
     tokens_seen sum what `record_micro_batch` was given. ema_beta smooths the loss (bias-corrected);
-    device picks where peak memory is read (CUDA: allocated and reserved; otherwise resident memory).
+    device picks where peak memory is read (`peak_memory`: the CUDA allocator's reserved and allocated peaks
+    for a CUDA run, the resident set otherwise).
     """
 
     def __init__(self, ema_beta: float = 0.9, device: torch.device | str | None = None):
@@ -150,7 +136,8 @@ class AccumulationStats:
         time since the previous optimizer step (or since construction, reset or load_state_dict).
         Returns a flat dict of scalars (None where unknown): optimizer_step, micro_step, loss,
         ema_loss, lr, grad_norm, samples_seen, tokens_seen, samples_per_s, tokens_per_s,
-        peak_memory_bytes (and peak_memory_reserved_bytes on CUDA), skipped, skipped_steps.
+        peak_memory_bytes (CUDA: reserved, with peak_memory_allocated_bytes; CPU: resident set),
+        memory_device, skipped, skipped_steps.
         """
         now = time.perf_counter()
         interval = now - self._interval_start
@@ -187,6 +174,7 @@ class AccumulationStats:
             "samples_per_s": samples / interval if interval > 0 else None,
             "tokens_per_s": tokens / interval if interval > 0 else None,
             **memory,
+            "memory_device": self.device.type,
             "skipped": bool(skipped),
             "skipped_steps": self.skipped_steps,
         }
@@ -220,7 +208,7 @@ class AccumulationStats:
             "samples_per_s": self.samples_seen / elapsed if elapsed > 0 else None,
             "tokens_per_s": self.tokens_seen / elapsed if elapsed > 0 else None,
             "peak_memory_bytes": peak.get("peak_memory_bytes"),
-            "peak_memory_reserved_bytes": peak.get("peak_memory_reserved_bytes"),
+            "peak_memory_allocated_bytes": peak.get("peak_memory_allocated_bytes"),
             "memory_device": self.device.type,
             "adjustments": [dict(a) for a in self.adjustments],
         }

@@ -33,7 +33,7 @@ import torch
 from accum.accelerator import begin_window
 from accum.loss import backward_scale
 from accum.noise import NoiseMeter
-from accum.oom import is_oom, peak_memory_bytes, reset_peak_memory
+from accum.oom import is_oom, measured_peak, start_peak_measurement
 from accum.plan import Plan
 from accum.recovery import AdaptiveBatch, Decision, OutOfMemoryError, advice, run_with_recovery
 from accum.stats import AccumulationStats
@@ -162,7 +162,7 @@ class Accumulator:
         self.loss, self.collate, self.cut = loss, collate, cut if cut is not None else FixedSize()
         self.max_grad_norm = max_grad_norm or None
         self.nonfinite, self.callbacks, self.on_give_up = nonfinite, list(callbacks), on_give_up
-        self.memory_budget = memory_budget
+        self.memory_budget, self._memory_baseline = memory_budget, 0
         self.stats = stats if stats is not None else AccumulationStats(device=accelerator.device)
         self.notes: list[str] = []
         self._plan = plan
@@ -276,7 +276,7 @@ class Accumulator:
         if self.noise is not None:
             self.noise.start_window(accelerator.num_processes / max(window_items, 1) * self._loss_scale())
         if self.adaptive is not None and self.memory_budget:
-            reset_peak_memory(accelerator.device)
+            self._memory_baseline = start_peak_measurement(accelerator.device)
         loss_total = torch.zeros((), device=accelerator.device)
         with accelerator.no_sync(model) if self.defer_sync else contextlib.nullcontext():
             for micro in micros:
@@ -312,9 +312,10 @@ class Accumulator:
         self.stats.record_adjustment(**decision.record(optimizer_step=optimizer_step))
 
     def _peak_fraction(self) -> list[float]:
+        """The window's peak as a fraction of the budget, counted as the planner counts it."""
         if not self.memory_budget:
             return [0.0]
-        return [peak_memory_bytes(self.accelerator.device) / self.memory_budget]
+        return [measured_peak(self.accelerator.device, self._memory_baseline) / self.memory_budget]
 
     def _after_window(self, peak_fraction: float | None, adjustments: list[Decision]) -> None:
         """Memory pressure and regrowth decide the next window's micro-batch (this one is done)."""

@@ -493,7 +493,7 @@ def cache_hit(workdir: Path, target: int) -> dict:
         began = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()):
             plan = plan_for(None, model, make_batch, target, optimizer=optimizer, loss_fn=loss_fn, cache_path=cache,
-                            cache_key="bench", progress=False)
+                            progress=False)
         calls.append({"source": plan.source, "probes": len(plan.probes), "seconds": time.perf_counter() - began,
                       "micro": plan.micro_batch_size})
     first, second = calls

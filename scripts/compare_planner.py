@@ -93,15 +93,19 @@ def prepare_child(budget_bytes: int, accelerator=None):
     return model, optimizer, make_batch, loss_fn
 
 
+PROBE_STEPS = 2  # what plan_for runs per probe: two training steps back to back
+
+
 def child_accum(budget_bytes: int) -> dict:
-    """Our search from 1, without a limit; then the smallest failing size is tried again."""
+    """Our search from 1, without a limit, probing as plan_for does (two steps per probe); then the
+    smallest failing size is tried again."""
     from accum.oom import free_memory, is_oom
     from accum.probe import find_max_micro_batch, make_train_step
 
     model, optimizer, make_batch, loss_fn = prepare_child(budget_bytes)
-    step = make_train_step(model, make_batch, None, optimizer, loss_fn)
+    step = make_train_step(model, make_batch, None, optimizer, loss_fn, steps=PROBE_STEPS)
     began = time.perf_counter()
-    result = find_max_micro_batch(step, start=1, progress=False)
+    result = find_max_micro_batch(step, start=1, progress=False, steps=PROBE_STEPS)
     seconds = time.perf_counter() - began
     failed = [probe.size for probe in result.probes if not probe.fit]
     retry = None
@@ -142,19 +146,20 @@ def child_accelerate(budget_bytes: int, start: int) -> dict:
             "probes": len(sizes), "seconds": seconds, "sizes": sizes}
 
 
-def child_single(budget_bytes: int, size: int) -> dict:
-    """One step at `size` in a fresh, capped process: does it fit?"""
+def child_single(budget_bytes: int, size: int, steps: int = 1) -> dict:
+    """`steps` training steps back to back at `size` in a fresh, capped process (a run's steady
+    state, optimizer state included): do they all fit?"""
     from accum.oom import is_oom
     from accum.probe import make_train_step
 
     model, optimizer, make_batch, loss_fn = prepare_child(budget_bytes)
     try:
-        make_train_step(model, make_batch, None, optimizer, loss_fn)(size)
-        return {"size": size, "fit": True}
+        make_train_step(model, make_batch, None, optimizer, loss_fn, steps=steps)(size)
+        return {"size": size, "steps": steps, "fit": True}
     except Exception as exc:  # noqa: BLE001
         if not is_oom(exc):
             raise
-        return {"size": size, "fit": False}
+        return {"size": size, "steps": steps, "fit": False}
 
 
 MMAP_THRESHOLD = "65536"
@@ -182,8 +187,10 @@ def run_child(mode: str, budget_bytes: int, extra: list[str] = (), timeout: floa
     return result
 
 
-def fits(budget_bytes: int, size: int, glibc_default: bool = False) -> bool:
-    return run_child("single", budget_bytes, ["--size", str(size)], glibc_default=glibc_default)["fit"]
+def fits(budget_bytes: int, size: int, glibc_default: bool = False, steps: int = 3) -> bool:
+    """Whether `steps` training steps at `size` run in a fresh process under the cap."""
+    return run_child("single", budget_bytes, ["--size", str(size), "--steps", str(steps)],
+                     glibc_default=glibc_default)["fit"]
 
 
 def brute_force_max(budget_bytes: int, hint: int, glibc_default: bool = False) -> tuple[int, dict[int, bool]]:
@@ -227,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-bytes", type=int, default=None)
     parser.add_argument("--budget-mib", type=float, default=1024, help="memory over the warm process, MiB")
     parser.add_argument("--size", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3, help="training steps a fresh process runs at --size")
     parser.add_argument("--start", type=int, default=512, help="find_executable_batch_size's starting size")
     parser.add_argument("--glibc-default", action="store_true", help="leave glibc's dynamic mmap threshold on")
     parser.add_argument("--json", default=None, help="also write the result to this file")
@@ -234,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget_bytes or int(args.budget_mib * 2**20)
     if args.child:
         handler = {"accum": lambda: child_accum(budget), "accelerate": lambda: child_accelerate(budget, args.start),
-                   "single": lambda: child_single(budget, args.size)}[args.child]
+                   "single": lambda: child_single(budget, args.size, args.steps)}[args.child]
         print(json.dumps(handler()), flush=True)
         return 0
     result = compare(budget, args.start, args.glibc_default)

@@ -167,11 +167,6 @@ def plan_eval_batch_size(config: RunConfig, model, train_ds, eval_ds, collate, p
     return result.size
 
 
-def plan_cache_key(config: RunConfig) -> str:
-    """The plan cache's key for this run: what the planner reads and what OOM recovery rewrites."""
-    return f"{model_identity(config)}|seq{config.max_seq_len}|{resolve_precision(config)}|{config.optimizer}|{config.task}"
-
-
 def make_plan(config: RunConfig, resolved, accelerator, model, optimizer, train_ds, collate,
               loss: TaskLoss) -> tuple[Plan, str | None]:
     """Micro-batch x accumulation x processes for the target batch: from flags, or by probing memory."""
@@ -187,8 +182,7 @@ def make_plan(config: RunConfig, resolved, accelerator, model, optimizer, train_
     make_batch = probe_batch_maker(config, model, train_ds, collate, accelerator.device)
     plan = plan_for(accelerator, model, make_batch, target, optimizer, loss_fn=loss_fn, max_memory=config.max_memory,
                     safety_margin=config.safety_margin, objective=config.objective, cache_path=config.plan_cache,
-                    cache_key=plan_cache_key(config), replan=config.replan, allow_rounding=config.allow_batch_rounding,
-                    progress=accelerator.is_main_process)
+                    replan=config.replan, allow_rounding=config.allow_batch_rounding, progress=accelerator.is_main_process)
     return plan, note
 
 
@@ -545,7 +539,8 @@ def report_adjustment(run: Run, decision) -> None:
                             step=decision.optimizer_step)
     if run.accelerator.is_main_process:
         write_json_atomic(run.out / "plan.json", run.accumulator.plan.to_dict())
-        PlanCache(run.config.plan_cache).put(plan_cache_key(run.config), run.accumulator.plan.to_dict())
+        if run.plan.cache_key is not None:  # a probed plan: the next run with these inputs starts safe
+            PlanCache(run.config.plan_cache).put(run.plan.cache_key, run.accumulator.plan.to_dict())
 
 
 def follow_schedule(run: Run, state: TrainingState, result: WindowResult) -> None:

@@ -10,7 +10,7 @@ from accum.plan import plan_batch
 
 def test_put_get_round_trip(tmp_path):
     cache = PlanCache(tmp_path / "sub" / "plans.json")
-    key = cache.key("gpt2#abc", 128, "no", "cpu", 2**34, 1)
+    key = cache.key_for({"model": "gpt2#abc", "device": "cpu", "processes": 1})
     assert cache.get(key) is None
     cache.put(key, plan_batch(64, 8).to_dict())
     assert cache.get(key)["micro_batch_size"] == 8
@@ -18,14 +18,28 @@ def test_put_get_round_trip(tmp_path):
 
 
 def test_key_includes_everything_that_decides_memory():
-    base = dict(model_id="m", seq_len=128, precision="bf16", device_name="cpu", device_memory=1, num_processes=1)
-    keys = {PlanCache.key(**base)}
-    for field, other in [("model_id", "n"), ("seq_len", 256), ("precision", "no"), ("device_name", "H100"),
-                         ("device_memory", 2), ("num_processes", 2)]:
-        keys.add(PlanCache.key(**{**base, field: other}))
-    keys.add(PlanCache.key(**base, extra={"objective": "throughput"}))
-    assert len(keys) == 8
-    assert accum.__version__ in PlanCache.key(**base)
+    import torch
+    from accelerate import Accelerator
+
+    from accum.probe import plan_cache_fields
+
+    model = torch.nn.Linear(4, 4)
+    fields = plan_cache_fields(model, Accelerator(cpu=True), torch.optim.AdamW(model.parameters()),
+                               {"input_ids": [[128], "torch.int64"]}, processes=1, limit=32, max_memory="1GiB",
+                               safety_margin=0.1, objective="largest", steps=2)
+    for name in ("model", "attention", "gradient_checkpointing", "compiled", "precision", "optimizer", "objective",
+                 "engine", "device", "device_memory", "processes", "budget", "safety_margin", "batch", "torch",
+                 "transformers", "accum"):
+        assert name in fields, name
+    assert fields["accum"] == accum.__version__ and fields["budget"] == 2**30
+    keys = {PlanCache.key_for(fields)}
+    for name, other in [("model", "other#1"), ("budget", 460 * 2**20), ("safety_margin", 0.0), ("precision", "bf16"),
+                        ("batch", {"input_ids": [[256], "torch.int64"]}), ("processes", 2), ("engine", "FSDP"),
+                        ("gradient_checkpointing", True), ("compiled", True), ("attention", "sdpa"),
+                        ("optimizer", "SGD"), ("objective", "throughput"), ("torch", "2.11.0")]:
+        keys.add(PlanCache.key_for({**fields, name: other}))
+    assert len(keys) == 14  # every field changes the key
+    assert PlanCache.key_for(dict(reversed(list(fields.items())))) == PlanCache.key_for(fields)  # order-free
 
 
 def test_corrupt_cache_is_reported_once_and_ignored(tmp_path, caplog):

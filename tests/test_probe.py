@@ -1,5 +1,7 @@
 """The search, pure (a fake try_step), and plan_for on a tiny real model (leaves no trace)."""
 
+import json
+import logging
 import math
 
 import pytest
@@ -84,18 +86,17 @@ def test_flaky_size_never_reported_as_fit_and_retries_recover_it():
     assert [p.fit for p in retried.probes if p.size == 16] == [False, True]
 
 
-def test_over_budget_counts_as_failure():
-    from accum.oom import current_memory_bytes
-
-    held = []
+def test_over_budget_counts_as_failure_and_cpu_budgets_count_the_step_growth():
+    held, ballast = [], torch.ones(200 * 2**20 // 4)  # 200 MiB the process holds before probing
 
     def step(size):
         held.append(torch.ones(size * 2**20 // 4))  # size MiB, touched; freed below
         held.clear()
 
-    budget = current_memory_bytes("cpu") + 40 * 2**20
-    result = search(step, max_memory=budget, safety_margin=0.0)
-    assert 16 <= result.size < 48
+    result = search(step, max_memory=40 * 2**20, safety_margin=0.0)
+    assert 16 <= result.size < 48  # the step's own growth, not the 200 MiB held before it
+    assert all(p.peak_bytes < 48 * 2**20 for p in result.probes if p.fit)
+    del ballast
     assert any("over budget" in (p.error or "") for p in result.probes)
 
 
@@ -242,6 +243,32 @@ def test_cache_hit_costs_zero_probes_and_replan_probes_again(cache_dir):
     assert hit.micro_batch_size == first.micro_batch_size
     again = plan_for(None, model, make_batch, 16, optimizer=optimizer, progress=False, replan=True)
     assert again.source == "probe"
+
+
+@real_model
+def test_a_plan_cached_under_one_budget_is_not_used_under_another(cache_dir):
+    model = tiny_gpt2()
+    optimizer = torch.optim.AdamW(model.parameters())
+    roomy = plan_for(None, model, make_batch, 16, optimizer=optimizer, max_memory="8GiB", progress=False)
+    assert roomy.source == "probe" and roomy.cache_key
+    again = plan_for(None, model, make_batch, 16, optimizer=optimizer, max_memory="8GiB", progress=False)
+    assert again.source == "cache" and again.cache_key == roomy.cache_key
+    tight = plan_for(None, model, make_batch, 16, optimizer=optimizer, max_memory="460MiB", progress=False)
+    assert tight.source == "probe" and tight.cache_key != roomy.cache_key
+
+
+@real_model
+def test_an_invalid_cache_entry_is_probed_again_naming_the_file(cache_dir, caplog):
+    model = tiny_gpt2()
+    optimizer = torch.optim.AdamW(model.parameters())
+    first = plan_for(None, model, make_batch, 16, optimizer=optimizer, progress=False)
+    entries = json.loads((cache_dir / "plans.json").read_text())
+    entries[first.cache_key]["micro_batch_size"] = 5  # 5 x accum x 1 no longer multiplies out to 16
+    (cache_dir / "plans.json").write_text(json.dumps(entries))
+    with caplog.at_level(logging.WARNING):
+        again = plan_for(None, model, make_batch, 16, optimizer=optimizer, progress=False)
+    assert again.source == "probe"
+    assert any(str(cache_dir / "plans.json") in r.getMessage() and "--replan" in r.getMessage() for r in caplog.records)
 
 
 @real_model

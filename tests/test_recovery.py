@@ -194,9 +194,21 @@ def test_injected_oom_replays_the_window_and_matches_a_smaller_start(tmp_path, m
     assert [r["optimizer_step"] for r in ours] == list(range(1, 7))
     assert [r["lr"] for r in ours] == [r["lr"] for r in theirs]  # the schedule never noticed
     assert ours[-1]["samples_seen"] == theirs[-1]["samples_seen"] == 48  # replayed samples counted once
-    cache = json.loads((tmp_path / "oom" / "plans.json").read_text())
-    assert [plan["micro_batch_size"] for plan in cache.values()] == [2]  # the next run starts safe
+    assert not (tmp_path / "oom" / "plans.json").exists()  # a plan given by flags is not the cache's
     assert json.loads((tmp_path / "oom" / "plan.json").read_text())["micro_batch_size"] == 2
+
+
+def test_recovery_rewrites_a_probed_plan_in_the_cache_so_the_next_run_starts_safe(tmp_path, monkeypatch, short_data):
+    # probes (128-token batches) fit up to 6 samples; training's long windows (384 tokens) only 2
+    inject_oom(monkeypatch, lambda batch, training: training and batch["input_ids"].numel() > 2 * LONG)
+    metrics, _ = train_in_process(tmp_path, "auto", short_data, "auto", "auto", max_memory="8GiB")
+    first = metrics["adjustments"][0]
+    assert first["old_micro_batch_size"] == 4 and metrics["plan"]["micro_batch_size"] == 2
+    cache = json.loads((tmp_path / "auto" / "plans.json").read_text())
+    assert [plan["micro_batch_size"] for plan in cache.values()] == [2]
+    again, _ = train_in_process(tmp_path, "again", short_data, "auto", "auto", max_memory="8GiB",
+                                plan_cache=str(tmp_path / "auto" / "plans.json"))
+    assert again["plan"]["source"] == "cache" and again["adjustments"] == []  # no probe, no OOM
 
 
 def test_oom_in_optimizer_step_and_without_recovery_are_errors(tmp_path, monkeypatch, short_data):
@@ -229,11 +241,11 @@ def test_memory_pressure_shrinks_then_regrows_without_changing_the_result(tmp_pa
         def on_window_start(self, accumulator, samples):
             window.update(number=accumulator.stats.optimizer_step + 1, budget=accumulator.memory_budget)
 
-    def fake_peak(device=None):
+    def fake_peak(device, baseline):
         # window 2 presses memory (95% of the budget); the rest stay at 10%
         return int((0.95 if window["number"] == 2 else 0.1) * window["budget"])
 
-    monkeypatch.setattr(accum.window, "peak_memory_bytes", fake_peak)
+    monkeypatch.setattr(accum.window, "measured_peak", fake_peak)
     metrics, weights = train_in_process(tmp_path, "pressure", short_data, 8, 1, memory_pressure=0.9, regrow=2,
                                         callbacks=[Counter()])
     assert largest_difference(weights, ref_weights) <= TOLERANCE

@@ -84,9 +84,21 @@ def test_throughput_interval_uses_perf_counter(monkeypatch):
 def test_peak_memory_on_cpu_reads_resident_memory():
     memory = peak_memory("cpu")
     assert memory["peak_memory_bytes"] > 1 << 20  # a Python process with torch holds more than 1 MiB
-    assert "peak_memory_reserved_bytes" not in memory
+    assert "peak_memory_allocated_bytes" not in memory
     record = AccumulationStats().record_optimizer_step(1.0)
-    assert record["peak_memory_bytes"] > 0
+    assert record["peak_memory_bytes"] > 0 and record["memory_device"] == "cpu"
+
+
+def test_peak_memory_of_a_cuda_run_is_the_gpus_not_the_process(monkeypatch):
+    """The choice by device, without a GPU: torch.cuda's counters stand in (the GPU bench reads the real ones)."""
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 7 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 5 * 2**30)
+    assert peak_memory("cuda:0") == {"peak_memory_bytes": 7 * 2**30, "peak_memory_allocated_bytes": 5 * 2**30}
+    stats = AccumulationStats(device="cuda:0")
+    record = stats.record_optimizer_step(1.0)
+    assert (record["peak_memory_bytes"], record["memory_device"]) == (7 * 2**30, "cuda")
+    summary = stats.as_dict()
+    assert (summary["peak_memory_bytes"], summary["peak_memory_allocated_bytes"]) == (7 * 2**30, 5 * 2**30)
 
 
 def test_as_dict_has_the_summary_keys_and_is_json():
@@ -107,7 +119,8 @@ def test_as_dict_has_the_summary_keys_and_is_json():
         "samples_per_s",
         "tokens_per_s",
         "peak_memory_bytes",
-        "peak_memory_reserved_bytes",
+        "peak_memory_allocated_bytes",
+        "memory_device",
         "adjustments",
     }
     assert summary["final_loss"] == 1.0

@@ -35,9 +35,10 @@ def growing_data(num_samples: int, window_size: int, long_from_window: int) -> l
 def run_config(output_dir: str, batch: int, micro: int, accum: int, steps: int, **extra):
     from accum.config import make_config
 
-    return make_config(dict(
+    values = dict(
         task="clm", model_config_overrides={"model_type": "gpt2"}, optimizer="sgd", lr=0.5, lr_scheduler="linear",
         warmup_steps=1, max_grad_norm=None, batch_size=batch, micro_batch_size=micro, grad_accum_steps=accum,
         eval_batch_size=2, max_steps=steps, output_dir=output_dir, report_to="none", seed=SEED,
-        plan_cache=f"{output_dir}/plans.json", **extra,
-    ))
+        plan_cache=f"{output_dir}/plans.json",
+    )
+    return make_config({**values, **extra})
