@@ -48,7 +48,7 @@ bench: install
 	$(PY) scripts/bench.py
 
 lint: install
-	$(VENV)/bin/ruff check accum scripts tests
+	$(VENV)/bin/ruff check accum scripts tests examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from accum.accelerator import begin_window, build_accelerator
 from accum.cache import PlanCache
-from accum.config import ConfigError, RunConfig, parse_memory
+from accum.errors import ConfigError
 from accum.estimate import MemoryEstimate, estimate_analytic, estimate_traced, max_micro_batch_for
 from accum.loss import (
     TaskLoss,
@@ -22,7 +22,14 @@ from accum.noise import (
     estimate_noise,
     recommend_batch,
 )
-from accum.oom import device_memory_bytes, free_memory, is_oom, peak_memory_bytes, reset_peak_memory
+from accum.oom import (
+    device_memory_bytes,
+    free_memory,
+    is_oom,
+    parse_memory,
+    peak_memory_bytes,
+    reset_peak_memory,
+)
 from accum.plan import Plan, plan_batch, plan_from_accumulation, resolve_batch
 from accum.probe import NothingFitsError, Probe, ProbeResult, find_max_micro_batch, plan_eval_batch, plan_for
 from accum.recovery import AdaptiveBatch, Decision, OutOfMemoryError, agree_max, run_with_recovery
@@ -35,7 +42,7 @@ __all__ = [
     "AccumulationStats", "Accumulator", "AdaptiveBatch", "Callback", "ConfigError", "Decision", "EvalResult",
     "FixedSize", "LocalGradientNormHook", "MemoryEstimate", "MicroGradientNorms", "NoiseMeter", "NoiseScaleTracker",
     "NonFiniteError", "NothingFitsError", "OutOfMemoryError", "Plan", "PlanCache", "Probe", "ProbeResult",
-    "RunConfig", "ScaledLR", "TaskLoss", "WindowResult", "WindowSampler", "agree_max", "backward_scale",
+    "ScaledLR", "TaskLoss", "WindowResult", "WindowSampler", "agree_max", "backward_scale",
     "begin_window", "build_accelerator", "count_loss_items", "device_memory_bytes", "epoch_order",
     "estimate_analytic", "estimate_noise", "estimate_traced", "evaluate", "find_max_micro_batch", "free_memory",
     "is_oom", "layout_window", "max_micro_batch_for", "mean_of_means_loss", "pad_collate", "parse_memory",

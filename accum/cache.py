@@ -10,9 +10,10 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from accum.files import remove_stale_temporaries, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -63,18 +64,13 @@ class PlanCache:
         return value if isinstance(value, dict) else None
 
     def put(self, key: str, plan_dict: dict[str, Any]) -> None:
-        """Store `plan_dict` under `key`, atomically. An unwritable cache is logged, never raised."""
+        """Store `plan_dict` under `key`, atomically, keeping the file's mode; temporaries of killed
+        writers are cleaned up. An unwritable cache is logged, never raised."""
         data = self._load()
         data[key] = plan_dict
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".plans.", suffix=".tmp")
-            try:
-                with os.fdopen(handle, "w") as file:
-                    json.dump(data, file, indent=1, sort_keys=True)
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            remove_stale_temporaries(self.path.parent, self.path.name)
+            write_text_atomic(self.path, json.dumps(data, indent=1, sort_keys=True))
         except OSError as exc:
-            logger.warning("plan cache %s not written (%s)", self.path, exc)
+            logger.warning("plan cache %s not written (%s): the plan is used but not cached", self.path, exc)

@@ -21,12 +21,10 @@ memory budget, and `estimate_main` is `python -m accum estimate`.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -36,7 +34,7 @@ from typing import Any
 
 import torch
 
-from accum.config import ConfigError, parse_memory
+from accum.errors import ConfigError, check_positive_int, first_line
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "lion_8bit", "sgd")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -114,11 +112,6 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} {value!r} is not known: choose one of {', '.join(choices)}")
 
 
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer (got {value!r})")
-
-
 def estimate_analytic(
     num_params: int,
     micro_batch_size: int,
@@ -154,7 +147,7 @@ def estimate_analytic(
     """
     for name, value in (("num_params", num_params), ("micro_batch_size", micro_batch_size), ("seq_len", seq_len),
                         ("hidden_size", hidden_size), ("num_layers", num_layers)):
-        _check_positive(name, value)
+        check_positive_int(name, value)
     _check_choice("optimizer", optimizer, OPTIMIZERS)
     _check_choice("precision", precision, PRECISIONS)
     if vocab_size < 0:
@@ -197,54 +190,37 @@ ModelSource = Callable[[], torch.nn.Module] | Any  # a factory, a PretrainedConf
 
 
 def load_model_config(spec: str | os.PathLike[str]) -> Any:
-    """A transformers config from a model directory, a config.json file, inline JSON, or a
-    built-in name of `python -m accum plan` (gpt2-tiny). Raises ConfigError."""
+    """A transformers config from a model directory, a config.json file or inline JSON (with a
+    `model_type`). Raises ConfigError naming `model`."""
     from transformers import AutoConfig
 
     text, path = str(spec), Path(spec)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ConfigError(f"--model directory {text!r} has no config.json: give a model directory or a config.json")
+            raise ConfigError(f"`model` directory {text!r} has no config.json: give a model directory or a config.json")
         try:
             return AutoConfig.from_pretrained(text)
         except (ValueError, OSError, KeyError) as exc:
-            raise ConfigError(f"--model {text!r}: cannot read its config: {_first_line(exc)}") from None
-    builtins = _builtin_configs()
-    if text in builtins:
-        values = dict(builtins[text])
-    elif path.is_file():
+            raise ConfigError(f"`model` {text!r}: cannot read its config: {first_line(exc)}") from None
+    if path.is_file():
         try:
             values = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"--model {text!r} is not a JSON config: {_first_line(exc)}") from None
+            raise ConfigError(f"`model` {text!r} is not a JSON config: {first_line(exc)}") from None
     elif text.lstrip().startswith("{"):
         try:
             values = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"--model {text!r} is not valid JSON: {_first_line(exc)}") from None
+            raise ConfigError(f"`model` {text!r} is not valid JSON: {first_line(exc)}") from None
     else:
-        raise ConfigError(f"--model {text!r} is neither a model directory, a config JSON file, inline JSON "
-                          f"nor one of {', '.join(builtins) or 'the built-in names'}")
+        raise ConfigError(f"`model` {text!r} is neither a model directory, a config JSON file nor inline JSON")
     if not isinstance(values, dict) or "model_type" not in values:
-        raise ConfigError(f"--model {text!r}: a config needs a 'model_type' key, e.g. \"gpt2\"")
+        raise ConfigError(f"`model` {text!r}: a config needs a 'model_type' key, e.g. \"gpt2\"")
     model_type = values.pop("model_type")
     try:
         return AutoConfig.for_model(model_type, **values)
     except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"--model {text!r}: not a transformers config: {_first_line(exc)}") from None
-
-
-def _builtin_configs() -> dict[str, dict[str, Any]]:
-    try:
-        from accum.__main__ import BUILTIN_CONFIGS
-    except ImportError:
-        return {}
-    return BUILTIN_CONFIGS
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+        raise ConfigError(f"`model` {text!r}: not a transformers config: {first_line(exc)}") from None
 
 
 def _model_from_config(config: Any, task: str) -> torch.nn.Module:
@@ -379,7 +355,7 @@ class Tracer:
                 try:
                     model = _model_from_config(self.model_source, self.task)
                 except (ValueError, KeyError, TypeError) as exc:
-                    raise ConfigError(f"cannot build a {self.task} model from this config: {_first_line(exc)}") from None
+                    raise ConfigError(f"cannot build a {self.task} model from this config: {first_line(exc)}") from None
             model.train()
             if self.gradient_checkpointing:
                 _enable_checkpointing(model)
@@ -400,8 +376,8 @@ class Tracer:
         when the model cannot run on fake tensors (use the analytic estimate then)."""
         from torch.distributed._tools.mem_tracker import MemTracker
 
-        _check_positive("micro_batch_size", micro_batch_size)
-        _check_positive("seq_len", seq_len)
+        check_positive_int("micro_batch_size", micro_batch_size)
+        check_positive_int("seq_len", seq_len)
         started = time.perf_counter()
         with self._fake_mode:
             if self.make_batch is not None:
@@ -425,8 +401,8 @@ class Tracer:
             except Exception as exc:  # a data-dependent op, an op without a fake kernel
                 self._optimizer.zero_grad(set_to_none=True)
                 raise ConfigError(
-                    f"cannot trace this model on fake tensors ({type(exc).__name__}: {_first_line(exc)}): "
-                    "use the analytic estimate (--method analytic)"
+                    f"cannot trace this model on fake tensors ({type(exc).__name__}: {first_line(exc)}): "
+                    "use the analytic estimate (`method` analytic)"
                 ) from None
             del loss, batch
         peak = _snapshot_bytes(tracker.get_tracker_snapshot("peak"))
@@ -519,8 +495,8 @@ def max_micro_batch_for(
     """
     if not device_memory_bytes > 0:
         raise ConfigError(f"device memory must be positive (got {device_memory_bytes!r})")
-    _check_positive("limit", limit)
-    _check_positive("start", start)
+    check_positive_int("limit", limit)
+    check_positive_int("start", start)
     if not 0 <= safety_margin < 1:
         raise ConfigError(f"safety_margin must be in [0, 1) (got {safety_margin!r})")
     budget = int(device_memory_bytes * (1 - safety_margin))
@@ -581,12 +557,9 @@ def _next_guess(lo: int, hi: int, limit: int, budget: int, measured: dict[int, i
     return min(max(guess, lo + 1), hi - 1), interpolated
 
 
-# ---------------------------------------------------------------------------------------
-# Command line: python -m accum estimate
-
-
-def _analytic_for_config(config: Any, task: str) -> Callable[..., MemoryEstimate]:
-    """Sizes read from a transformers config; parameters counted on the meta device."""
+def analytic_estimator(config: Any, task: str) -> Callable[..., MemoryEstimate]:
+    """`estimate(micro_batch_size, seq_len, **kwargs)` by `estimate_analytic`, with the sizes read from a
+    transformers config and the parameters counted on the meta device. Raises ConfigError."""
     with torch.device("meta"):
         model = _model_from_config(config, task)
     num_params = sum(p.numel() for p in model.parameters())
@@ -594,7 +567,7 @@ def _analytic_for_config(config: Any, task: str) -> Callable[..., MemoryEstimate
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None) or getattr(text, "d_model", None)
     layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
     if not hidden or not layers:
-        raise ConfigError("the model config names no hidden size or layer count: use --method traced")
+        raise ConfigError("the model config names no hidden size or layer count: use the traced estimate (`method` traced)")
     vocab = getattr(text, "vocab_size", 0) if task == "clm" else 0
 
     def estimate(micro_batch_size: int, seq_len: int, **kwargs: Any) -> MemoryEstimate:
@@ -602,122 +575,3 @@ def _analytic_for_config(config: Any, task: str) -> Callable[..., MemoryEstimate
                                  vocab_size=vocab, **kwargs)
 
     return estimate
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is a ConfigError (one line, exit code 2) instead of usage text."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"{self.prog}: {message}")
-
-
-def build_estimate_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
-        prog="python -m accum estimate",
-        description="Plan micro-batch x accumulation for a device you do not have, from a memory estimate.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--model", required=True, help="model directory, config.json, inline JSON config, or a built-in name (gpt2-tiny)")
-    parser.add_argument("--seq-len", "--max-seq-len", dest="seq_len", type=int, required=True,
-                        help="tokens per sample")
-    parser.add_argument("--batch-size", "--target-batch-size", dest="batch_size", type=int, required=True,
-                        help="target effective batch: micro x accumulation x processes")
-    parser.add_argument("--device-memory", required=True, help="memory of one device, e.g. 80GiB")
-    parser.add_argument("--method", default="traced", help="traced (FakeTensor trace) or analytic (formula)")
-    parser.add_argument("--task", default="clm", help="clm (causal LM, as `accum plan`) or classification")
-    parser.add_argument("--optimizer", default="adamw", help="adamw, adamw_8bit, lion_8bit or sgd")
-    parser.add_argument("--mixed-precision", "--precision", dest="precision", default="no", help="no, fp16 or bf16")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    parser.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (one device each)")
-    parser.add_argument("--safety-margin", type=float, default=0.1,
-                        help="share of device memory kept free (CUDA context, fragmentation)")
-    parser.add_argument("--allow-batch-rounding", action="store_true",
-                        help="round a target batch that cannot be split exactly")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    return parser
-
-
-def _gib(value: float) -> str:
-    return f"{value / 2**30:.2f} GiB"
-
-
-def run_estimate(args: argparse.Namespace) -> dict[str, Any]:
-    """Search the estimate and plan the batch. Returns the plan, the search and the estimate at the chosen size."""
-    from accum.plan import plan_batch
-
-    _check_choice("method", args.method, METHODS)
-    _check_choice("task", args.task, TASKS)
-    _check_choice("optimizer", args.optimizer, OPTIMIZERS)
-    _check_choice("precision", args.precision, PRECISIONS)
-    for name in ("seq_len", "batch_size", "num_processes"):
-        _check_positive(name.replace("_", "-"), getattr(args, name))
-    if args.batch_size < args.num_processes:
-        raise ConfigError(f"batch size {args.batch_size} is smaller than the {args.num_processes} processes: "
-                          "each process needs at least one sample")
-    device_memory = parse_memory(args.device_memory)
-    if device_memory <= 1:
-        raise ConfigError(f"--device-memory {args.device_memory!r} must be a size such as 80GiB, not a fraction")
-    config = load_model_config(args.model)
-    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if positions is not None and args.seq_len > positions:
-        raise ConfigError(f"--seq-len {args.seq_len} exceeds the model's {positions} positions: use {positions} or less")
-    kwargs = {"optimizer": args.optimizer, "precision": args.precision}
-    if args.method == "traced":
-        tracer = Tracer(config, task=args.task, gradient_checkpointing=args.gradient_checkpointing, **kwargs)
-
-        def estimate(size: int) -> MemoryEstimate:
-            return tracer.trace(size, args.seq_len)
-    else:
-        analytic = _analytic_for_config(config, args.task)
-
-        def estimate(size: int) -> MemoryEstimate:
-            return analytic(size, args.seq_len, gradient_checkpointing=args.gradient_checkpointing, **kwargs)
-
-    estimates: dict[int, MemoryEstimate] = {}
-
-    def remembered(size: int) -> MemoryEstimate:
-        if size not in estimates:
-            estimates[size] = estimate(size)
-        return estimates[size]
-
-    limit = max(1, args.batch_size // args.num_processes)
-    search = max_micro_batch_for(device_memory, remembered, limit=limit, safety_margin=args.safety_margin)
-    if search.size == 0:
-        needed = search.probes[-1].peak_bytes
-        raise ConfigError(
-            f"micro-batch 1 at seq-len {args.seq_len} needs an estimated {_gib(needed)}, more than the "
-            f"{_gib(search.budget)} budget of --device-memory {args.device_memory}: try --gradient-checkpointing, "
-            "--mixed-precision bf16, an 8-bit --optimizer or a shorter --seq-len"
-        )
-    plan = plan_batch(args.batch_size, search.size, num_processes=args.num_processes,
-                      allow_rounding=args.allow_batch_rounding, source="estimate",
-                      probes=tuple(asdict(probe) for probe in search.probes))
-    # The largest fit was evaluated by the search: reporting it costs no further trace.
-    return {"plan": plan, "search": search, "estimate": remembered(search.size)}
-
-
-def estimate_main(argv: list[str] | None = None) -> int:
-    """`python -m accum estimate`: print the sizes evaluated and the plan line (or the plan as
-    JSON with --json). Returns 0, or 2 after printing a one-line error for bad input."""
-    try:
-        args = build_estimate_parser().parse_args(argv)
-        result = run_estimate(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    plan, search, chosen = result["plan"], result["search"], result["estimate"]
-    if args.json:
-        print(json.dumps({**plan.to_dict(), "method": args.method, "device_memory_budget": search.budget,
-                          "max_micro_batch": search.size, "estimate_at_max_micro_batch": chosen.as_dict()}, indent=2, default=str))
-        return 0
-    print(f"Estimate ({args.method}) for {args.model}, seq-len {args.seq_len}, {args.optimizer}, "
-          f"precision {args.precision}; budget {_gib(search.budget)} of {args.device_memory} "
-          f"({args.safety_margin:.0%} kept free)")
-    print(f"{'size':>6} {'fit':>4} {'seconds':>8} {'estimate':>12}")
-    for probe in sorted(search.probes, key=lambda p: p.size):
-        print(f"{probe.size:>6} {'yes' if probe.fit else 'no':>4} {probe.seconds:>8.2f} {_gib(probe.peak_bytes):>12}")
-    print(f"Largest micro-batch that fits: {chosen.micro_batch_size}; weights {_gib(chosen.weights)}, gradients "
-          f"{_gib(chosen.gradients)}, optimizer {_gib(chosen.optimizer_state)}, activations "
-          f"{_gib(chosen.activations)}, total {_gib(chosen.total)}")
-    print(plan.banner())
-    return 0

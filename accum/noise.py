@@ -228,7 +228,7 @@ def describe_unavailable(num_processes: int, accumulation_steps: int) -> str | N
         return None
     return (
         "noise scale: not measured: one process with accumulation 1 has no smaller batch to compare "
-        "with the optimizer step's; use --grad-accum-steps 2 or more, or 2 or more processes"
+        "with the optimizer step's; use `grad_accum_steps` 2 or more, or 2 or more processes"
     )
 
 

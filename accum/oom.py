@@ -18,9 +18,13 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import math
+import re
 from pathlib import Path
 
 import torch
+
+from accum.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -213,3 +217,24 @@ def device_name(device: torch.device | str | None = None) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return device.type
+
+
+_MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                 "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(value: str | float | int) -> float:
+    """Return bytes for '8GiB' / '512MB' / 1e9, or a fraction in (0, 1] for 0.5. Raises ConfigError."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in _MEMORY_UNITS:
+            raise ConfigError(f"memory {value!r} is not a size: write e.g. 8GiB, 512MB, or a fraction like 0.5")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    if not math.isfinite(number) or number <= 0:
+        raise ConfigError(f"memory {value!r} must be a positive, finite size")
+    size = number * _MEMORY_UNITS[unit]
+    if not math.isfinite(size):
+        raise ConfigError(f"memory {value!r} is too large to be a size")
+    return size

@@ -11,7 +11,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from accum.config import ConfigError
+from accum.errors import ConfigError, check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ class Plan:
     source: str = "probe"  # probe | cache | given | derived | estimate
     probes: tuple[dict[str, Any], ...] = field(default=(), compare=False)
     cache_key: str | None = field(default=None, compare=False)  # where a probed plan is cached
+    verified_steps: int = field(default=0, compare=False)  # steps trained back to back in a fresh process
 
     def banner(self) -> str:
         """`Effective batch size: 256 = 16 micro x 16 accum x 1 process`."""
@@ -56,17 +57,13 @@ class Plan:
                 source=str(data.get("source", "probe")),
                 probes=tuple(dict(probe) for probe in data.get("probes", ())),
                 cache_key=data.get("cache_key"),
+                verified_steps=int(data.get("verified_steps") or 0),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"plan {data!r:.200} is missing or has a bad field: {exc}") from None
         if plan.micro_batch_size * plan.accumulation_steps * plan.num_processes != plan.effective_batch_size:
             raise ConfigError(f"plan is inconsistent: {plan.banner()} does not multiply out")
         return plan
-
-
-def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer (got {value!r})")
 
 
 def nearest_valid_targets(target: int, multiple_of: int) -> list[int]:
@@ -82,7 +79,7 @@ def _split_per_process(target: int, num_processes: int, allow_rounding: bool, qu
     if target < num_processes:
         raise ConfigError(
             f"batch size {target} is smaller than the {num_processes} processes: each needs at least one "
-            f"sample per step; use --batch-size {num_processes} or more, or fewer processes"
+            f"sample per step; use `batch_size` {num_processes} or more, or fewer processes"
         )
     if target % num_processes == 0:
         return target, target // num_processes
@@ -90,7 +87,7 @@ def _split_per_process(target: int, num_processes: int, allow_rounding: bool, qu
     if not allow_rounding:
         raise ConfigError(
             f"batch size {target} cannot be split evenly over {num_processes} processes: use "
-            f"{' or '.join(map(str, nearest))}, or allow rounding (allow_batch_rounding)"
+            f"{' or '.join(map(str, nearest))}, or allow rounding (`allow_batch_rounding`)"
         )
     rounded = min(nearest, key=lambda value: (abs(value - target), value))
     if not quiet:
@@ -116,9 +113,9 @@ def plan_batch(
     Raises ConfigError for non-positive sizes, a target smaller than the number of processes,
     or a target not divisible by it without `allow_rounding` (naming the nearest valid targets).
     """
-    _check_positive("batch size", target_batch_size)
-    _check_positive("max micro-batch", max_micro_batch)
-    _check_positive("number of processes", num_processes)
+    check_positive_int("batch size", target_batch_size)
+    check_positive_int("max micro-batch", max_micro_batch)
+    check_positive_int("number of processes", num_processes)
     target, per_process = _split_per_process(target_batch_size, num_processes, allow_rounding)
     micro = max(d for d in range(1, min(max_micro_batch, per_process) + 1) if per_process % d == 0)
     if micro * 2 <= min(max_micro_batch, per_process):
@@ -143,9 +140,9 @@ def plan_from_accumulation(micro_batch_size: int, accumulation_steps: int, num_p
 
     Raises ConfigError for non-positive values.
     """
-    _check_positive("micro-batch size", micro_batch_size)
-    _check_positive("accumulation steps", accumulation_steps)
-    _check_positive("number of processes", num_processes)
+    check_positive_int("micro-batch size", micro_batch_size)
+    check_positive_int("accumulation steps", accumulation_steps)
+    check_positive_int("number of processes", num_processes)
     effective = micro_batch_size * accumulation_steps * num_processes
     return Plan(micro_batch_size, accumulation_steps, num_processes, effective, effective, source="given")
 
@@ -160,7 +157,7 @@ def _as_count(name: str, value: int | str | None) -> int | None:
         raise ConfigError(f"{name} must be a positive integer or 'auto' (got {value!r})") from None
     if number != value and str(number) != str(value):
         raise ConfigError(f"{name} must be a whole number (got {value!r})")
-    _check_positive(name, number)
+    check_positive_int(name, number)
     return number
 
 
@@ -180,8 +177,8 @@ def resolve_batch(
     Raises ConfigError when the three disagree and all come from the same source, or a split is
     not exact.
     """
-    _check_positive("batch size", batch_size)
-    _check_positive("number of processes", num_processes)
+    check_positive_int("batch size", batch_size)
+    check_positive_int("number of processes", num_processes)
     micro = _as_count("micro-batch size", micro_batch_size)
     accum = _as_count("accumulation steps", grad_accum_steps)
     on_cli = {key for key in ("batch_size", "micro_batch_size", "grad_accum_steps") if key in cli_keys}
@@ -203,11 +200,11 @@ def resolve_batch(
             old = accum if keep_micro else micro
             new = accum2 if keep_micro else micro2
             return target, micro2, accum2, (
-                f"{derived_from} {old} from the config overridden by {new}: --batch-size {batch_size} was given"
+                f"{derived_from} {old} from the config overridden by {new}: `batch_size` {batch_size} was given"
             )
         raise ConfigError(
-            f"batch size {batch_size} disagrees with {sums}: give any two of --batch-size, "
-            f"--micro-batch-size and --grad-accum-steps, or values that multiply out"
+            f"batch size {batch_size} disagrees with {sums}: give any two of `batch_size`, "
+            f"`micro_batch_size` and `grad_accum_steps`, or values that multiply out"
         )
     target, micro2, accum2 = _derive(batch_size, micro, accum, num_processes)
     return target, micro2, accum2, None
@@ -216,8 +213,8 @@ def resolve_batch(
 def per_process_limit(target_batch_size: int, num_processes: int, allow_rounding: bool = False) -> int:
     """The per-process share of the target (after rounding, if allowed): the largest micro-batch
     worth probing. Raises ConfigError as `plan_batch` would, before any probing is spent."""
-    _check_positive("batch size", target_batch_size)
-    _check_positive("number of processes", num_processes)
+    check_positive_int("batch size", target_batch_size)
+    check_positive_int("number of processes", num_processes)
     return _split_per_process(target_batch_size, num_processes, allow_rounding, quiet=True)[1]
 
 
@@ -232,7 +229,7 @@ def _derive(batch_size: int, micro: int | None, accum: int | None, num_processes
         nearest = nearest_valid_targets(batch_size, step)
         raise ConfigError(
             f"batch size {batch_size} is not a multiple of {given_name} {given} x {num_processes} processes: "
-            f"use --batch-size {' or '.join(map(str, nearest))}"
+            f"use `batch_size` {' or '.join(map(str, nearest))}"
         )
     other = batch_size // step
     return (batch_size, micro, other) if micro is not None else (batch_size, other, accum)

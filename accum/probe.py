@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -23,8 +22,9 @@ from typing import Any
 
 import torch
 
+from accum import rng
 from accum.cache import PlanCache
-from accum.config import ConfigError, parse_memory
+from accum.errors import ConfigError, check_positive_int, first_line
 from accum.oom import (
     device_memory_bytes,
     device_name,
@@ -32,6 +32,7 @@ from accum.oom import (
     free_memory,
     is_oom,
     measured_peak,
+    parse_memory,
     start_peak_measurement,
 )
 from accum.plan import Plan, per_process_limit, plan_batch
@@ -128,11 +129,6 @@ def memory_budget(
     return int(budget * (1 - safety_margin)) if budget > 0 else None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[-1] if text else type(exc).__name__)[:160]
-
-
 def _synchronize(device: torch.device | None) -> None:
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -150,6 +146,7 @@ def find_max_micro_batch(
     agree: Callable[[list[float]], list[float]] | None = None,
     retries: int = 0,
     steps: int = 1,
+    reset: Callable[[], None] | None = None,
     progress: bool = True,
 ) -> ProbeResult:
     """Search the largest n for which `try_step(n)` runs without an out-of-memory error and within
@@ -161,14 +158,15 @@ def find_max_micro_batch(
     `agree(values) -> maxima over ranks` makes ranks agree after every probe, in one collective
     (`accum.recovery.agree_max`): [failed, seconds] -> any rank failed, the slowest rank's time. `retries` re-runs a failed size that many times before believing it
     (for allocators that fragment). `steps` is how many training steps `try_step` runs per call (for
-    the time per step). For objective 'throughput' each fitting size runs once more, warm, and that
+    the time per step). `reset()` runs before each probe, before its memory baseline is read, so that
+    every probe starts from what a run starts from (plan_for drops the optimizer state an earlier
+    probe created: a run allocates it in its first step, and so must each probe). For objective 'throughput' each fitting size runs once more, warm, and that
     run is timed.
 
     Returns a ProbeResult (sizes in samples per process). Raises ConfigError for start < 1, a limit
     below start or an unknown objective, and NothingFitsError when size 1 does not fit.
     """
-    if isinstance(start, bool) or not isinstance(start, int) or start < 1:
-        raise ConfigError(f"start {start!r} must be a positive integer")
+    check_positive_int("start", start)
     if limit is not None and limit < start:
         raise ConfigError(f"limit {limit} is below start {start}: lower start or raise the batch size")
     if objective not in OBJECTIVES:
@@ -181,6 +179,8 @@ def find_max_micro_batch(
     probes: list[Probe] = []
 
     def run_once(size: int) -> tuple[bool, float, int | None, str | None]:
+        if reset is not None:
+            reset()
         free_memory(full=False)
         baseline = start_peak_measurement(device)
         error = None
@@ -191,7 +191,7 @@ def find_max_micro_batch(
         except Exception as exc:  # noqa: BLE001 - only OOMs are swallowed, below
             if not is_oom(exc):
                 raise
-            error = f"out of memory: {_first_line(exc)}"
+            error = f"out of memory: {first_line(exc, 160)}"
         seconds = (time.perf_counter() - began) / steps
         if error is not None:
             free_memory()  # outside the except block: the traceback no longer pins the step's tensors
@@ -241,7 +241,7 @@ def find_max_micro_batch(
     if largest_fit == 0:
         last = probes[-1].error if probes else "no probe ran"
         raise NothingFitsError(
-            f"micro-batch 1 does not fit ({last}): raise --max-memory, shorten the sequence, "
+            f"micro-batch 1 does not fit ({last}): raise `max_memory`, shorten the sequence, "
             f"or turn on gradient checkpointing"
         )
     while smallest_fail is not None and smallest_fail - largest_fit > 1:  # binary search
@@ -321,28 +321,6 @@ def _tensor_bytes(value: Any) -> int:
     return 0
 
 
-def _rng_state() -> dict[str, Any]:
-    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    with contextlib.suppress(ImportError):
-        import numpy
-
-        rng["numpy"] = numpy.random.get_state()
-    return rng
-
-
-def _set_rng_state(rng: dict[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if "cuda" in rng:
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    if "numpy" in rng:
-        import numpy
-
-        numpy.random.set_state(rng["numpy"])
-
-
 @dataclass
 class _Snapshot:
     """Everything a probe changes: weights and buffers, gradients, optimizer state, RNG, train mode."""
@@ -359,12 +337,22 @@ class _Snapshot:
             weights=_cpu_copy(model.state_dict()),
             grads=[_cpu_copy(p.grad) if p.grad is not None else None for p in model.parameters()],
             optimizer_state=_cpu_copy(optimizer.state_dict()) if optimizer is not None else None,
-            rng=_rng_state(),
+            rng=rng.capture(),
             training=model.training,
         )
 
     def nbytes(self) -> int:
         return _tensor_bytes(self.weights) + _tensor_bytes(self.grads) + _tensor_bytes(self.optimizer_state)
+
+    def start_over(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        """Before a probe: no gradients, and the optimizer state as it was (usually none yet), so the
+        probe allocates what a run's first steps allocate."""
+        model.zero_grad(set_to_none=True)
+        if optimizer is not None and self.optimizer_state is not None:
+            optimizer.zero_grad(set_to_none=True)
+            # a copy: load_state_dict keeps tensors that are already on the right device, and the
+            # probe's optimizer steps would then change the snapshot in place
+            optimizer.load_state_dict(_cpu_copy(self.optimizer_state))
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         with torch.no_grad():
@@ -374,8 +362,21 @@ class _Snapshot:
             param.grad = grad.to(param.device, copy=True) if grad is not None else None
         if optimizer is not None and self.optimizer_state is not None:
             optimizer.load_state_dict(self.optimizer_state)
-        _set_rng_state(self.rng)
+        rng.restore(self.rng)
         model.train(self.training)
+
+
+def _warm_up(step: Callable[[int], Any]) -> None:
+    """One unmeasured step at micro-batch 1: what a process allocates once, whatever the batch (kernel
+    and autograd caches, threads' buffers; 15 MiB measured with a tiny BERT), is then held before the
+    first probe as before a run's later steps, and no probe is charged for it. An OOM here is left to
+    the search to report."""
+    try:
+        step(1)
+    except Exception as exc:  # noqa: BLE001 - only OOMs are left to the search
+        if not is_oom(exc):
+            raise
+    free_memory()
 
 
 @contextlib.contextmanager
@@ -544,11 +545,11 @@ def plan_cache_fields(model: torch.nn.Module, accelerator: Any, optimizer: Any, 
 
 def _batch_shape(make_batch: Callable[[int], Mapping[str, Any]]) -> dict[str, list[Any]]:
     """Per-sample shapes and dtypes of the batch; make_batch's draw from the RNG is undone."""
-    rng = _rng_state()
+    before = rng.capture()
     try:
         batch = make_batch(1)
     finally:
-        _set_rng_state(rng)
+        rng.restore(before)
     return {key: [list(value.shape[1:]), str(value.dtype)] for key, value in batch.items() if torch.is_tensor(value)}
 
 
@@ -609,8 +610,7 @@ def plan_for(
         )
     device = _model_device(model, accelerator)
     budget = memory_budget(max_memory, safety_margin, device)  # validates before any probing
-    if isinstance(steps_per_probe, bool) or not isinstance(steps_per_probe, int) or steps_per_probe < 1:
-        raise ConfigError(f"steps per probe {steps_per_probe!r} must be a positive integer")
+    check_positive_int("steps_per_probe", steps_per_probe)
     cache = PlanCache(cache_path) if cache_path is not False else None
     cache_key = None
     if cache is not None:
@@ -625,7 +625,7 @@ def plan_for(
                 plan = Plan.from_dict(cached)
             except ConfigError as exc:
                 logger.warning("plan cache %s: the entry for this run is invalid (%s): probing again; "
-                               "--replan rewrites it", cache.path, exc)
+                               "`replan` rewrites it", cache.path, exc)
                 plan = None
             if plan is not None and plan.target_batch_size == target_batch_size and plan.num_processes == processes:
                 logger.info("plan from cache %s: %s", cache.path, plan.banner())
@@ -633,9 +633,11 @@ def plan_for(
 
     raw_optimizer = _raw_optimizer(optimizer)
     is_main = accelerator is None or accelerator.is_main_process
-    with _leave_no_trace(model, raw_optimizer):
+    with _leave_no_trace(model, raw_optimizer) as snapshot:
+        step = make_train_step(model, make_batch, accelerator, optimizer, loss_fn, steps=steps_per_probe)
+        _warm_up(step)
         result = find_max_micro_batch(
-            make_train_step(model, make_batch, accelerator, optimizer, loss_fn, steps=steps_per_probe),
+            step,
             start,
             limit,
             max_memory=budget / (1 - safety_margin) if budget is not None else None,
@@ -645,6 +647,7 @@ def plan_for(
             agree=rank_agreement(device),
             retries=retries,
             steps=steps_per_probe,
+            reset=lambda: snapshot.start_over(model, raw_optimizer),
             progress=progress and is_main,
         )
     plan = plan_batch(

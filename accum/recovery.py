@@ -55,8 +55,8 @@ __all__ = [
 T = TypeVar("T")
 L = TypeVar("L")
 
-ADVICE = ("enable --gradient-checkpointing, use an 8-bit optimizer (--optimizer adamw_8bit), "
-          "or lower --max-seq-len")
+ADVICE = ("enable `gradient_checkpointing`, use an 8-bit optimizer (`optimizer` adamw_8bit), "
+          "or lower `max_seq_len`")
 
 
 class OutOfMemoryError(RuntimeError):
@@ -72,7 +72,7 @@ def advice(where: str, optimizer_step: int | None = None, micro_batch_size: int 
     if where == "optimizer step":
         return (f"out of memory in optimizer.step(){at}: a smaller micro-batch "
                 "does not help there (the update needs memory for all parameters at once); use an 8-bit "
-                "optimizer (--optimizer adamw_8bit) or SGD, or train fewer parameters")
+                "optimizer (`optimizer` adamw_8bit) or SGD, or train fewer parameters")
     return (f"out of memory in {where}{at} with micro-batch "
             f"{micro_batch_size}, the smallest there is: {ADVICE}")
 

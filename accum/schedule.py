@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from accum.config import ConfigError
+from accum.errors import ConfigError, check_positive_int
 from accum.scaling import scale_lr
 
 __all__ = ["BatchSchedule", "Change", "Progress", "SampleLR", "lr_shape", "parse_ramp", "schedule_from_config"]
@@ -68,12 +68,6 @@ def _check_batch(what: str, batch: int, unit: int, micro: int, processes: int) -
         )
 
 
-def _positive_int(what: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{what} must be a positive integer (got {value!r})")
-    return value
-
-
 def parse_ramp(text: str) -> tuple[int, int, int]:
     """'start,end,over_samples' -> three positive ints. Raises ConfigError (one line)."""
     parts = [part.strip() for part in str(text).split(",")]
@@ -82,7 +76,7 @@ def parse_ramp(text: str) -> tuple[int, int, int]:
     except ValueError:
         raise ConfigError(f"batch ramp {text!r} is not start,end,over_samples (three integers, e.g. 32,256,100000)") from None
     for name, value in (("start", start), ("end", end), ("over_samples", over)):
-        _positive_int(f"batch ramp {name}", value)
+        check_positive_int(f"batch ramp {name}", value)
     if end < start:
         raise ConfigError(f"batch ramp {text!r} goes down ({start} -> {end}): a ramp grows; use a schedule to shrink")
     return start, end, over
@@ -116,8 +110,8 @@ class BatchSchedule:
             raise ConfigError("accumulation schedule is empty: give e.g. {0: 32, 20000: 64}")
         points, previous = [], None
         for key, batch in mapping.items():
-            seen = _positive_int(f"accumulation schedule key {key!r}", key) if key != 0 else 0
-            _positive_int(f"accumulation schedule batch at {key!r}", batch)
+            seen = check_positive_int(f"accumulation schedule key {key!r}", key) if key != 0 else 0
+            check_positive_int(f"accumulation schedule batch at {key!r}", batch)
             if previous is not None and seen <= previous:
                 raise ConfigError(f"accumulation schedule keys must increase: {seen} comes after {previous}; "
                                   f"write them in order of {unit_name} seen")
@@ -135,8 +129,8 @@ class BatchSchedule:
     @classmethod
     def noise(cls, minimum: int, maximum: int, cooldown: int = 20, growth: str = "power_of_two") -> BatchSchedule:
         """Noise-driven growth from `minimum` up to `maximum`. Raises ConfigError (one line)."""
-        _positive_int("adaptive batch minimum", minimum)
-        _positive_int("adaptive batch maximum", maximum)
+        check_positive_int("adaptive batch minimum", minimum)
+        check_positive_int("adaptive batch maximum", maximum)
         if maximum < minimum:
             raise ConfigError(f"adaptive batch maximum {maximum} is below the minimum {minimum}: raise "
                               "adaptive_batch_max")

@@ -30,7 +30,7 @@ class Interrupted(Exception):
         self.exit_code = 128 + signum
         where = f"checkpoint {checkpoint}" if checkpoint else "nothing new to save"
         super().__init__(f"stopped by {signal.Signals(signum).name} after optimizer step {optimizer_step}; "
-                         f"{where}; continue with --resume-from-checkpoint latest")
+                         f"{where}; continue with `resume_from_checkpoint` latest")
 
 
 class StopRequest:

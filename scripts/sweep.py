@@ -52,11 +52,10 @@ if __package__ in (None, ""):  # run as a file: make `scripts` and `accum` impor
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from accum.config import ConfigError, load_yaml, make_config
-from accum.launch import SEE_ABOVE, check_accelerate_config
-from accum.oom import OOM_MESSAGES
-from accum.plan import resolve_batch
-from accum.scaling import scale_lr
+from accum.cli.config import ConfigError, load_yaml, make_config
+from accum.cli.launch import SEE_ABOVE, check_accelerate_config
+from accum.cli.planning import resolve_batch_and_lr, resolve_batch_flags
+from accum.cli.status import STATUS_FILE, ExitStatus, read_status
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 RESULTS = "results.jsonl"
@@ -263,8 +262,7 @@ def derive_batch_and_lr(spec: RunSpec, values: dict[str, Any], budget_samples: i
         if isinstance(values.get("grad_accum_steps"), NoSplit):
             raise values.pop("grad_accum_steps")
         config = make_config(values)
-        target, micro, accum, note = resolve_batch(config.batch_size, config.micro_batch_size,
-                                                   config.grad_accum_steps, processes)
+        target, micro, accum, note = resolve_batch_flags(config, set(), processes)
         spec.target, spec.note = target, note
         spec.micro, spec.accum = micro or "auto", accum or "auto"
         if micro is not None and accum is not None:
@@ -280,8 +278,7 @@ def derive_batch_and_lr(spec: RunSpec, values: dict[str, Any], budget_samples: i
                              f"{spec.effective}: {steps} steps = {steps * spec.effective} samples")
             config = make_config(dict(values, max_steps=steps))
         spec.max_steps = config.max_steps
-        base = config.base_batch_size or config.batch_size
-        spec.lr = scale_lr(config.lr, base, spec.effective or target, config.lr_scaling).lr
+        spec.lr = resolve_batch_and_lr(config, processes)[1]  # train.py's own rule (a schedule's first batch)
         spec.values = config.model_dump(mode="json")
     except (ConfigError, ValueError) as exc:
         spec.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -359,32 +356,24 @@ def run_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-OOM_EXIT_CODE = 4  # scripts/train.py: out of memory at micro-batch 1
-_ERROR_LINE = re.compile(r"^(error: |[A-Za-z_.]*(Error|Exception)\b|Killed)")
-# Lines about the run rather than its cause: accelerate's launcher traceback, and accum launch's own
-# line after a crash (the exception line above it says why).
-_LAUNCHER_NOISE = ("CalledProcessError", "subprocess.", "ChildFailedError", "torch.distributed.elastic", SEE_ABOVE)
-
-
-def error_line(stderr_lines: list[str]) -> str | None:
-    """The line that says why a run failed: the last `error: ...` or exception line of train.py,
-    skipping the launcher's own traceback; else the last non-empty line."""
+def crash_line(stderr_lines: list[str]) -> str | None:
+    """For a run that wrote no reason of its own (a crash, a kill): the last line it printed that is not
+    a progress bar or the launcher's account of the failure."""
+    noise = ("CalledProcessError", "subprocess.", "ChildFailedError", "torch.distributed.elastic", SEE_ABOVE)
     lines = [line.strip() for line in stderr_lines if line.strip() and "\r" not in line and "it/s]" not in line]
-    for line in reversed(lines):
-        if _ERROR_LINE.match(line) and not any(noise in line for noise in _LAUNCHER_NOISE):
-            return line.removeprefix("error: ")[:400]
-    return lines[-1][:400] if lines else None
+    lines = [line for line in lines if not any(word in line for word in noise)]
+    return lines[-1].removeprefix("error: ")[:400] if lines else None
 
 
-def classify(returncode: int | None, error: str | None, timed_out: bool) -> str:
+def outcome(returncode: int, status: dict[str, Any] | None, timed_out: bool) -> str:
+    """ok | oom | timeout | failed, from the run's status.json (what train.py says of its own end) and
+    its exit code when it wrote none (killed: SIGKILL with no word is usually the kernel's OOM killer)."""
     if timed_out:
         return "timeout"
-    if returncode == 0:
+    code = status["exit_code"] if status is not None else returncode
+    if code == ExitStatus.OK:
         return "ok"
-    text = (error or "").lower()
-    # train.py's own out-of-memory exit at micro-batch 1; SIGKILL with no message is the kernel's OOM
-    # killer, the usual cause here
-    if returncode in (OOM_EXIT_CODE, -signal.SIGKILL, 137) or any(message.lower() in text for message in OOM_MESSAGES):
+    if code == ExitStatus.OUT_OF_MEMORY or (status is None and code in (-signal.SIGKILL, 128 + signal.SIGKILL)):
         return "oom"
     return "failed"
 
@@ -396,6 +385,7 @@ def execute(spec: RunSpec, sweep: SweepConfig) -> dict[str, Any]:
     run_config = out / "run_config.yaml"
     header = f"# python scripts/train.py --config {run_config}\n# generated by scripts/sweep.py: run {spec.name}\n"
     run_config.write_text(header + yaml.safe_dump(spec.values, sort_keys=False))
+    (out / STATUS_FILE).unlink(missing_ok=True)  # an earlier attempt's: the sweep's own run dir
     command = launch_command(sweep.accelerate_config, run_config)
     stderr_tail: deque[str] = deque(maxlen=200)
     started = time.perf_counter()
@@ -423,10 +413,13 @@ def execute(spec: RunSpec, sweep: SweepConfig) -> dict[str, Any]:
             raise
         reader.join(timeout=10)
     wall = time.perf_counter() - started
-    error = None if proc.returncode == 0 else error_line(list(stderr_tail))
+    run_status = read_status(out)
+    error = None
+    if proc.returncode != 0:
+        error = (run_status or {}).get("reason") or crash_line(list(stderr_tail))
     if timed_out:
         error = f"killed after the run's time limit of {sweep.timeout_s:g} s (timeout_s)"
-    status = classify(proc.returncode, error, timed_out)
+    status = outcome(proc.returncode, run_status, timed_out)
     if status == "ok" and not (out / "metrics.json").exists():
         status, error = "failed", "train.py exited 0 but wrote no metrics.json"
     record = base_record(spec, sweep)

@@ -33,9 +33,24 @@ from tqdm.auto import tqdm
 
 from accum.accelerator import build_accelerator
 from accum.cache import PlanCache
-from accum.config import ConfigError, RunConfig, config_to_json, parse_config
+from accum.cli import data as data_lib
+from accum.cli.config import ConfigError, RunConfig, config_to_json, flags_in, parse_config
+from accum.cli.lock import OutputLock
+from accum.cli.planning import (
+    build_optimizer,
+    load_run_inputs,
+    lr_base_batch,
+    make_plan,
+    model_identity,
+    plan_eval_batch_size,
+    resolve_batch_flags,
+    resolve_precision,
+    verify_command,
+)
+from accum.cli.status import STATUS_FILE, ExitStatus, write_status
+from accum.files import write_json_atomic
 from accum.loss import TaskLoss
-from accum.plan import Plan, plan_batch, plan_from_accumulation, resolve_batch
+from accum.plan import Plan, plan_batch, plan_from_accumulation
 from accum.recovery import AdaptiveBatch, OutOfMemoryError
 from accum.scaling import ScaledLR, scale_lr
 from accum.schedule import BatchSchedule, Change, Progress, SampleLR, schedule_from_config
@@ -43,7 +58,6 @@ from accum.signals import Interrupted, StopRequest
 from accum.window import Accumulator, Callback, NonFiniteError, WindowResult, evaluate
 from accum.windows import WindowSampler, windows_per_epoch
 from scripts import checkpoint as ckpt
-from scripts import data as data_lib
 
 # ----------------------------------------------------------------------------- setup
 
@@ -69,135 +83,11 @@ def check_output_dir(config: RunConfig) -> Path:
     return out
 
 
-def resolve_precision(config: RunConfig) -> str | None:
-    """--mixed-precision wins; --use-amp means fp16 on CUDA and bf16 elsewhere; None defers to accelerate's config."""
-    if config.mixed_precision is not None:
-        return config.mixed_precision
-    if config.use_amp:
-        return "fp16" if torch.cuda.is_available() else "bf16"
-    return None
-
-
-def model_identity(config: RunConfig) -> str:
-    """A short id of the model for the plan cache and checkpoint checks."""
-    if config.model:
-        return config.model
-    blob = json.dumps(config.model_config_overrides, sort_keys=True)
-    return "config-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
 def data_fingerprint(dataset) -> str:
     """Cheap identity of a tokenised data set: size and the first and last samples' tokens."""
     first, last = dataset[0], dataset[len(dataset) - 1]
     blob = json.dumps([len(dataset), list(first["input_ids"]), list(last["input_ids"])])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def worst_case_examples(dataset, count: int, seq_len: int) -> list[dict]:
-    """`count` samples of full length `seq_len`, for probing memory at the longest batch training can meet."""
-    example = dict(dataset[0])
-    ids = list(example["input_ids"]) or [0]
-    example["input_ids"] = (ids * (seq_len // len(ids) + 1))[:seq_len]
-    return [dict(example) for _ in range(count)]
-
-
-def move_to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device) for key, value in batch.items()}
-
-
-def resolve_batch_flags(config: RunConfig, cli_keys: set[str], num_processes: int):
-    """(target, micro or None, accum or None, note): checked before any data is loaded or memory probed.
-    With a batch schedule the target is the schedule's first batch, and the accumulation follows it."""
-    schedule = schedule_from_config(config)
-    if schedule is None:
-        return resolve_batch(config.batch_size, config.micro_batch_size, config.grad_accum_steps, num_processes,
-                             cli_keys)
-    start = schedule.start_batch
-    micro, accum = config.micro_batch_size, config.grad_accum_steps
-    if accum != "auto" and (micro == "auto" or micro * accum * num_processes != start):
-        raise ConfigError(f"grad_accum_steps {accum} is set by the batch schedule (first batch {start}): "
-                          "leave --grad-accum-steps auto and give --micro-batch-size")
-    target, micro, accum, note = resolve_batch(start, micro, "auto", num_processes)
-    if micro is not None:
-        schedule.bind(micro, num_processes)  # a batch no split reaches: said before any data loads
-    if "batch_size" in config.model_fields_set and config.batch_size != start and config.adaptive_batch == "none":
-        note = "\n".join(filter(None, [note, f"batch size {config.batch_size} not used: the batch schedule starts "
-                                              f"at {start}"]))
-    return target, micro, accum, note
-
-
-def lr_base_batch(config: RunConfig) -> int:
-    """The batch the LR was tuned for: base_batch_size, else the schedule's first batch, else batch_size."""
-    schedule = schedule_from_config(config)
-    return config.base_batch_size or (schedule.start_batch if schedule else config.batch_size)
-
-
-def probe_length(config: RunConfig, model) -> int:
-    """Tokens per probed sample: max_seq_len, the longest training can meet, within the model's positions."""
-    model_config = getattr(model, "module", model).config  # DDP-wrapped after prepare() on several ranks
-    limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
-    return min(config.max_seq_len, limit) if limit else config.max_seq_len
-
-
-def probe_batch_maker(config: RunConfig, model, train_ds, collate, device):
-    """make_batch(n) for the planner: n samples of the worst-case length."""
-    length = probe_length(config, model)
-
-    def make_batch(n: int) -> dict[str, torch.Tensor]:
-        return move_to(collate(worst_case_examples(train_ds, n, length)), device)
-
-    return make_batch
-
-
-def plan_eval_batch_size(config: RunConfig, model, train_ds, eval_ds, collate, plan: Plan, accelerator) -> int:
-    """--eval-batch-size, or the largest forward-only batch that fits, probed from the training
-    micro-batch up to 8 times it (no gradients or optimizer state, so it is larger)."""
-    from accum.probe import plan_eval_batch
-
-    if config.eval_batch_size != "auto":
-        return config.eval_batch_size
-    if not eval_ds:  # nothing to evaluate: no probes (they cost as much as a training step or two)
-        return plan.micro_batch_size
-    per_process = math.ceil(len(eval_ds) / accelerator.num_processes)
-    limit = max(1, min(8 * plan.micro_batch_size, per_process))
-    start = min(plan.micro_batch_size, limit)
-    result = plan_eval_batch(model, probe_batch_maker(config, model, train_ds, collate, accelerator.device),
-                             accelerator, limit=limit, start=start, max_memory=config.max_memory,
-                             safety_margin=config.safety_margin, progress=False)
-    return result.size
-
-
-def make_plan(config: RunConfig, resolved, accelerator, model, optimizer, train_ds, collate,
-              loss: TaskLoss) -> tuple[Plan, str | None]:
-    """Micro-batch x accumulation x processes for the target batch: from flags, or by probing memory."""
-    from accum.probe import plan_for
-
-    target, micro, accum, note = resolved
-    if micro is not None and accum is not None:
-        return plan_from_accumulation(micro, accum, accelerator.num_processes), note
-
-    def loss_fn(probe_model, batch):
-        return loss.forward(probe_model, batch)[0] / batch["labels"].numel()
-
-    make_batch = probe_batch_maker(config, model, train_ds, collate, accelerator.device)
-    plan = plan_for(accelerator, model, make_batch, target, optimizer, loss_fn=loss_fn, max_memory=config.max_memory,
-                    safety_margin=config.safety_margin, objective=config.objective, cache_path=config.plan_cache,
-                    replan=config.replan, allow_rounding=config.allow_batch_rounding, progress=accelerator.is_main_process)
-    return plan, note
-
-
-def build_optimizer(config: RunConfig, model, lr: float) -> torch.optim.Optimizer:
-    """torch AdamW/SGD, or bitsandbytes' 8-bit AdamW/Lion (which run on CPU too)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    import bitsandbytes as bnb
-
-    if config.optimizer == "adamw_8bit":
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=config.weight_decay)
-    return bnb.optim.Lion8bit(params, lr=lr, weight_decay=config.weight_decay)
 
 
 def build_scheduler(config: RunConfig, optimizer, total_steps: int):
@@ -360,27 +250,14 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data,
     torch.manual_seed(config.seed)
     resolved = resolve_batch_flags(config, cli_keys, state.num_processes)
     out = check_output_dir(config)
-    tokenizer, label_info = None, None
-    if train_data is None:
-        tokenizer = data_lib.build_tokenizer(config)
-        train_raw, eval_raw = data_lib.load_splits(config)
-        train_data, eval_data, label_info = data_lib.tokenize_splits(config, tokenizer, train_raw, eval_raw)
-    if model is None:
-        model = data_lib.build_model(config, label_info.num_labels if label_info else 0, tokenizer=tokenizer,
-                                     id2label=label_info.id2label if label_info else None)
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    if pad_id is None:
-        pad_id = getattr(model.config, "pad_token_id", None) or 0
-    collate = data_lib.make_collate(config.task, pad_id)
-    loss = TaskLoss(config.task, config.resolved_loss_normalization())
+    inputs = load_run_inputs(config, model, train_data, eval_data)
+    model, train_data, eval_data, collate, loss = (inputs.model, inputs.train_data, inputs.eval_data, inputs.collate,
+                                                   inputs.loss)
     # the accumulation steps of this Accelerator are set per window (begin_window), so it can exist
     # before the plan: the planner then probes on the run's device and process count
     accelerator = build_accelerator(plan_from_accumulation(1, 1), mixed_precision=resolve_precision(config),
                                     log_with=config.report_to, project_dir=str(out))
-    model.train()
-    probe_optimizer = build_optimizer(config, model, config.lr)
-    plan, note = make_plan(config, resolved, accelerator, model, probe_optimizer, train_data, collate, loss)
-    del probe_optimizer
+    plan, note = make_plan(config, resolved, accelerator, inputs, verify_command=verify_command(config, inputs))
     lr = scale_lr(config.lr, lr_base_batch(config), plan.effective_batch_size, config.lr_scaling)
     optimizer = build_optimizer(config, model, lr.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -437,15 +314,57 @@ def train(config: RunConfig, model=None, train_data=None, eval_data=None, cli_ke
     """
     with StopRequest() as stop:
         run, state, text = setup(config, cli_keys or set(), model, train_data, eval_data, tuple(callbacks))
-        return train_until_done(run, state, text, stop, tuple(callbacks))
+        lock = OutputLock(run.out)
+        on_main_process(run, lock.check)  # another live run's directory: refused before anything is read
+        resumed_step = resume_if_asked(run, state)  # a checkpoint that cannot be used touches nothing
+        on_main_process(run, lock.acquire)  # before anything is written
+        try:
+            metrics = train_until_done(run, state, text, stop, tuple(callbacks), resumed_step)
+        except BaseException as exc:
+            end_run(run, lock, exc)
+            raise
+        end_run(run, lock, None, metrics)
+        return metrics
 
 
-def train_until_done(run: Run, state: TrainingState, text: str, stop: StopRequest, callbacks) -> dict:
-    """train()'s body; `stop` is polled between optimizer steps."""
+def on_main_process(run: Run, action) -> None:
+    """`action()` on the main process only (the output directory's lock); every rank learns whether
+    it refused the run (one broadcast) and raises the same ConfigError, with nothing written."""
+    from accelerate.utils import broadcast_object_list
+
+    refusal = [None]
+    if run.accelerator.is_main_process:
+        try:
+            action()
+        except ConfigError as exc:
+            refusal = [str(exc)]
+    if run.accelerator.num_processes > 1:
+        broadcast_object_list(refusal)
+    if refusal[0] is not None:
+        raise ConfigError(refusal[0])
+
+
+def end_run(run: Run, lock: OutputLock, failure: BaseException | None, metrics: dict | None = None) -> None:
+    """status.json (how the run ended, its one-line reason, its metrics) and the lock released. A run
+    refused as bad input writes no status over an earlier run's (its status and metrics stay)."""
+    if not lock.held:
+        return
+    code, reason = exit_status_of(failure) if failure is not None else (ExitStatus.OK, None)
+    earlier = (run.out / STATUS_FILE).exists() or (run.out / "metrics.json").exists()
+    try:
+        if code != ExitStatus.BAD_INPUT or not earlier:
+            write_status(run.out, code, reason, metrics)
+    except OSError:
+        pass  # a full disk: the exit code still says how the run ended
+    finally:
+        lock.release()
+
+
+def train_until_done(run: Run, state: TrainingState, text: str, stop: StopRequest, callbacks,
+                     resumed_step: int | None) -> dict:
+    """train()'s body once the output directory is this run's; `stop` is polled between optimizer steps."""
     accelerator, config = run.accelerator, run.config
-    resumed_step = resume_if_asked(run, state)
     state.saved_step = resumed_step
-    run.out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         write_json_atomic(run.out / "config.json", json.loads(config_to_json(config)))
         write_json_atomic(run.out / "plan.json", run.accumulator.plan.to_dict())
@@ -672,12 +591,6 @@ def format_step_line(record: dict[str, Any], total_steps: int) -> str:
             f"grad_norm {grad if grad is None else round(grad, 4)} tok/s {record.get('tokens_per_s') or 0:.0f}")
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def tracker_config(config: RunConfig, plan: Plan, lr: float) -> dict[str, Any]:
     """Scalars only (TensorBoard's hparams reject the rest)."""
     flat = {k: v for k, v in config.model_dump().items() if isinstance(v, (int, float, str, bool))}
@@ -752,7 +665,7 @@ def save(run: Run, state: TrainingState, payload: dict | None = None, rng: dict 
     if state.saved_step == step:
         return ckpt.checkpoint_root(run.config.output_dir) / f"step-{step:08d}"
     path = ckpt.save_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler, payload,
-                                run.config.output_dir, run.config.keep_checkpoints, rng=rng)
+                                run.config.output_dir, run.config.keep_checkpoints, rng_tensors=rng)
     state.saved_step = step
     run.accelerator.print(f"saved checkpoint {path}")
     return path
@@ -830,36 +743,43 @@ def check_fingerprint(saved: dict, current: dict, allow_batch_change: bool, path
 # ----------------------------------------------------------------------------- command line
 
 
+def exit_status_of(exc: BaseException) -> tuple[ExitStatus, str | None]:
+    """How an exception ends a run: its exit status and one line saying what happened and what to do
+    (None for a crash: its traceback is the message). Library messages name parameters; here they
+    become this script's flags."""
+    if isinstance(exc, ConfigError):
+        return ExitStatus.BAD_INPUT, flags_in(str(exc))
+    if isinstance(exc, OutOfMemoryError):
+        return ExitStatus.OUT_OF_MEMORY, flags_in(str(exc))
+    if isinstance(exc, FloatingPointError):
+        return ExitStatus.NONFINITE, (f"{exc}. Lower --lr, or pass --skip-nonfinite, then "
+                                      "--resume-from-checkpoint latest")
+    if isinstance(exc, Interrupted):
+        return ExitStatus(exc.exit_code), flags_in(str(exc))
+    if isinstance(exc, OSError):  # disk full, read-only, quota: the complete checkpoints are untouched
+        where = f" {exc.filename}" if exc.filename else ""
+        return ExitStatus.IO_ERROR, (f"I/O failed{where}: {exc.strerror or exc}; free space or choose another "
+                                     "--output-dir, then --resume-from-checkpoint latest (complete checkpoints are kept)")
+    if isinstance(exc, RuntimeError) and lost_another_rank(exc):
+        return ExitStatus.LOST_RANK, (f"lost contact with another rank ({str(exc).splitlines()[0][:200]}); every rank "
+                                      "stopped. Resume with --resume-from-checkpoint latest; --dist-timeout-s bounds "
+                                      "this wait")
+    return ExitStatus.CRASHED, None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: bad input is one line on stderr and exit code 2, never a traceback."""
+    """Command-line entry: every failure is one `error:` line on stderr and a documented exit code
+    (accum.cli.status.ExitStatus), never a traceback for a user mistake."""
     try:
         config, cli_keys = parse_config(argv)
         train(config, cli_keys=cli_keys)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OutOfMemoryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 4
-    except FloatingPointError as exc:
-        print(f"error: {exc}. Lower --lr, or pass --skip-nonfinite, then --resume-from-checkpoint latest",
-              file=sys.stderr)
-        return 3
-    except Interrupted as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:  # disk full, read-only, quota: the complete checkpoints are untouched
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"error: I/O failed{where}: {exc.strerror or exc}; free space or choose another --output-dir, then "
-              "--resume-from-checkpoint latest (complete checkpoints are kept)", file=sys.stderr)
-        return 5
-    except RuntimeError as exc:
-        if not lost_another_rank(exc):
+    except Exception as exc:  # noqa: BLE001 - mapped to an exit status; an unexplained one re-raises
+        code, reason = exit_status_of(exc)
+        if reason is None:
             raise
-        print(f"error: lost contact with another rank ({str(exc).splitlines()[0][:200]}); every rank stopped. "
-              "Resume with --resume-from-checkpoint latest; --dist-timeout-s bounds this wait", file=sys.stderr)
-        return 6
-    return 0
+        print(f"error: {reason}", file=sys.stderr)
+        return int(code)
+    return ExitStatus.OK
 
 
 def lost_another_rank(exc: RuntimeError) -> bool:

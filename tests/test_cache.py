@@ -14,7 +14,7 @@ def test_put_get_round_trip(tmp_path):
     assert cache.get(key) is None
     cache.put(key, plan_batch(64, 8).to_dict())
     assert cache.get(key)["micro_batch_size"] == 8
-    assert not [p for p in (tmp_path / "sub").iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in (tmp_path / "sub").iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_key_includes_everything_that_decides_memory():

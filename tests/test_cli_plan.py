@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from accum.__main__ import main
+from accum.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 1000,
@@ -28,7 +28,9 @@ def config_file(tmp_path):
     (["plan", "--model", "gpt2-tiny", "--batch-size", "-4"], "must be positive"),
     (["plan", "--model", "gpt2-tiny", "--batch-size", "3", "--num-processes", "4"], "smaller than the 4 processes"),
     (["plan", "--model", "gpt2-tiny", "--batch-size", "10", "--num-processes", "4"], "8 or 12"),
-    (["plan", "--model", "gpt2-tiny", "--batch-size", "8", "--objective", "fastest"], "unknown"),
+    (["plan", "--model", "gpt2-tiny", "--batch-size", "8", "--objective", "fastest"], "invalid choice"),
+    (["plan", "--model", "gpt2-tiny", "--batch-size", "8", "--max-memroy", "1GiB"], "did you mean --max-memory"),
+    (["plan", "--model", "gpt2-tiny", "--batch-size", "8", "--max-memory", "1e400"], "finite"),
     (["plan", "--model", "gpt2-tiny", "--batch-size", "8", "--max-memory", "lots"], "not a size"),
     (["plan", "--model", "no/such/model", "--batch-size", "8"], "neither a model directory"),
     (["plan", "--batch-size", "8"], "--model"),
@@ -48,9 +50,9 @@ def test_seq_len_beyond_the_model_is_one_line(config_file, capsys):
 def test_estimate_is_dispatched_lazily(monkeypatch, capsys):
     import types
 
-    fake = types.ModuleType("accum.estimate")
+    fake = types.ModuleType("accum.cli.estimate")
     fake.estimate_main = lambda argv: 0 if argv == ["--help-me"] else 1
-    monkeypatch.setitem(sys.modules, "accum.estimate", fake)
+    monkeypatch.setitem(sys.modules, "accum.cli.estimate", fake)
     assert main(["estimate", "--help-me"]) == 0
 
 
@@ -74,3 +76,44 @@ def test_plan_on_tiny_gpt2_config_in_seconds(config_file, tmp_path):
     assert "no probes" in again.stdout
     banner = f"Effective batch size: 48 = {plan['micro_batch_size']} micro x {plan['accumulation_steps']} accum x 1 process"
     assert again.stdout.strip().splitlines()[-1] == banner
+
+
+@pytest.mark.slow
+def test_verify_plan_trains_the_planned_size_in_a_fresh_process_and_caches_the_check(config_file, tmp_path):
+    cache = tmp_path / "plans.json"
+    command = [sys.executable, "-m", "accum", "plan", "--model", str(config_file), "--seq-len", "32", "--batch-size",
+               "16", "--max-memory", "4GiB", "--plan-cache", str(cache), "--verify-plan", "3", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    plan = json.loads(done.stdout)
+    checks = [p for p in plan["probes"] if p.get("verify")]
+    assert plan["verified_steps"] == 3 and checks and checks[-1]["fit"] and checks[-1]["steps"] == 3
+    assert checks[-1]["size"] == plan["micro_batch_size"]
+    assert "in a fresh process fits" in done.stderr
+    cached = json.loads(cache.read_text())
+    assert [entry["verified_steps"] for entry in cached.values()] == [3]
+    again = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    assert again.returncode == 0 and "fresh process" not in again.stderr  # verified already: no child ran
+    # `verify` alone: a size over the budget is exit 4 and a JSON verdict naming why
+    verify = subprocess.run([sys.executable, "-m", "accum", "verify", "--model", str(config_file), "--seq-len", "32",
+                             "--batch-size", "16", "--max-memory", "1MiB", "--micro-batch-size", "2", "--steps", "2"],
+                            capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    assert verify.returncode == 4, verify.stderr[-2000:]
+    assert json.loads(verify.stdout.splitlines()[-1])["error"].startswith("over budget")
+
+
+@pytest.mark.slow
+def test_the_default_run_config_plans_the_same_three_times():
+    """What `make train` plans, without training: three fresh processes, --replan each time, one plan
+    (the CPU budget counts a step's growth, not what the process happened to hold)."""
+    command = [sys.executable, "-m", "accum", "plan", "--config", "configs/default.yaml", "--replan", "--no-cache",
+               "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    plans = []
+    for _ in range(3):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-2000:]
+        plan = json.loads(done.stdout)
+        plans.append((plan["micro_batch_size"], plan["accumulation_steps"], plan["effective_batch_size"]))
+    assert plans == [(8, 4, 32)] * 3, plans  # configs/default.yaml and the README state this plan

@@ -9,7 +9,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from accum.config import ConfigError, RunConfig, load_yaml, make_config, parse_config
+from accum.cli.config import ConfigError, RunConfig, load_yaml, make_config, parse_config
 
 KEYS = sorted(RunConfig.model_fields)
 scalars = st.one_of(
@@ -85,7 +85,7 @@ accelerate_values = values | st.sampled_from(["NO", "MULTI_GPU", "MULTI_CPU", "F
 @given(st.dictionaries(st.sampled_from(ACCELERATE_KEYS) | keys, accelerate_values, max_size=6))
 @example(raw={"compute_environment": "AMAZON_SAGEMAKER", "distributed_type": "NO"})  # needs its own keys
 def test_accelerate_config_check_raises_only_config_error(tmp_path_factory, raw):
-    from accum.launch import check_accelerate_config
+    from accum.cli.launch import check_accelerate_config
 
     path = tmp_path_factory.mktemp("fuzz") / "accelerate.yaml"
     path.write_text(yaml.safe_dump(raw, allow_unicode=True))

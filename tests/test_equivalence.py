@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from accum import Accumulator, Callback, TaskLoss, WindowSampler, pad_collate, plan_from_accumulation
-from accum.config import make_config
+from accum.cli.config import make_config
 from scripts.train import train
 
 LAYOUTS = [(8, 1), (4, 2), (2, 4), (1, 8)]

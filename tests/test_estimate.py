@@ -11,12 +11,12 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from accum.config import ConfigError
+from accum.cli.estimate import estimate_main
+from accum.errors import ConfigError
 from accum.estimate import (
     OPTIMIZER_STATE_BYTES,
     MemoryEstimate,
     estimate_analytic,
-    estimate_main,
     estimate_traced,
     max_micro_batch_for,
 )

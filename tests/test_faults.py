@@ -379,8 +379,8 @@ def test_nothing_in_the_output_dir_is_unpickled(tmp_path, monkeypatch):
 def test_model_repo_code_runs_only_when_asked(monkeypatch, flag, expected):
     import transformers
 
-    from accum.config import ConfigError, parse_config
-    from scripts import data as data_lib
+    from accum.cli import models
+    from accum.cli.config import ConfigError, parse_config
 
     seen = {}
 
@@ -391,7 +391,7 @@ def test_model_repo_code_runs_only_when_asked(monkeypatch, flag, expected):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", record)
     config, _ = parse_config(TINY + flag)
     with pytest.raises(ConfigError):
-        data_lib.build_tokenizer(config)
+        models.build_tokenizer(config)
     assert seen["trust_remote_code"] is expected
 
 

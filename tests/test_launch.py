@@ -12,8 +12,14 @@ import time
 
 import pytest
 
-from accum.config import ConfigError
-from accum.launch import RepeatedErrorFilter, check_accelerate_config, describe_exit, script_exit, shell_code
+from accum.cli.launch import (
+    RepeatedErrorFilter,
+    check_accelerate_config,
+    describe_exit,
+    script_exit,
+    shell_code,
+)
+from accum.errors import ConfigError
 from tests.helpers.fault_common import ROOT, TINY, tree
 
 CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
@@ -54,7 +60,7 @@ def test_a_malformed_accelerate_config_is_one_line_naming_the_key(tmp_path, case
 
 
 def test_launch_usage_errors_are_one_line(capsys):
-    from accum.__main__ import main
+    from accum.cli.main import main
 
     assert main(["launch", "--config_file", "accelerate_configs/cpu.yaml"]) == 2  # no script
     assert main(["launch", "--num_processes", "two", "scripts/train.py"]) == 2
@@ -185,7 +191,7 @@ def test_cpu_threads_are_what_accelerate_would_pick_and_only_on_cpu(monkeypatch)
 
     import psutil
 
-    from accum.launch import cpu_thread_args
+    from accum.cli.launch import cpu_thread_args
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)

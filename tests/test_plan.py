@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from accum.config import ConfigError
+from accum.errors import ConfigError
 from accum.plan import Plan, plan_batch, plan_from_accumulation, resolve_batch
 
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from accum.config import ConfigError
+from accum.errors import ConfigError
 from accum.probe import NothingFitsError, find_max_micro_batch, plan_eval_batch, plan_for
 
 OOM = "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"
@@ -87,11 +87,17 @@ def test_flaky_size_never_reported_as_fit_and_retries_recover_it():
 
 
 def test_over_budget_counts_as_failure_and_cpu_budgets_count_the_step_growth():
-    held, ballast = [], torch.ones(200 * 2**20 // 4)  # 200 MiB the process holds before probing
+    import mmap
+
+    ballast = torch.ones(200 * 2**20 // 4)  # 200 MiB the process holds before probing
 
     def step(size):
-        held.append(torch.ones(size * 2**20 // 4))  # size MiB, touched; freed below
-        held.clear()
+        # size MiB of fresh pages, touched, then returned (an anonymous mapping: glibc's heap, which
+        # earlier tests may have left with free resident pages, cannot serve it)
+        buffer = mmap.mmap(-1, size * 2**20)
+        for offset in range(0, size * 2**20, 4096):
+            buffer[offset] = 1
+        buffer.close()
 
     result = search(step, max_memory=40 * 2**20, safety_margin=0.0)
     assert 16 <= result.size < 48  # the step's own growth, not the 200 MiB held before it
@@ -268,7 +274,7 @@ def test_an_invalid_cache_entry_is_probed_again_naming_the_file(cache_dir, caplo
     with caplog.at_level(logging.WARNING):
         again = plan_for(None, model, make_batch, 16, optimizer=optimizer, progress=False)
     assert again.source == "probe"
-    assert any(str(cache_dir / "plans.json") in r.getMessage() and "--replan" in r.getMessage() for r in caplog.records)
+    assert any(str(cache_dir / "plans.json") in r.getMessage() and "`replan`" in r.getMessage() for r in caplog.records)
 
 
 @real_model

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from accum.config import RunConfig
+from accum.cli.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -2,7 +2,7 @@
 
 import json
 
-from accum.__main__ import main, recommend_from_run
+from accum.cli.main import main, recommend_from_run
 from accum.plan import plan_from_accumulation
 
 

@@ -128,7 +128,7 @@ def test_run_with_recovery_replays_until_the_window_fits():
     assert (result, plan.micro_batch_size, agreed) == (16, 2, [0.0, 0.5])
     assert calls == [8, 4, 2] and [p.micro_batch_size for p in adjustments] == [4, 2] and len(cleaned) == 2
     batch = AdaptiveBatch(plan_from_accumulation(1, 4))
-    with pytest.raises(OutOfMemoryError, match="gradient-checkpointing"):
+    with pytest.raises(OutOfMemoryError, match="`gradient_checkpointing`"):
         run_with_recovery(lambda plan: attempt(plan_from_accumulation(4, 1)), batch.plan, shrink,
                           on_give_up=lambda: gave_up.append(1))
     assert gave_up == [1]  # the caller saves before the error

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import get_scheduler
 
-from accum.config import ConfigError, make_config
+from accum.cli.config import ConfigError, make_config
 from accum.schedule import BatchSchedule, Progress, SampleLR, lr_shape, parse_ramp, schedule_from_config
 
 

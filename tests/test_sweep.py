@@ -96,28 +96,27 @@ def test_bad_sweep_configs_are_one_line_errors(tmp_path, capsys, keys, message):
     assert message in err and err.count("\n") == 1, err
 
 
-def test_error_line_skips_the_launchers_traceback():
-    stderr = [
-        "optimizer steps:  50%|#####     | 1/2 [00:01<00:01,  1.00it/s]\r",
-        "error: train_file 'missing.txt' does not exist: check the path\n",
-        "Traceback (most recent call last):\n",
-        "  File \"accelerate/commands/launch.py\", line 1, in <module>\n",
-        "subprocess.CalledProcessError: Command '['python', 'train.py']' returned non-zero exit status 2.\n",
-    ]
-    assert sweep_lib.error_line(stderr) == "train_file 'missing.txt' does not exist: check the path"
-    oom = ["RuntimeError: [enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory\n"]
-    assert sweep_lib.classify(1, sweep_lib.error_line(oom), timed_out=False) == "oom"
-    assert sweep_lib.classify(-9, None, timed_out=False) == "oom"
-    assert sweep_lib.classify(1, "error: bad", timed_out=False) == "failed"
+def test_a_runs_outcome_is_what_its_status_file_says_and_its_exit_code_when_it_wrote_none():
+    ok = {"exit_code": 0, "reason": None}
+    oom = {"exit_code": 4, "reason": "out of memory in forward/backward with micro-batch 1"}
+    bad = {"exit_code": 2, "reason": "train_file 'missing.txt' does not exist: check the path"}
+    assert sweep_lib.outcome(0, ok, timed_out=False) == "ok"
+    assert sweep_lib.outcome(4, oom, timed_out=False) == "oom"
+    assert sweep_lib.outcome(2, bad, timed_out=False) == "failed"
+    assert sweep_lib.outcome(-9, None, timed_out=False) == "oom"  # killed with no word: the kernel's OOM killer
+    assert sweep_lib.outcome(137, None, timed_out=False) == "oom"
+    assert sweep_lib.outcome(1, None, timed_out=False) == "failed"
+    assert sweep_lib.outcome(0, ok, timed_out=True) == "timeout"
 
 
-def test_error_line_after_a_crash_is_the_exception_not_the_launchers_summary():
-    from accum.launch import describe_exit
+def test_a_crash_is_named_by_its_exception_not_by_the_launchers_summary():
+    from accum.cli.launch import describe_exit
 
-    stderr = ["Traceback (most recent call last):\n", '  File "scripts/train.py", line 9, in <module>\n',
-              "ValueError: boom in the collate function\n", describe_exit(1, None) + "\n"]
-    assert sweep_lib.error_line(stderr) == "ValueError: boom in the collate function"
-    assert sweep_lib.classify(4, "micro-batch 1 does not fit", timed_out=False) == "oom"
+    stderr = ["optimizer steps:  50%|#####     | 1/2 [00:01<00:01,  1.00it/s]\r",
+              "Traceback (most recent call last):\n", '  File "scripts/train.py", line 9, in <module>\n',
+              "ValueError: boom in the collate function\n", describe_exit(1, None) + "\n",
+              "subprocess.CalledProcessError: Command '['python', 'train.py']' returned non-zero exit status 1.\n"]
+    assert sweep_lib.crash_line(stderr) == "ValueError: boom in the collate function"
 
 
 def _append_many(path: str, worker: int) -> None:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from accum.config import make_config  # noqa: E402
+from accum.cli.config import make_config  # noqa: E402
 from accum.loss import TaskLoss  # noqa: E402
 from accum.window import Callback  # noqa: E402
 from scripts import train as train_mod  # noqa: E402

@@ -33,7 +33,7 @@ def growing_data(num_samples: int, window_size: int, long_from_window: int) -> l
 
 
 def run_config(output_dir: str, batch: int, micro: int, accum: int, steps: int, **extra):
-    from accum.config import make_config
+    from accum.cli.config import make_config
 
     values = dict(
         task="clm", model_config_overrides={"model_type": "gpt2"}, optimizer="sgd", lr=0.5, lr_scheduler="linear",

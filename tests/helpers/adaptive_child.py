@@ -64,8 +64,9 @@ def main() -> int:
         train_mod.train(config, model=tiny_gpt2(), train_data=data, eval_data=data[:4],
                         cli_keys={"micro_batch_size", "grad_accum_steps"}, callbacks=callbacks)
     except OutOfMemoryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 4
+        code, reason = train_mod.exit_status_of(exc)  # the one line train.py's main() prints
+        print(f"error: {reason}", file=sys.stderr)
+        return int(code)
     return 0
 
 

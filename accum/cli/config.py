@@ -8,6 +8,7 @@ Validation is pydantic's; `ConfigError` turns its report into one line.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import re
 import types
@@ -18,9 +19,10 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from accum.errors import ConfigError
+from accum.oom import parse_memory
 
-class ConfigError(ValueError):
-    """Bad user input: the message is one line naming the value and the fix (exit code 2)."""
+__all__ = ["ConfigError", "RunConfig", "build_arg_parser", "config_to_json", "load_yaml", "make_config", "parse_config"]
 
 
 Auto = Literal["auto"]
@@ -59,12 +61,16 @@ class RunConfig(BaseModel):
     eval_batch_size: int | Auto = Field("auto", description="evaluation batch per process, or auto (probe)")
     allow_batch_rounding: bool = Field(False, description="round a target batch that cannot be split exactly")
     max_memory: str | float | None = Field(
-        None, description="planner memory budget: bytes ('8GiB') or a fraction of device memory (0.5)"
+        None, description="planner memory budget: bytes ('8GiB') or a fraction of device memory (0.5); on CPU what a "
+        "training step may add over what the process holds before it, on CUDA the allocator's reserved peak"
     )
     safety_margin: float = Field(0.1, ge=0, lt=1, description="share of the budget kept free by the planner")
     objective: Literal["largest", "throughput"] = Field("largest", description="planner: largest fit or fastest fit")
     plan_cache: str | None = Field(None, description="plan cache file; default ~/.cache/accum/plans.json")
     replan: bool = Field(False, description="ignore a cached plan and probe again")
+    verify_plan: int = Field(
+        0, ge=0, le=10_000, description="after planning, train N steps back to back at the planned micro-batch in a "
+        "fresh process, stepping down until they fit (0: no check)")
 
     # -- optimisation -----------------------------------------------------------
     optimizer: Literal["adamw", "adamw_8bit", "lion_8bit", "sgd"] = Field("adamw", description="optimizer")
@@ -162,24 +168,6 @@ class RunConfig(BaseModel):
         return "tokens" if self.task == "clm" else "samples"
 
 
-_MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-                 "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_memory(value: str | float | int) -> float:
-    """Return bytes for '8GiB' / '512MB' / 1e9, or a fraction in (0, 1] for 0.5. Raises ConfigError."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number, unit = float(value), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
-        if not match or match.group(2).lower() not in _MEMORY_UNITS:
-            raise ConfigError(f"memory {value!r} is not a size: write e.g. 8GiB, 512MB, or a fraction like 0.5")
-        number, unit = float(match.group(1)), match.group(2).lower()
-    if number <= 0:
-        raise ConfigError(f"memory {value!r} must be positive")
-    return number * _MEMORY_UNITS[unit]
-
-
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -219,6 +207,36 @@ def _parse_cli_value(raw: str, annotation: Any) -> Any:
 
 
 ALIASES = {"target_batch_size": "batch_size", "use_amp": "use_amp", "resume": "resume_from_checkpoint"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (ConfigError, exit code 2) instead of usage text, and
+    an unknown flag names the closest known one."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("unrecognized arguments:"):
+            unknown = message.split(":", 1)[1].split()[0]
+            flag = unknown.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, self._all_option_strings(), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; see `{self.prog} --help`"
+            raise ConfigError(f"{self.prog}: unknown flag {flag}{hint}")
+        raise ConfigError(f"{self.prog}: {message}")
+
+    def _all_option_strings(self) -> list[str]:
+        """This parser's flags and its subcommands' (argparse reports a subcommand's unknown flag here)."""
+        names = list(self._option_string_actions)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    names += list(sub._option_string_actions)
+        return names
+
+
+def flags_in(message: str) -> str:
+    """A library message with its parameter names in backticks (`batch_size`) turned into this
+    command line's flags (--batch-size), for the keys a run config has."""
+    return re.sub(r"`([a-z_]+)`", lambda m: _flag(m.group(1)) if m.group(1) in RunConfig.model_fields else m.group(0),
+                  message)
 
 
 def build_arg_parser(description: str = "") -> argparse.ArgumentParser:

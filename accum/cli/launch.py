@@ -36,7 +36,8 @@ from typing import Any
 
 import yaml
 
-from accum.config import ConfigError
+from accum.cli.status import ExitStatus
+from accum.errors import ConfigError
 
 # Keys accelerate itself rewrites into the current format before checking (config_args.process_config).
 _LEGACY_KEYS = {"fp16", "dynamo_backend"}
@@ -184,7 +185,7 @@ def _check_with_accelerate(name: str) -> None:
 
 # scripts/train.py's exits that it explains in its own one line (bad input, non-finite loss, out of
 # memory, I/O, lost rank, interrupted): nothing is added to them.
-EXPLAINED_EXIT_CODES = frozenset({2, 3, 4, 5, 6, 128 + signal.SIGINT, 128 + signal.SIGTERM})
+EXPLAINED_EXIT_CODES = ExitStatus.explained()
 # Ends the line for an exit the script did not explain: its own traceback above is the message
 # (scripts/sweep.py records that one instead).
 SEE_ABOVE = "its own output above says why"

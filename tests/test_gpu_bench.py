@@ -1,0 +1,31 @@
+"""bench/gpu_bench.py runs on a machine without a GPU too (the CPU, a tiny model, a memory cap), so
+it is ready when one is lent: its report holds every figure its sections promise."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_planner_section_reports_the_search_against_fresh_processes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "bench/gpu_bench.py", "--sections", "planner", "--out", str(tmp_path),
+                           "--steps", "3", "--long-steps", "10", "--accelerate-start", "64"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (report_file,) = tmp_path.glob("*-gpu-bench-cpu.json")
+    planner = json.loads(report_file.read_text())["sections"]["planner"]
+    assert planner["workload"] == "tiny" and planner["cap_bytes"] == 236 * 2**20
+    fresh, zero, default = planner["fresh_process_maximum"], planner["margin_0"]["size"], planner["margin_default"]["size"]
+    assert fresh is not None and zero >= 0.95 * fresh  # the CPU target of the planner issue
+    assert 1 <= default <= zero + 1  # a margin never plans larger (on the CPU the cap, not the budget, decides)
+    assert planner["margin_0_trains"] and planner["default_margin_trains_long"]
+    assert 1 <= planner["accelerate"]["size"] <= 64 and planner["accelerate"]["probes"] >= 1
+    assert all(str(size) in planner["fresh_checks"] for size in planner["bisection_range"])
+    assert "accum, safety margin 0 |" in (tmp_path / report_file.name.replace(".json", ".md")).read_text()
