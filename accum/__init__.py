@@ -36,13 +36,21 @@ from accum.recovery import AdaptiveBatch, Decision, OutOfMemoryError, agree_max,
 from accum.scaling import ScaledLR, scale_lr
 from accum.stats import AccumulationStats, peak_memory
 from accum.window import Accumulator, Callback, EvalResult, NonFiniteError, WindowResult, evaluate
-from accum.windows import FixedSize, WindowSampler, epoch_order, layout_window, windows_per_epoch
+from accum.windows import (
+    Balanced,
+    FixedSize,
+    TokenBudget,
+    WindowSampler,
+    epoch_order,
+    layout_window,
+    windows_per_epoch,
+)
 
 __all__ = [
-    "AccumulationStats", "Accumulator", "AdaptiveBatch", "Callback", "ConfigError", "Decision", "EvalResult",
+    "AccumulationStats", "Accumulator", "AdaptiveBatch", "Balanced", "Callback", "ConfigError", "Decision", "EvalResult",
     "FixedSize", "LocalGradientNormHook", "MemoryEstimate", "MicroGradientNorms", "NoiseMeter", "NoiseScaleTracker",
     "NonFiniteError", "NothingFitsError", "OutOfMemoryError", "Plan", "PlanCache", "Probe", "ProbeResult",
-    "ScaledLR", "TaskLoss", "WindowResult", "WindowSampler", "agree_max", "backward_scale",
+    "ScaledLR", "TaskLoss", "TokenBudget", "WindowResult", "WindowSampler", "agree_max", "backward_scale",
     "begin_window", "build_accelerator", "count_loss_items", "device_memory_bytes", "epoch_order",
     "estimate_analytic", "estimate_noise", "estimate_traced", "evaluate", "find_max_micro_batch", "free_memory",
     "is_oom", "layout_window", "max_micro_batch_for", "mean_of_means_loss", "pad_collate", "parse_memory",

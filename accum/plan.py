@@ -6,6 +6,7 @@ what is wrong and what to do.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -16,9 +17,20 @@ from accum.errors import ConfigError, check_positive_int
 logger = logging.getLogger(__name__)
 
 
+CUTS = ("samples", "balanced", "tokens")
+
+
 @dataclass(frozen=True)
 class Plan:
-    """How one optimizer step's batch is split. Sizes are in samples, per process unless named."""
+    """How one optimizer step's batch is split. Sizes are in samples, per process unless named.
+
+    cut "samples": every micro-batch holds `micro_batch_size` samples (it divides the per-process
+    share). "balanced": `accumulation_steps` nearly equal micro-batches of `smallest_micro_batch` to
+    `micro_batch_size` samples (a share the largest fitting size does not divide still uses nearly
+    that size). "tokens": micro-batches are cut by length, each at most `micro_batch_tokens` tokens
+    counted with its own padding; the sample figures are then those of a window of the longest
+    sequences (a window of shorter ones takes fewer micro-batches).
+    """
 
     micro_batch_size: int
     accumulation_steps: int
@@ -29,14 +41,29 @@ class Plan:
     probes: tuple[dict[str, Any], ...] = field(default=(), compare=False)
     cache_key: str | None = field(default=None, compare=False)  # where a probed plan is cached
     verified_steps: int = field(default=0, compare=False)  # steps trained back to back in a fresh process
+    smallest_micro_batch: int | None = None  # balanced and token plans: the smallest part
+    micro_batch_tokens: int | None = None  # token plans: the budget of one micro-batch, padding counted
+    cut: str = "samples"
+    sequence_length: int | None = None  # token plans: the longest sequence, which the sample figures assume
+
+    @property
+    def smallest(self) -> int:
+        return self.smallest_micro_batch if self.smallest_micro_batch is not None else self.micro_batch_size
+
+    def layout(self) -> str:
+        """`16 micro x 16 accum`, or `11 micro-batches of 93-94` when the parts differ."""
+        if self.smallest == self.micro_batch_size:
+            return f"{self.micro_batch_size} micro x {self.accumulation_steps} accum"
+        return f"{self.accumulation_steps} micro-batches of {self.smallest}-{self.micro_batch_size}"
 
     def banner(self) -> str:
-        """`Effective batch size: 256 = 16 micro x 16 accum x 1 process`."""
+        """`Effective batch size: 256 = 16 micro x 16 accum x 1 process`, with the token budget of a
+        token plan: `... x 1 process (token budget 49,664; at the longest sequences)`."""
         processes = "process" if self.num_processes == 1 else "processes"
-        return (
-            f"Effective batch size: {self.effective_batch_size} = {self.micro_batch_size} micro"
-            f" x {self.accumulation_steps} accum x {self.num_processes} {processes}"
-        )
+        line = f"Effective batch size: {self.effective_batch_size} = {self.layout()} x {self.num_processes} {processes}"
+        if self.micro_batch_tokens is not None:
+            line += f" (token budget {self.micro_batch_tokens:,}; the split shown is at the longest sequences)"
+        return line
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (probes as plain dicts)."""
@@ -58,10 +85,17 @@ class Plan:
                 probes=tuple(dict(probe) for probe in data.get("probes", ())),
                 cache_key=data.get("cache_key"),
                 verified_steps=int(data.get("verified_steps") or 0),
+                smallest_micro_batch=None if data.get("smallest_micro_batch") is None else int(data["smallest_micro_batch"]),
+                micro_batch_tokens=None if data.get("micro_batch_tokens") is None else int(data["micro_batch_tokens"]),
+                cut=str(data.get("cut", "samples")),
+                sequence_length=None if data.get("sequence_length") is None else int(data["sequence_length"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"plan {data!r:.200} is missing or has a bad field: {exc}") from None
-        if plan.micro_batch_size * plan.accumulation_steps * plan.num_processes != plan.effective_batch_size:
+        low = plan.smallest * plan.accumulation_steps * plan.num_processes
+        high = plan.micro_batch_size * plan.accumulation_steps * plan.num_processes
+        if not (plan.cut in CUTS and low <= plan.effective_batch_size <= high and 1 <= plan.smallest <= plan.micro_batch_size
+                and plan.effective_batch_size % plan.num_processes == 0):
             raise ConfigError(f"plan is inconsistent: {plan.banner()} does not multiply out")
         return plan
 
@@ -104,9 +138,17 @@ def plan_batch(
     allow_rounding: bool = False,
     source: str = "probe",
     probes: tuple | list = (),
+    *,
+    cut: str = "samples",
+    token_length: int | None = None,
 ) -> Plan:
-    """Split `target_batch_size` into the largest micro-batch <= `max_micro_batch` that divides the
-    per-process share exactly, and the accumulation steps that make up the rest.
+    """Split `target_batch_size` so that no micro-batch holds more than `max_micro_batch` samples.
+
+    cut "samples": the largest micro-batch <= `max_micro_batch` that divides the per-process share
+    exactly, and the accumulation steps that make up the rest. "balanced": as few micro-batches as
+    `max_micro_batch` allows, of nearly equal sizes (1,024 with 97 fitting: eleven of 93 or 94, not
+    sixteen of 64). "tokens": balanced at the longest sequences (`token_length` tokens each) and a
+    token budget per micro-batch, by which the windows are cut: the largest equal part x `token_length`.
 
     Returns a Plan whose effective batch equals the target (or the rounded target, when the target
     is not a multiple of `num_processes` and `allow_rounding` is set; a warning says so).
@@ -116,23 +158,62 @@ def plan_batch(
     check_positive_int("batch size", target_batch_size)
     check_positive_int("max micro-batch", max_micro_batch)
     check_positive_int("number of processes", num_processes)
+    if cut not in CUTS:
+        raise ConfigError(f"cut {cut!r} is unknown: use one of {', '.join(CUTS)}")
+    if (cut == "tokens") != (token_length is not None):
+        raise ConfigError("a token plan needs `token_length` (the longest sequence), and only a token plan takes it")
     target, per_process = _split_per_process(target_batch_size, num_processes, allow_rounding)
-    micro = max(d for d in range(1, min(max_micro_batch, per_process) + 1) if per_process % d == 0)
+    common = dict(num_processes=num_processes, effective_batch_size=target, target_batch_size=target_batch_size,
+                  source=source, probes=tuple(dict(probe) for probe in probes), cut=cut)
+    if cut != "samples":
+        parts = -(-per_process // min(max_micro_batch, per_process))
+        largest = -(-per_process // parts)
+        # the budget of the largest equal part, not of the largest fit: at the longest sequences a
+        # larger budget would only leave a smaller last part, and the plan stays the same while the
+        # measured largest fit moves by a sample or two from run to run
+        tokens = None if token_length is None else check_positive_int("token length", token_length) * largest
+        return Plan(micro_batch_size=largest, accumulation_steps=parts,
+                    smallest_micro_batch=per_process // parts, micro_batch_tokens=tokens, sequence_length=token_length,
+                    **common)
+    micro = largest_divisor_at_most(per_process, max_micro_batch)
     if micro * 2 <= min(max_micro_batch, per_process):
         better = nearest_valid_targets(target, min(max_micro_batch, per_process) * num_processes)
         logger.warning(
             "batch size %d allows micro-batch %d only (%d would fit): batch size %s would use the full micro-batch",
             target, micro, max_micro_batch, " or ".join(map(str, better)),
         )
-    return Plan(
-        micro_batch_size=micro,
-        accumulation_steps=per_process // micro,
-        num_processes=num_processes,
-        effective_batch_size=target,
-        target_batch_size=target_batch_size,
-        source=source,
-        probes=tuple(dict(probe) for probe in probes),
-    )
+    return Plan(micro_batch_size=micro, accumulation_steps=per_process // micro, **common)
+
+
+def largest_divisor_at_most(n: int, bound: int) -> int:
+    """The largest divisor of `n` that is <= `bound` (at least 1), in O(sqrt(n)) steps."""
+    check_positive_int("n", n)
+    check_positive_int("bound", bound)
+    best, d = 1, 1
+    while d * d <= n:
+        if n % d == 0:
+            for candidate in (d, n // d):
+                if candidate <= bound and candidate > best:
+                    best = candidate
+        d += 1
+    return best
+
+
+def replan(plan: Plan, target_batch_size: int | None = None, max_micro_batch: int | None = None,
+           micro_batch_tokens: int | None = None) -> Plan:
+    """`plan` for another target (a batch schedule) or a smaller limit (OOM recovery, memory
+    pressure), split the way `plan` is: fixed, balanced or by tokens. Keeps the plan's source."""
+    target = plan.target_batch_size if target_batch_size is None else target_batch_size
+    micro = plan.micro_batch_size if max_micro_batch is None else max_micro_batch
+    if plan.cut != "tokens":
+        new = plan_batch(target, micro, plan.num_processes, allow_rounding=True, source=plan.source, cut=plan.cut)
+        return dataclasses.replace(new, cache_key=plan.cache_key)
+    length = plan.sequence_length
+    tokens = plan.micro_batch_tokens if micro_batch_tokens is None else micro_batch_tokens
+    samples = max(1, tokens // length if max_micro_batch is None else min(max_micro_batch, tokens // length))
+    new = plan_batch(target, samples, plan.num_processes, allow_rounding=True, source=plan.source, cut="tokens",
+                     token_length=length)
+    return dataclasses.replace(new, micro_batch_tokens=tokens, cache_key=plan.cache_key)
 
 
 def plan_from_accumulation(micro_batch_size: int, accumulation_steps: int, num_processes: int = 1) -> Plan:

@@ -505,7 +505,7 @@ def _checkpointing(model: torch.nn.Module) -> bool:
 
 def plan_cache_fields(model: torch.nn.Module, accelerator: Any, optimizer: Any, batch_shape: dict[str, Any], *,
                       processes: int, limit: int, max_memory: str | float | int | None, safety_margin: float,
-                      objective: str, steps: int, loss_fn: Any = None) -> dict[str, Any]:
+                      objective: str, steps: int, loss_fn: Any = None, cut: str = "samples") -> dict[str, Any]:
     """Everything a probed plan depends on, for `PlanCache.key_for`: the model (architecture and
     head, so the task), attention implementation, gradient checkpointing, compilation, precision,
     optimizer, loss, objective, engine, device and its total memory, processes, the memory budget
@@ -539,6 +539,7 @@ def plan_cache_fields(model: torch.nn.Module, accelerator: Any, optimizer: Any, 
         "safety_margin": safety_margin,
         "batch": batch_shape,
         "steps_per_probe": steps,
+        "cut": cut,
         **_versions(),
     }
 
@@ -572,6 +573,8 @@ def plan_for(
     retries: int = 0,
     num_processes: int | None = None,
     steps_per_probe: int = 2,
+    cut: str = "samples",
+    sequence_length: int | None = None,
 ) -> Plan:
     """Probe `model` with real training steps on `accelerator`'s device and return the Plan that
     reaches `target_batch_size` exactly, over `accelerator.num_processes` processes, with the largest
@@ -589,7 +592,9 @@ def plan_for(
     no cache) is read first unless `replan`, under the key of every input the answer depends on
     (`plan_cache_fields`), and written after probing; the Plan carries that key (`cache_key`) for a
     caller that later adjusts it. `num_processes` plans for another launch than this one
-    (`python -m accum plan --num-processes`); by default the accelerator's.
+    (`python -m accum plan --num-processes`); by default the accelerator's. `cut` says how the target
+    is split (accum.plan.plan_batch: "samples", "balanced", or "tokens" with `sequence_length`, the
+    tokens per sample `make_batch` builds: the plan's token budget is the largest fit x that length).
 
     Returns a Plan (source 'probe' or 'cache'). Raises ConfigError for bad sizes, objective or
     budget, NothingFitsError when micro-batch 1 does not fit.
@@ -617,7 +622,7 @@ def plan_for(
         cache_key = PlanCache.key_for(plan_cache_fields(
             model, accelerator, optimizer, _batch_shape(make_batch), processes=processes, limit=limit,
             max_memory=max_memory, safety_margin=safety_margin, objective=objective, steps=steps_per_probe,
-            loss_fn=loss_fn))
+            loss_fn=loss_fn, cut=cut))
     if cache is not None and not replan:
         cached = cache.get(cache_key)
         if cached is not None:
@@ -657,6 +662,8 @@ def plan_for(
         allow_rounding=allow_rounding,
         source="probe",
         probes=[probe.as_dict() for probe in result.probes],
+        cut=cut,
+        token_length=sequence_length if cut == "tokens" else None,
     )
     plan = dataclasses.replace(plan, cache_key=cache_key)
     if cache is not None and is_main:

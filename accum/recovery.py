@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import torch
 
 from accum.oom import free_memory, is_oom
-from accum.plan import Plan
+from accum.plan import Plan, replan
 
 __all__ = [
     "AdaptiveBatch",
@@ -78,7 +78,16 @@ def advice(where: str, optimizer_step: int | None = None, micro_batch_size: int 
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Every divisor of n, ascending, in O(sqrt(n)) steps (a share may be large: 2**40 is refused
+    elsewhere, but a million is a real batch)."""
+    small, large, d = [], [], 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d != n // d:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
 
 
 def smaller_micro_batch(micro_batch_size: int, per_process: int) -> int | None:
@@ -104,24 +113,43 @@ def larger_micro_batch(micro_batch_size: int, per_process: int, ceiling: int) ->
     return min(doubled) if doubled else max(above)
 
 
-def _with_micro(plan: Plan, micro: int) -> Plan:
-    per_process = plan.micro_batch_size * plan.accumulation_steps
-    return dataclasses.replace(plan, micro_batch_size=micro, accumulation_steps=per_process // micro,
-                               source="adjusted", probes=())
+def limit_of(plan: Plan) -> int:
+    """What a replay shrinks: the token budget of a token plan, else the largest micro-batch."""
+    return plan.micro_batch_tokens if plan.cut == "tokens" else plan.micro_batch_size
+
+
+def _adjusted(plan: Plan, limit: int) -> Plan:
+    """`plan` at another limit, split the same way, with the same effective batch."""
+    if plan.cut == "samples":
+        per_process = plan.effective_batch_size // plan.num_processes
+        new = dataclasses.replace(plan, micro_batch_size=limit, accumulation_steps=per_process // limit)
+    elif plan.cut == "balanced":
+        new = replan(plan, max_micro_batch=limit)
+    else:
+        new = replan(plan, micro_batch_tokens=limit)
+    return dataclasses.replace(new, source="adjusted", probes=())
 
 
 def shrink_plan(plan: Plan) -> Plan | None:
-    """The plan with the next smaller micro-batch and the same effective batch; None at micro-batch 1."""
-    per_process = plan.micro_batch_size * plan.accumulation_steps
-    micro = smaller_micro_batch(plan.micro_batch_size, per_process)
-    return None if micro is None else _with_micro(plan, micro)
+    """The plan with about half the micro-batch (the next divisor of the share for a fixed split; half
+    the token budget for a token plan) and the same effective batch; None at micro-batch 1."""
+    if plan.micro_batch_size == 1:
+        return None
+    if plan.cut == "samples":
+        per_process = plan.effective_batch_size // plan.num_processes
+        return _adjusted(plan, smaller_micro_batch(plan.micro_batch_size, per_process))
+    return _adjusted(plan, max(1, limit_of(plan) // 2))
 
 
 def grow_plan(plan: Plan, ceiling: int) -> Plan | None:
-    """The plan with the next larger micro-batch (at most `ceiling`), same effective batch; or None."""
-    per_process = plan.micro_batch_size * plan.accumulation_steps
-    micro = larger_micro_batch(plan.micro_batch_size, per_process, ceiling)
-    return None if micro is None else _with_micro(plan, micro)
+    """The plan with about twice the micro-batch (in the plan's own unit), at most `ceiling` (a
+    limit that `limit_of` measures), same effective batch; or None when nothing larger is allowed."""
+    if plan.cut == "samples":
+        per_process = plan.effective_batch_size // plan.num_processes
+        micro = larger_micro_batch(plan.micro_batch_size, per_process, ceiling)
+        return None if micro is None else _adjusted(plan, micro)
+    limit = min(2 * limit_of(plan), ceiling)
+    return None if limit <= limit_of(plan) else _adjusted(plan, limit)
 
 
 @dataclass(frozen=True)
@@ -174,7 +202,7 @@ class AdaptiveBatch:
         self.regrow = regrow
         self.max_adjustments = max_adjustments
         self.cooldown = cooldown if cooldown is not None else max(regrow, 1)
-        self.ceiling = plan.micro_batch_size  # never grow above the planned size or a size that failed
+        self.ceiling = limit_of(plan)  # never grow above the planned size or a size that failed
         self.optional_adjustments = 0  # pressure shrinks and regrows (OOM shrinks are not optional)
         self.windows_since_adjustment = 0
         self.quiet_windows = 0
@@ -194,7 +222,7 @@ class AdaptiveBatch:
         new = shrink_plan(self.plan)
         if new is None:
             return None
-        self.ceiling = min(self.ceiling, new.micro_batch_size)
+        self.ceiling = min(self.ceiling, limit_of(new))
         return self._adopt(new, f"out of memory in {where}")
 
     def after_window(self, peak_fraction: float | None = None) -> Decision | None:

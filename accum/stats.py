@@ -90,6 +90,7 @@ class AccumulationStats:
         self.optimizer_step = 0
         self.samples_seen = 0
         self.tokens_seen = 0
+        self.padded_tokens_seen = 0
         self.skipped_steps = 0
         self.last_loss: float | None = None
         self._ema_raw = 0.0
@@ -104,6 +105,7 @@ class AccumulationStats:
         self._interval_start = time.perf_counter()
         self._interval_samples = self.samples_seen
         self._interval_tokens = self.tokens_seen
+        self._interval_padded = self.padded_tokens_seen
 
     # -- recording ---------------------------------------------------------------------------------
 
@@ -113,12 +115,14 @@ class AccumulationStats:
         self.samples_seen += int(samples)
         self.tokens_seen += int(tokens)
 
-    def record_window(self, micro_batches: int, samples: int, tokens: int = 0) -> None:
+    def record_window(self, micro_batches: int, samples: int, tokens: int = 0, padded_tokens: int = 0) -> None:
         """Count a whole window at once: `micro_batches` backward passes (per process) carrying
-        `samples` samples and `tokens` tokens (all processes together, as the window holds them)."""
+        `samples` samples, `tokens` real tokens and `padded_tokens` tokens with padding (all
+        processes together, as the window holds them)."""
         self.micro_step += int(micro_batches)
         self.samples_seen += int(samples)
         self.tokens_seen += int(tokens)
+        self.padded_tokens_seen += int(padded_tokens)
 
     @property
     def ema_loss(self) -> float | None:
@@ -143,9 +147,11 @@ class AccumulationStats:
         interval = now - self._interval_start
         samples = self.samples_seen - self._interval_samples
         tokens = self.tokens_seen - self._interval_tokens
+        padded = self.padded_tokens_seen - self._interval_padded
         self.elapsed_s += interval
         self._interval_start = now
         self._interval_samples, self._interval_tokens = self.samples_seen, self.tokens_seen
+        self._interval_padded = self.padded_tokens_seen
 
         self.optimizer_step += 1
         if skipped:
@@ -173,6 +179,7 @@ class AccumulationStats:
             "tokens_seen": self.tokens_seen,
             "samples_per_s": samples / interval if interval > 0 else None,
             "tokens_per_s": tokens / interval if interval > 0 else None,
+            "padding_efficiency": tokens / padded if padded else None,
             **memory,
             "memory_device": self.device.type,
             "skipped": bool(skipped),
@@ -207,6 +214,8 @@ class AccumulationStats:
             "elapsed_s": elapsed,
             "samples_per_s": self.samples_seen / elapsed if elapsed > 0 else None,
             "tokens_per_s": self.tokens_seen / elapsed if elapsed > 0 else None,
+            "padded_tokens_seen": self.padded_tokens_seen,
+            "padding_efficiency": self.tokens_seen / self.padded_tokens_seen if self.padded_tokens_seen else None,
             "peak_memory_bytes": peak.get("peak_memory_bytes"),
             "peak_memory_allocated_bytes": peak.get("peak_memory_allocated_bytes"),
             "memory_device": self.device.type,
@@ -222,6 +231,7 @@ class AccumulationStats:
             "optimizer_step": self.optimizer_step,
             "samples_seen": self.samples_seen,
             "tokens_seen": self.tokens_seen,
+            "padded_tokens_seen": self.padded_tokens_seen,
             "skipped_steps": self.skipped_steps,
             "last_loss": self.last_loss,
             "ema_raw": self._ema_raw,
@@ -241,6 +251,7 @@ class AccumulationStats:
         self.optimizer_step = int(state["optimizer_step"])
         self.samples_seen = int(state["samples_seen"])
         self.tokens_seen = int(state["tokens_seen"])
+        self.padded_tokens_seen = int(state.get("padded_tokens_seen", 0))
         self.skipped_steps = int(state["skipped_steps"])
         self.last_loss = state["last_loss"]
         self._ema_raw = float(state["ema_raw"])

@@ -35,9 +35,9 @@ from accum.loss import backward_scale
 from accum.noise import NoiseMeter
 from accum.oom import is_oom, measured_peak, start_peak_measurement
 from accum.plan import Plan
-from accum.recovery import AdaptiveBatch, Decision, OutOfMemoryError, advice, run_with_recovery
+from accum.recovery import AdaptiveBatch, Decision, OutOfMemoryError, advice, limit_of, run_with_recovery
 from accum.stats import AccumulationStats
-from accum.windows import FixedSize, rank_micro_batches
+from accum.windows import cut_for, rank_micro_batches
 
 __all__ = ["Accumulator", "Callback", "EvalResult", "NonFiniteError", "WindowResult", "all_reduce_gradients", "evaluate"]
 
@@ -80,7 +80,7 @@ class WindowResult:
     samples: int
     tokens: int  # real (unpadded) tokens
     micro_batches: int  # micro-batches each rank ran, empty ones included
-    micro_batch_size: int  # the cutting limit the window ran at
+    micro_batch_size: int  # samples in this rank's largest micro-batch
     grad_norm: float | None  # global norm before clipping; None when refused before it
     lr: float  # the learning rate this step used
     skipped: bool
@@ -88,6 +88,12 @@ class WindowResult:
     b_simple: float | None = None  # smoothed gradient noise scale, in loss items
     adjustments: tuple[Decision, ...] = ()
     record: dict[str, Any] = field(default_factory=dict)  # AccumulationStats' record of this step
+    padded_tokens: int = 0  # tokens the micro-batches held, padding included (all ranks)
+
+    @property
+    def padding_efficiency(self) -> float | None:
+        """Real tokens / padded tokens of the window (1.0: no padding)."""
+        return self.tokens / self.padded_tokens if self.padded_tokens else None
 
 
 @dataclass
@@ -98,6 +104,7 @@ class _Micro:
     items: int = 0
     samples: int = 0
     tokens: int = 0
+    padded: int = 0  # tokens with padding: rows x the longest
 
 
 def _tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -136,7 +143,8 @@ class Accumulator:
     plan: the Plan whose micro-batch is the cutting limit (`plan_for`, `plan_batch`).
     loss: `accum.TaskLoss(task)` or any object with `count(batch) -> int` and
     `forward(model, batch) -> (loss_sum, outputs)`; collate: list of samples -> dict of CPU tensors.
-    cut: the cutting policy `cut(samples, limit) -> micro-batches` (default `FixedSize()`).
+    cut: the cutting policy `cut(samples, limit) -> micro-batches` (default: the plan's own, FixedSize,
+    Balanced or TokenBudget; its `unit` says whether the limit is samples or the plan's token budget).
     max_grad_norm: clip to this norm (None: measure only). recovery: OOM recovery (True, or an
     `AdaptiveBatch` for memory pressure and regrowth; then `memory_budget` in bytes is the peak
     that pressure is measured against). noise_scale: measure B_simple. nonfinite: 'raise'
@@ -159,7 +167,7 @@ class Accumulator:
             raise ValueError(f"max_grad_norm={max_grad_norm!r}: must be a finite number >= 0 (0 or None: no clipping)")
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.scheduler = getattr(scheduler, "scheduler", scheduler)  # an AcceleratedScheduler would step per process
-        self.loss, self.collate, self.cut = loss, collate, cut if cut is not None else FixedSize()
+        self.loss, self.collate, self.cut = loss, collate, cut if cut is not None else cut_for(plan)
         self.max_grad_norm = max_grad_norm or None
         self.nonfinite, self.callbacks, self.on_give_up = nonfinite, list(callbacks), on_give_up
         self.memory_budget, self._memory_baseline = memory_budget, 0
@@ -223,15 +231,15 @@ class Accumulator:
                                                  device=accelerator.device), "sum").tolist()
         window_items, window_tokens = int(totals[0]), int(totals[1])
 
-        def attempt(plan: Plan) -> tuple[torch.Tensor, int, int]:
+        def attempt(plan: Plan) -> tuple[torch.Tensor, list[_Micro]]:
             cut = micros if plan is initial else self._collate(samples, plan)  # a replay re-cuts the same samples
             stand_in = self.collate([samples[0]]) if any(m.batch is None for m in cut) else None
-            return self._accumulate(cut, window_items, stand_in), len(cut), plan.micro_batch_size
+            return self._accumulate(cut, window_items, stand_in), cut
 
         if self.adaptive is None:
-            loss_sum, micro_batches, limit = attempt(initial)
+            loss_sum, ran = attempt(initial)
         else:
-            (loss_sum, micro_batches, limit), _, agreed = run_with_recovery(
+            (loss_sum, ran), _, agreed = run_with_recovery(
                 attempt, initial, lambda plan: self._shrink(adjustments), device=accelerator.device,
                 cleanup=lambda: self.optimizer.zero_grad(set_to_none=True), on_give_up=self.on_give_up,
                 measure=self._peak_fraction, optimizer_step=self.stats.optimizer_step + 1)
@@ -243,21 +251,27 @@ class Accumulator:
         b_simple = None
         if self.noise is not None:  # before clipping changes the gradients
             b_simple = self.noise.finish_window(local_items, window_items, lambda t: accelerator.reduce(t, "mean"))
-        window_loss = accelerator.reduce(loss_sum.reshape(1), "sum").item() / max(window_items, 1)
+        padded = float(sum(m.padded for m in ran))
+        totals = accelerator.reduce(torch.stack([loss_sum.double(), torch.tensor(padded, dtype=torch.float64,
+                                                                                  device=loss_sum.device)]), "sum")
+        window_loss, padded_tokens = (float(value) for value in totals.tolist())  # the window's one transfer
+        window_loss /= max(window_items, 1)
         grad_norm, lr, skipped, reason = self._optimizer_step(window_loss)
-        self.stats.record_window(micro_batches, len(samples), window_tokens)
+        self.stats.record_window(len(ran), len(samples), window_tokens, int(padded_tokens))
         record = self.stats.record_optimizer_step(loss=window_loss, grad_norm=grad_norm, lr=lr, skipped=skipped)
         result = WindowResult(
             optimizer_step=self.stats.optimizer_step, loss=record["loss"], items=window_items, samples=len(samples),
-            tokens=window_tokens, micro_batches=micro_batches, micro_batch_size=limit, grad_norm=grad_norm, lr=lr,
-            skipped=skipped, skip_reason=reason, b_simple=b_simple, adjustments=tuple(adjustments), record=record)
+            tokens=window_tokens, micro_batches=len(ran), micro_batch_size=max(m.samples for m in ran),
+            grad_norm=grad_norm, lr=lr, skipped=skipped, skip_reason=reason, b_simple=b_simple,
+            adjustments=tuple(adjustments), record=record, padded_tokens=int(padded_tokens))
         self._emit("on_window_end", result)
         return result
 
     def _collate(self, samples: Sequence[Any], plan: Plan) -> list[_Micro]:
-        """This rank's micro-batches at the plan's micro-batch size, collated on the CPU and counted."""
+        """This rank's micro-batches at the plan's limit (samples, or a token budget), collated on the
+        CPU and counted."""
         accelerator = self.accelerator
-        parts = rank_micro_batches(samples, self.cut, plan.micro_batch_size, accelerator.num_processes,
+        parts = rank_micro_batches(samples, self.cut, limit_of(plan), accelerator.num_processes,
                                    accelerator.process_index)
         micros = []
         for part in parts:
@@ -265,7 +279,8 @@ class Accumulator:
                 micros.append(_Micro(None))
                 continue
             batch = self.collate(part)
-            micros.append(_Micro(batch, self.loss.count(batch), len(part), _tokens(batch)))
+            padded = int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+            micros.append(_Micro(batch, self.loss.count(batch), len(part), _tokens(batch), padded))
         return micros
 
     def _accumulate(self, micros: list[_Micro], window_items: int, stand_in: dict | None) -> torch.Tensor:
@@ -402,27 +417,32 @@ def _halve(size: int) -> int | None:
 
 @torch.no_grad()
 def evaluate(accelerator: Any, model: torch.nn.Module, samples: Sequence[Any], collate: Any, loss: Any,
-             batch_size: int, *, recovery: bool = True, on_batch: Any = None, on_shrink: Any = None) -> EvalResult:
+             batch_size: int, *, recovery: bool = True, on_batch: Any = None, on_shrink: Any = None,
+             cut: Any = None) -> EvalResult:
     """Loss over `samples` (the whole evaluation set, the same on every rank; each rank takes its
     contiguous share, so nothing is counted twice), forward only, in eval mode.
 
-    `on_batch(batch, outputs)` may return something per batch (predictions for a metric); they come
-    back in `outputs`, this rank's only. With `recovery`, an out-of-memory error on any rank halves
-    the batch on every rank and starts the evaluation again (`on_shrink(old, new)` is told), through
-    the same code as training windows (accum/recovery.py). Raises OutOfMemoryError at batch 1.
+    `batch_size` is the limit of one batch in the unit of `cut` (default FixedSize: samples; a
+    TokenBudget cuts by length, a budget of tokens per batch counted with padding). `on_batch(batch,
+    outputs)` may return something per batch (predictions for a metric); they come back in
+    `outputs`, this rank's only. With `recovery`, an out-of-memory error on any rank halves the limit
+    on every rank and starts the evaluation again (`on_shrink(old, new)` is told), through the same
+    code as training windows (accum/recovery.py). Raises OutOfMemoryError at a limit of 1.
     """
-    from accum.windows import rank_share
+    from accum.windows import FixedSize, _Slice, rank_share
 
+    cut = cut if cut is not None else FixedSize()
     start, stop = rank_share(len(samples), accelerator.num_processes, accelerator.process_index)
+    share = _Slice(samples, start, stop)
     was_training = model.training
 
-    def attempt(size: int) -> tuple[torch.Tensor, int, list[Any]]:
+    def attempt(limit: int) -> tuple[torch.Tensor, int, list[Any]]:
         model.eval()
         loss_total, items, outputs = torch.zeros((), device=accelerator.device), 0, []
-        for first in range(start, stop, size):
-            batch = collate([samples[i] for i in range(first, min(first + size, stop))])
+        for part in cut(share, limit) if len(share) else []:
+            batch = collate(part)
             items += loss.count(batch)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             loss_sum, logits = loss.forward(model, batch)
             loss_total += loss_sum.detach()
             if on_batch is not None:

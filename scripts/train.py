@@ -12,6 +12,7 @@ schedule, evaluate and save. Nothing of the window's arithmetic lives here.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -50,13 +51,13 @@ from accum.cli.planning import (
 from accum.cli.status import STATUS_FILE, ExitStatus, write_status
 from accum.files import write_json_atomic
 from accum.loss import TaskLoss
-from accum.plan import Plan, plan_batch, plan_from_accumulation
+from accum.plan import Plan, plan_from_accumulation, replan
 from accum.recovery import AdaptiveBatch, OutOfMemoryError
 from accum.scaling import ScaledLR, scale_lr
 from accum.schedule import BatchSchedule, Change, Progress, SampleLR, schedule_from_config
 from accum.signals import Interrupted, StopRequest
 from accum.window import Accumulator, Callback, NonFiniteError, WindowResult, evaluate
-from accum.windows import WindowSampler, windows_per_epoch
+from accum.windows import TokenBudget, WindowSampler, windows_per_epoch
 from scripts import checkpoint as ckpt
 
 # ----------------------------------------------------------------------------- setup
@@ -162,7 +163,8 @@ def banner(config: RunConfig, model, accelerator, plan: Plan, lr: ScaledLR, tota
         f"{'es' if accelerator.num_processes > 1 else ''}, precision {accelerator.mixed_precision}",
         f"Optimizer: {config.optimizer}, LR {lr.describe()}, schedule {config.lr_scheduler}, "
         f"warmup {config.warmup_steps} steps",
-        f"Length: {total_steps} optimizer steps; eval batch {eval_batch} per process",
+        f"Length: {total_steps} optimizer steps; eval "
+        + (f"token budget {eval_batch:,}" if plan.cut == "tokens" else f"batch {eval_batch}") + " per process",
         f"Loss normalisation: {config.resolved_loss_normalization()}",
         plan.banner(),
     ]
@@ -257,13 +259,15 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data,
     # before the plan: the planner then probes on the run's device and process count
     accelerator = build_accelerator(plan_from_accumulation(1, 1), mixed_precision=resolve_precision(config),
                                     log_with=config.report_to, project_dir=str(out))
-    plan, note = make_plan(config, resolved, accelerator, inputs, verify_command=verify_command(config, inputs))
+    plan, note = make_plan(config, resolved, accelerator, inputs, verify_command=verify_command(config, inputs),
+                           resumed=ckpt.plan_to_resume(config.output_dir, config.resume_from_checkpoint))
     lr = scale_lr(config.lr, lr_base_batch(config), plan.effective_batch_size, config.lr_scaling)
     optimizer = build_optimizer(config, model, lr.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     schedule = schedule_from_config(config)
     if schedule is not None:
-        schedule.bind(plan.micro_batch_size, plan.num_processes)
+        # a fixed split needs batches the micro-batch divides; balanced and token plans any of the processes'
+        schedule.bind(plan.micro_batch_size if plan.cut == "samples" else 1, plan.num_processes)
     length = resolve_length(config, len(train_data), plan, schedule)
     scheduler, schedule_note = build_lr_schedule(config, optimizer, length, schedule)
     eval_batch = plan_eval_batch_size(config, model, train_data, eval_data, collate, plan, accelerator)
@@ -480,7 +484,7 @@ def adopt_batch(run: Run, state: TrainingState, change: Change) -> None:
     """Train the next windows at `change.new` samples: same micro-batch, new accumulation. Logged on
     the console, in metrics.json (adjustments) and the tracker."""
     old = run.accumulator.plan
-    new = plan_batch(change.new, old.micro_batch_size, old.num_processes, source="schedule")
+    new = dataclasses.replace(replan(old, target_batch_size=change.new), source="schedule")
     run.accumulator.use_plan(new)
     stats = state.accumulator.stats
     lr = run.scheduler.lr_at(stats.samples_seen, new.effective_batch_size)
@@ -544,6 +548,7 @@ def run_eval(run: Run, state: TrainingState, callbacks=()) -> dict[str, float]:
                               "(out of memory in evaluation; training's micro-batch unchanged)")
 
     result = evaluate(run.accelerator, run.model, run.eval_data, run.collate, run.loss, state.eval_batch,
+                      cut=TokenBudget() if run.plan.cut == "tokens" else None,
                       recovery=run.config.oom_recovery, on_batch=predictions if classification else None,
                       on_shrink=shrunk)
     state.eval_batch = result.batch_size
@@ -724,7 +729,7 @@ def restore_batch(run: Run, state: TrainingState, saved: dict[str, Any]) -> None
     if not saved.get("schedule"):  # a fixed-batch checkpoint continued under a schedule: the batch it names here
         run.schedule.decide(Progress(stats.optimizer_step, stats.samples_seen, stats.tokens_seen))
     if run.schedule.batch != run.accumulator.plan.effective_batch_size:
-        run.accumulator.use_plan(plan_batch(run.schedule.batch, run.plan.micro_batch_size, run.plan.num_processes,
+        run.accumulator.use_plan(dataclasses.replace(replan(run.plan, target_batch_size=run.schedule.batch),
                                             source="schedule"))
     run.scheduler.advance(stats.samples_seen, run.accumulator.plan.effective_batch_size)
 

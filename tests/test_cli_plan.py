@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,15 @@ def test_the_default_run_config_plans_the_same_three_times():
         plan = json.loads(done.stdout)
         plans.append((plan["micro_batch_size"], plan["accumulation_steps"], plan["effective_batch_size"]))
     assert plans == [(8, 4, 32)] * 3, plans  # configs/default.yaml and the README state this plan
+
+
+def test_the_probe_plans_for_the_longest_sample_the_data_has_not_the_limit():
+    from accum.cli.config import make_config
+    from accum.cli.planning import probe_length
+
+    model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=512))
+    config = make_config({"model": "m", "max_seq_len": 128})
+    data = [{"input_ids": [1] * n} for n in (5, 33, 17)]
+    assert probe_length(config, model, data) == 33  # the tweets are short: probe 33, not 128
+    assert probe_length(config, model, [{"input_ids": [1] * 300}]) == 128  # max_seq_len caps it
+    assert probe_length(config, model) == 128

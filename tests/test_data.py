@@ -262,3 +262,15 @@ def test_compute_eval_metrics():
     assert metrics == {"loss": 0.5, "accuracy": 0.75}
     metrics = data_lib.compute_eval_metrics("clm", None, None, loss=2.0)
     assert metrics["perplexity"] == pytest.approx(7.389056, rel=1e-6)
+
+
+def test_packing_joins_documents_with_eos_into_blocks_of_max_seq_len():
+    from datasets import Dataset
+
+    docs = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]})
+    packed = data_lib.pack(docs, block=4, separator=0)
+    blocks = packed["input_ids"]
+    assert blocks == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0], [10, 0]]  # EOS after every document
+    assert sum(len(b) for b in blocks) == 10 + 4  # every token once, plus one EOS per document
+    with pytest.raises(ConfigError, match="EOS"):
+        data_lib.pack(docs, block=4, separator=None)

@@ -13,6 +13,8 @@ not diluted by the weights' own size). `mean` normalisation must *fail* the same
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import random
 
 import pytest
@@ -21,7 +23,15 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
-from accum import Accumulator, Callback, TaskLoss, WindowSampler, pad_collate, plan_from_accumulation
+from accum import (
+    Accumulator,
+    Callback,
+    TaskLoss,
+    WindowSampler,
+    pad_collate,
+    plan_batch,
+    plan_from_accumulation,
+)
 from accum.cli.config import make_config
 from scripts.train import train
 
@@ -109,25 +119,28 @@ class FirstGradient(Callback):
             self.grads = [p.grad.detach().clone() for p in accumulator.model.parameters()]
 
 
-def run_train_py(tmp_path, task, base, data, micro, accum, normalization="auto"):
+def run_train_py(tmp_path, task, base, data, micro, accum, normalization="auto", **extra):
     model, recorder = copy.deepcopy(base), FirstGradient()
+    batch = micro * accum if micro != "auto" else 8
+    out = tmp_path / f"{task}-{micro}x{accum}-{normalization}"
     config = make_config(dict(
         task=task, model_config_overrides={"model_type": "unused-in-process"}, optimizer="sgd", lr=LR,
-        lr_scheduler="constant", max_grad_norm=None, batch_size=micro * accum, micro_batch_size=micro,
-        grad_accum_steps=accum, max_steps=STEPS, output_dir=str(tmp_path / f"{task}-{micro}x{accum}-{normalization}"),
-        report_to="none", loss_normalization=normalization, seed=SEED,
+        lr_scheduler="constant", max_grad_norm=None, batch_size=batch, micro_batch_size=micro,
+        grad_accum_steps=accum, max_steps=STEPS, output_dir=str(out), plan_cache=str(out / "plans.json"),
+        report_to="none", loss_normalization=normalization, seed=SEED, **extra,
     ))
     metrics = train(config, model=model, train_data=data, eval_data=data[:4],
                     cli_keys={"micro_batch_size", "grad_accum_steps"}, callbacks=[recorder])
     return recorder.grads, updates(base, model), metrics
 
 
-def run_user_loop(task, base, data, micro, accum):
+def run_user_loop(task, base, data, micro, accum, plan=None):
     """A user's own Accelerate loop: prepare, an Accumulator, a WindowSampler, one call per window."""
     model, recorder = copy.deepcopy(base), FirstGradient()
     accelerator = Accelerator(cpu=True)
     model_, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
-    accumulator = Accumulator(accelerator, model_, optimizer, plan_from_accumulation(micro, accum), loss=TaskLoss(task),
+    plan = plan or plan_from_accumulation(micro, accum)
+    accumulator = Accumulator(accelerator, model_, optimizer, plan, loss=TaskLoss(task),
                               collate=pad_collate(task, 0), callbacks=[recorder])
     sampler = WindowSampler(len(data), micro * accum, seed=SEED)
     results = [accumulator.step([data[i] for i in sampler.next_window()]) for _ in range(STEPS)]
@@ -175,6 +188,35 @@ def test_every_layout_gives_the_full_batch_gradient(tmp_path, task, build):
             assert update_diff <= TOLERANCE, (way, micro, accum)
 
 
+@pytest.mark.parametrize("task,build", [("classification", tiny_bert), ("clm", tiny_gpt2)])
+def test_windows_cut_by_a_token_budget_give_the_full_batch_gradient(tmp_path, task, build):
+    """Sorted by length and cut by budgets of 14 to 112 tokens (one to eight samples of the longest),
+    through a user's loop; and through train.py, planning the budget by probing (whatever it finds,
+    the gradient must not change)."""
+    base = build()
+    data = varied_data(task, 28)
+    names = [name for name, _ in base.named_parameters()]
+    floors = update_floors(base)
+    ref_grad, ref_update = reference_run(base, task, data)
+    counts = set()
+    for budget in (14, 28, 56, 112):
+        plan = dataclasses.replace(plan_batch(8, 8, cut="tokens", token_length=14), micro_batch_tokens=budget)
+        grads, deltas, results = run_user_loop(task, base, data, 8, 1, plan=plan)
+        counts.add(tuple(r.micro_batches for r in results))
+        assert largest_relative_difference(grads, ref_grad, names) <= TOLERANCE, budget
+        assert largest_relative_difference(deltas, ref_update, names, floors) <= TOLERANCE, budget
+        assert all(r.padded_tokens >= r.tokens for r in results)
+    assert len(counts) == 4  # four budgets, four different cuts of the same windows
+    budget = "500KiB" if task == "classification" else "1MiB"  # about 4 samples of the longest (measured)
+    grads, deltas, metrics = run_train_py(tmp_path, task, base, data, "auto", "auto", cut_by="tokens",
+                                          max_memory=budget, safety_margin=0.0)
+    assert metrics["plan"]["cut"] == "tokens" and metrics["plan"]["micro_batch_tokens"] > 0
+    records = [json.loads(line) for line in (tmp_path / f"{task}-autoxauto-auto" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["gradient_accumulation_steps"] for r in records) >= 2  # some window was cut in two or more
+    assert largest_relative_difference(grads, ref_grad, names) <= TOLERANCE
+    assert largest_relative_difference(deltas, ref_update, names, floors) <= TOLERANCE
+
+
 def test_user_loop_reports_the_window_as_train_py_logs_it(tmp_path):
     base, data = tiny_gpt2(), varied_data("clm", 28)
     _, _, metrics = run_train_py(tmp_path, "clm", base, data, 2, 4)
@@ -195,3 +237,26 @@ def test_mean_of_means_is_not_equivalent(tmp_path):
     grads, deltas, _ = run_train_py(tmp_path, "clm", base, data, 2, 4, normalization="mean")
     assert largest_relative_difference(grads, ref_grad, names) > 1e-3
     assert largest_relative_difference(deltas, ref_update, names, update_floors(base)) > 1e-3
+
+
+@pytest.mark.slow
+def test_two_ranks_whose_windows_cut_into_different_counts_give_the_full_batch_gradient(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           str(root / "tests" / "helpers" / "token_ranks.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert any(a != b for a, b in result["counts"]), result["counts"]  # the ranks' shares cut differently
+    base = tiny_gpt2()
+    names = [name for name, _ in base.named_parameters()]
+    _, ref_update = reference_run(base, "clm", varied_data("clm", 28))
+    updates = [torch.tensor(u) for u in result["updates"]]
+    assert largest_relative_difference(updates, ref_update, names, update_floors(base)) <= TOLERANCE

@@ -485,3 +485,35 @@ def test_a_hung_rank_makes_the_other_stop_within_the_timeout_and_resume_works(tm
     code, err = run_main(TWO_RANKS + ["--output-dir", str(out), "--resume-from-checkpoint", "latest"])
     assert code == 0, err
     assert close_to(final_weights(out), final_weights(one_rank_reference))
+
+
+def test_a_run_cut_by_a_token_budget_resumes_bit_identical(tmp_path, monkeypatch):
+    """Stopped by SIGTERM mid-run and resumed: the resumed run takes the checkpoint's plan (its token
+    budget) instead of probing again, so its windows are cut the same way and the weights match an
+    uninterrupted run bit for bit."""
+    fixed = ["--micro-batch-size", "2", "--grad-accum-steps", "2"]
+    start = TINY.index(fixed[0])
+    assert TINY[start:start + 4] == fixed
+    tokens = TINY[:start] + TINY[start + 4:] + ["--micro-batch-size", "auto", "--grad-accum-steps", "auto",
+                                                "--cut-by", "tokens", "--max-memory", "28MiB", "--safety-margin", "0",
+                                                "--plan-cache", str(tmp_path / "plans.json")]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    code, err = run_main(tokens + ["--output-dir", str(whole)])
+    assert code == 0, err
+    plan = json.loads((whole / "plan.json").read_text())
+    assert plan["cut"] == "tokens" and plan["micro_batch_tokens"]
+    records = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["gradient_accumulation_steps"] for r in records) >= 2  # windows really are cut
+
+    def send(loss):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    on_call(monkeypatch, {5}, send)
+    code, err = run_main(tokens + ["--output-dir", str(stopped)])  # the cached plan: the same cut
+    assert code == 143, err
+    monkeypatch.undo()
+    code, err = run_main(tokens + ["--output-dir", str(stopped), "--resume-from-checkpoint", "latest"])
+    assert code == 0, err
+    assert json.loads((stopped / "plan.json").read_text())["source"] == "checkpoint"
+    assert identical(final_weights(stopped), final_weights(whole))

@@ -109,3 +109,53 @@ def test_resolve_inexact_split_is_one_line(batch, micro, processes):
         assert batch % (micro * processes) != 0
     else:
         assert m * a * processes == target == batch
+
+
+# -- balanced and token plans (windows cut by length) ------------------------------------------------
+
+
+def test_balanced_split_uses_nearly_the_largest_fit_in_equal_parts():
+    from accum.plan import plan_batch
+
+    plan = plan_batch(1024, 97, cut="balanced")
+    assert (plan.micro_batch_size, plan.smallest_micro_batch, plan.accumulation_steps) == (94, 93, 11)
+    assert plan.banner() == "Effective batch size: 1024 = 11 micro-batches of 93-94 x 1 process"
+    assert plan_batch(1024, 97).micro_batch_size == 64  # a fixed split: the largest divisor, 16 of 64
+    even = plan_batch(32, 8, cut="balanced")
+    assert even.banner() == "Effective batch size: 32 = 8 micro x 4 accum x 1 process"
+
+
+def test_a_token_plan_budgets_its_largest_equal_part_at_the_longest_sequence():
+    from accum.plan import Plan, plan_batch
+
+    plans = {fit: plan_batch(32, fit, cut="tokens", token_length=64) for fit in range(11, 16)}
+    assert {(p.micro_batch_tokens, p.accumulation_steps) for p in plans.values()} == {(704, 3)}  # one plan
+    plan = plans[13]
+    assert "token budget 704" in plan.banner() and plan.sequence_length == 64 and plan.cut == "tokens"
+    assert Plan.from_dict(plan.to_dict()) == plan and Plan.from_dict(plan.to_dict()).micro_batch_tokens == 704
+    with pytest.raises(ConfigError, match="token_length"):
+        plan_batch(32, 8, cut="tokens")
+
+
+def test_replan_keeps_the_cut_and_recovery_halves_a_token_budget():
+    from accum.plan import plan_batch, replan
+    from accum.recovery import grow_plan, limit_of, shrink_plan
+
+    plan = plan_batch(32, 11, cut="tokens", token_length=64)
+    smaller = shrink_plan(plan)
+    assert (limit_of(smaller), smaller.effective_batch_size, smaller.cut) == (352, 32, "tokens")
+    assert limit_of(grow_plan(smaller, ceiling=704)) == 704 and grow_plan(plan, ceiling=704) is None
+    bigger_batch = replan(plan, target_batch_size=64)
+    assert (bigger_batch.effective_batch_size, bigger_batch.micro_batch_tokens) == (64, 704)
+    balanced = shrink_plan(plan_batch(1024, 97, cut="balanced"))
+    assert (balanced.micro_batch_size, balanced.accumulation_steps, balanced.effective_batch_size) == (47, 22, 1024)
+
+
+def test_an_inconsistent_plan_is_refused():
+    from accum.plan import Plan, plan_batch
+
+    data = plan_batch(1024, 97, cut="balanced").to_dict()
+    with pytest.raises(ConfigError, match="does not multiply out"):
+        Plan.from_dict({**data, "accumulation_steps": 5})
+    with pytest.raises(ConfigError, match="does not multiply out"):
+        Plan.from_dict({**data, "cut": "diagonal"})

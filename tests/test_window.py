@@ -18,6 +18,7 @@ from accum import (
     FixedSize,
     NonFiniteError,
     TaskLoss,
+    TokenBudget,
     WindowSampler,
     evaluate,
     pad_collate,
@@ -207,3 +208,29 @@ def test_evaluate_counts_every_item_once_and_halves_on_oom(monkeypatch):
                       on_shrink=lambda old, new: shrinks.append((old, new)))
     assert shrinks == [(8, 4), (4, 2)] and result.batch_size == 2
     assert result.loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_an_oom_halves_the_token_budget_at_the_same_batch_and_the_gradient_does_not_change(monkeypatch):
+    from accum import plan_batch
+
+    plan = plan_batch(8, 8, cut="tokens", token_length=9)  # 72 tokens a micro-batch
+    reference = tiny_gpt2()
+    accumulator_for(reference, micro=8, accum=1).step(DATA[:8])  # one micro-batch, no OOM
+    original = TaskLoss.forward
+
+    def forward(self, model, batch):
+        if model.training and batch["input_ids"].numel() > 36:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return original(self, model, batch)
+
+    monkeypatch.setattr(TaskLoss, "forward", forward)
+    model = tiny_gpt2()
+    accelerator = Accelerator(cpu=True)
+    model_, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    accumulator = Accumulator(accelerator, model_, optimizer, plan, loss=TaskLoss("clm"), collate=pad_collate("clm", 0),
+                              cut=TokenBudget(overhead_tokens=1000))  # the fewest micro-batches: one of 72 tokens
+    result = accumulator.step(DATA[:8])
+    budgets = [(d.old.micro_batch_tokens, d.new.micro_batch_tokens) for d in result.adjustments]
+    assert budgets == [(72, 36)] and accumulator.plan.effective_batch_size == 8 and result.micro_batches > 1
+    for a, b in zip(reference.parameters(), model.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

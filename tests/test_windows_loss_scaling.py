@@ -1,6 +1,7 @@
 """Pure arithmetic of windows, loss normalisation and LR scaling."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -91,3 +92,59 @@ def test_scale_lr_rejects_bad_input():
         scale_lr(0.1, 32, 64, "cubic")
     with pytest.raises(ValueError):
         scale_lr(0.1, 0, 64, "linear")
+
+
+# -- cutting by length ----------------------------------------------------------------------------------
+
+
+def test_token_budget_sorts_by_length_and_trades_padding_against_a_cost_per_micro_batch():
+    from accum.windows import Balanced, TokenBudget
+
+    samples = [{"input_ids": [1] * n} for n in (3, 10, 5, 10, 2, 7)]
+
+    def lengths(parts):
+        return [[len(s["input_ids"]) for s in part] for part in parts]
+
+    assert lengths(TokenBudget(overhead_tokens=100)(samples, 20)) == [[10, 10], [7, 5], [3, 2]]  # the fewest
+    assert lengths(TokenBudget(overhead_tokens=1)(samples, 20)) == [[10, 10], [7], [5], [3], [2]]  # no padding
+    parts = TokenBudget()(samples, 20)  # default cost: 1/20 of the budget
+    assert all(len(part) * max(len(s["input_ids"]) for s in part) <= 20 for part in parts)  # padding counted
+    assert TokenBudget(overhead_tokens=100).count(samples, 20) == 3
+    assert [len(p) for p in TokenBudget()([{"input_ids": [1] * 30}, {"input_ids": [1]}], 20)] == [1, 1]  # too long: alone
+    assert sorted(id(s) for part in parts for s in part) == sorted(id(s) for s in samples)  # every sample once
+    assert [len(part) for part in Balanced()(list(range(100)), 97)] == [50, 50]
+
+
+def test_least_cost_groups_is_the_brute_force_optimum():
+    import itertools
+
+    from accum.windows import least_cost_groups
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = sorted((rng.randrange(1, 30) for _ in range(rng.randrange(1, 8))), reverse=True)
+        limit, overhead = rng.randrange(10, 80), rng.randrange(0, 40)
+
+        def cost(runs):
+            return sum((b - a) * lengths[a] + overhead for a, b in runs)
+
+        def allowed(runs):
+            return all(b - a == 1 or (b - a) * lengths[a] <= limit for a, b in runs)
+
+        best = None
+        for cuts in itertools.product((False, True), repeat=len(lengths) - 1):
+            bounds = [0, *[i + 1 for i, c in enumerate(cuts) if c], len(lengths)]
+            runs = list(itertools.pairwise(bounds))
+            if allowed(runs) and (best is None or cost(runs) < best):
+                best = cost(runs)
+        found = least_cost_groups(lengths, limit, overhead)
+        assert allowed(found) and cost(found) == best
+
+
+def test_ranks_whose_shares_cut_into_different_counts_are_padded_to_the_same():
+    from accum.windows import TokenBudget, rank_micro_batches
+
+    window = [{"input_ids": [1] * n} for n in (60, 60, 60, 60, 3, 3, 3, 3)]  # rank 0 long, rank 1 short
+    mine = [rank_micro_batches(window, TokenBudget(), 64, 2, rank) for rank in (0, 1)]
+    assert [len(m) for m in mine] == [4, 4]  # rank 0 needs 4, rank 1 one (and 3 empty ones)
+    assert sum(1 for part in mine[1] if part) == 1 and len(mine[1][0]) == 4

@@ -53,6 +53,8 @@ class RunConfig(BaseModel):
     max_seq_len: int = Field(128, gt=0, description="tokens per sample, after truncation")
     max_train_samples: int | None = Field(None, gt=0, description="use only the first N training samples")
     max_eval_samples: int | None = Field(None, gt=0, description="use only the first N evaluation samples")
+    packing: bool = Field(False, description="clm: join documents (EOS between them) into blocks of max_seq_len, "
+                          "no padding; attention then crosses documents inside a block")
 
     # -- batch: any two of these determine the third ----------------------------
     batch_size: int = Field(32, gt=0, description="target effective batch: micro x accumulation x processes")
@@ -60,6 +62,9 @@ class RunConfig(BaseModel):
     grad_accum_steps: int | Auto = Field("auto", description="micro-batches per optimizer step, or auto (derived)")
     eval_batch_size: int | Auto = Field("auto", description="evaluation batch per process, or auto (probe)")
     allow_batch_rounding: bool = Field(False, description="round a target batch that cannot be split exactly")
+    cut_by: Literal["tokens", "samples"] | None = Field(
+        None, description="how a window is cut into micro-batches: by a probed token budget, sorted by length "
+        "(the default when micro_batch_size is auto), or by samples (the default for a given micro_batch_size)")
     max_memory: str | float | None = Field(
         None, description="planner memory budget: bytes ('8GiB') or a fraction of device memory (0.5); on CPU what a "
         "training step may add over what the process holds before it, on CUDA the allocator's reserved peak"

@@ -250,6 +250,11 @@ def tokenize_splits(config: RunConfig, tokenizer, train_ds, eval_ds, model_confi
     def tokenize(ds, split: str):
         if ds is None:
             return None
+        if config.packing and config.task == "clm":
+            return pack(ds.map(lambda batch: {"input_ids": tokenizer(batch[text_column])["input_ids"]}, batched=True,
+                               remove_columns=ds.column_names, load_from_cache_file=True, desc=f"tokenizing {split}"),
+                        max_len, tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id,
+                        split)
         ds = ds.map(encode, batched=True, remove_columns=ds.column_names, load_from_cache_file=True,
                     desc=f"tokenizing {split}")
         if config.task == "clm":
@@ -261,6 +266,26 @@ def tokenize_splits(config: RunConfig, tokenizer, train_ds, eval_ds, model_confi
         return ds
 
     return tokenize(train_ds, "train"), tokenize(eval_ds, "eval"), label_info
+
+
+def pack(ds, block: int, separator: int | None, split: str = "train"):
+    """Causal-LM packing (as transformers' run_clm example groups texts): the documents' tokens joined,
+    `separator` (the tokenizer's EOS) between documents, cut into blocks of `block` tokens; the last
+    block keeps what is left (at least 2 tokens). Attention then crosses document boundaries inside a
+    block: what packing trades for having no padding. Raises ConfigError when nothing is left."""
+    if separator is None:
+        raise ConfigError("packing needs a tokenizer with an EOS (or SEP) token to put between documents")
+    from datasets import Dataset
+
+    stream: list[int] = []
+    for ids in ds["input_ids"]:
+        if ids:
+            stream.extend([*ids, separator])
+    blocks = [stream[start:start + block] for start in range(0, len(stream), block)]
+    blocks = [ids for ids in blocks if len(ids) >= 2]
+    if not blocks:
+        raise ConfigError(f"packing left no {split} block of 2 or more tokens: the data is empty")
+    return Dataset.from_dict({"input_ids": blocks})
 
 
 # -- batches --------------------------------------------------------------------------------------

@@ -68,6 +68,8 @@ def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
                         help="autocast of the probed step (default: the config's, else no)")
     parser.add_argument("--seed", type=int, default=None, help="seed for weights and random tokens (default 0)")
+    parser.add_argument("--cut-by", default=None, choices=("tokens", "samples"),
+                        help="how windows are cut: by a token budget (the default) or into equal parts of samples")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +130,7 @@ class Workload:
 
 _OVERRIDES = {"seq_len": "max_seq_len", "batch_size": "batch_size", "max_memory": "max_memory",
               "safety_margin": "safety_margin", "objective": "objective", "optimizer": "optimizer",
-              "mixed_precision": "mixed_precision", "seed": "seed", "task": "task"}
+              "mixed_precision": "mixed_precision", "seed": "seed", "task": "task", "cut_by": "cut_by"}
 
 
 def run_config_of(args: argparse.Namespace):
@@ -203,7 +205,7 @@ def _config_workload(config, accelerator) -> Workload:
     make_batch = probe_batch_maker(config, model, inputs.train_data, inputs.collate, accelerator.device)
     describe = f"{config.model or 'model from config'} ({config.task})"
     return Workload(accelerator, model, build_optimizer(config, model, config.lr), make_batch, loss_fn, config,
-                    probe_length(config, model), describe)
+                    probe_length(config, model, inputs.train_data), describe)
 
 
 def _token_batches(vocab_size: int, seq_len: int, seed: int, task: str = "clm", num_labels: int = 2):
@@ -223,15 +225,16 @@ def _token_batches(vocab_size: int, seq_len: int, seed: int, task: str = "clm", 
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from accum.cli.planning import verify_plan
+    from accum.cli.planning import plan_cut, verify_plan
     from accum.probe import plan_for
 
     work, config = build_workload(args)
+    cut = plan_cut(config, None)  # `plan` always probes: the micro-batch is what it finds
     plan = plan_for(work.accelerator, work.model, work.make_batch, config.batch_size, work.optimizer,
                     loss_fn=work.loss_fn, max_memory=config.max_memory, safety_margin=config.safety_margin,
                     objective=config.objective, cache_path=False if args.no_cache else config.plan_cache,
                     replan=config.replan, allow_rounding=config.allow_batch_rounding, progress=not args.json,
-                    num_processes=args.num_processes)
+                    num_processes=args.num_processes, cut=cut, sequence_length=work.seq_len)
     if config.verify_plan and plan.verified_steps < config.verify_plan:
         plan = verify_plan(plan, config, work.accelerator, work.model, verify_command(args),
                            cache_path=False if args.no_cache else config.plan_cache)
@@ -251,7 +254,7 @@ def verify_command(args: argparse.Namespace) -> list[str]:
     """`python -m accum verify` with the workload arguments of this `plan` (a fresh process rebuilds it)."""
     command = [sys.executable, "-m", "accum", "verify"]
     for name in ("config", "model", "task", "seq_len", "batch_size", "max_memory", "safety_margin", "objective",
-                 "optimizer", "mixed_precision", "seed"):
+                 "optimizer", "mixed_precision", "seed", "cut_by"):
         value = getattr(args, name, None)
         if value is not None:
             command += ["--" + name.replace("_", "-"), str(value)]

@@ -84,16 +84,38 @@ def lr_base_batch(config: RunConfig) -> int:
     return config.base_batch_size or (schedule.start_batch if schedule else config.batch_size)
 
 
-def probe_length(config: RunConfig, model) -> int:
-    """Tokens per probed sample: max_seq_len, the longest training can meet, within the model's positions."""
+def longest_sample(dataset) -> int:
+    """Tokens in the longest sample of a tokenised data set (0 when it is empty)."""
+    column = dataset["input_ids"] if hasattr(dataset, "column_names") else (row["input_ids"] for row in dataset)
+    return max((len(ids) for ids in column), default=0)
+
+
+def probe_length(config: RunConfig, model, train_ds=None) -> int:
+    """Tokens per probed sample: the longest sample the data has (after tokenization), within
+    max_seq_len and the model's positions; the probe plans for the longest batch training can meet,
+    not for a limit the data never reaches."""
     model_config = getattr(model, "module", model).config  # DDP-wrapped after prepare() on several ranks
     limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
-    return min(config.max_seq_len, limit) if limit else config.max_seq_len
+    length = min(config.max_seq_len, limit) if limit else config.max_seq_len
+    if train_ds is not None and len(train_ds):
+        length = min(length, max(1, longest_sample(train_ds)))
+    return length
+
+
+def plan_cut(config: RunConfig, micro_batch_size: int | None) -> str:
+    """How windows are cut: by tokens (auto micro-batch and cut_by tokens or unset), balanced equal
+    parts (auto and cut_by samples), or fixed parts (a given micro-batch). Raises ConfigError for
+    cut_by tokens with a given micro-batch (the token budget is what probing finds)."""
+    if micro_batch_size is not None:
+        if config.cut_by == "tokens":
+            raise ConfigError("`cut_by` tokens needs `micro_batch_size` auto: the token budget is probed")
+        return "samples"
+    return "balanced" if config.cut_by == "samples" else "tokens"
 
 
 def probe_batch_maker(config: RunConfig, model, train_ds, collate, device):
     """make_batch(n) for the planner: n samples of the worst-case length."""
-    length = probe_length(config, model)
+    length = probe_length(config, model, train_ds)
 
     def make_batch(n: int) -> dict[str, torch.Tensor]:
         return move_to(collate(worst_case_examples(train_ds, n, length)), device)
@@ -103,20 +125,23 @@ def probe_batch_maker(config: RunConfig, model, train_ds, collate, device):
 
 def plan_eval_batch_size(config: RunConfig, model, train_ds, eval_ds, collate, plan: Plan, accelerator) -> int:
     """--eval-batch-size, or the largest forward-only batch that fits, probed from the training
-    micro-batch up to 8 times it (no gradients or optimizer state, so it is larger)."""
+    micro-batch up to 8 times it (no gradients or optimizer state, so it is larger). Under a token
+    plan the answer is a token budget of its own: the batch x the probed length."""
     from accum.probe import plan_eval_batch
 
+    tokens = plan.cut == "tokens"
+    length = probe_length(config, model, train_ds)
     if config.eval_batch_size != "auto":
-        return config.eval_batch_size
+        return config.eval_batch_size * length if tokens else config.eval_batch_size
     if not eval_ds:  # nothing to evaluate: no probes (they cost as much as a training step or two)
-        return plan.micro_batch_size
+        return plan.micro_batch_size * length if tokens else plan.micro_batch_size
     per_process = math.ceil(len(eval_ds) / accelerator.num_processes)
     limit = max(1, min(8 * plan.micro_batch_size, per_process))
     start = min(plan.micro_batch_size, limit)
     result = plan_eval_batch(model, probe_batch_maker(config, model, train_ds, collate, accelerator.device),
                              accelerator, limit=limit, start=start, max_memory=config.max_memory,
                              safety_margin=config.safety_margin, progress=False)
-    return result.size
+    return result.size * length if tokens else result.size
 
 
 @dataclass(frozen=True)
@@ -156,14 +181,21 @@ def load_run_inputs(config: RunConfig, model=None, train_data=None, eval_data=No
 
 
 def make_plan(config: RunConfig, resolved, accelerator, inputs: RunInputs,
-              verify_command: list[str] | None = None) -> tuple[Plan, str | None]:
-    """Micro-batch x accumulation x processes for the target batch: from flags, or by probing memory
-    (then, with --verify-plan, checked in a fresh process). Returns (plan, banner note)."""
+              verify_command: list[str] | None = None, resumed: Plan | None = None) -> tuple[Plan, str | None]:
+    """Micro-batch x accumulation x processes for the target batch: from flags, the plan of the
+    checkpoint being resumed (`resumed`: the same cut, so the resumed run is bit-identical), or by
+    probing memory (then, with --verify-plan, checked in a fresh process). Returns (plan, note)."""
+    import dataclasses
+
     from accum.probe import plan_for
 
     target, micro, accum, note = resolved
+    cut = plan_cut(config, micro)
     if micro is not None and accum is not None:
         return plan_from_accumulation(micro, accum, accelerator.num_processes), note
+    if (resumed is not None and resumed.cut == cut and resumed.num_processes == accelerator.num_processes
+            and resumed.target_batch_size == target):
+        return dataclasses.replace(resumed, source="checkpoint", probes=()), note
     model, loss = inputs.model, inputs.loss
 
     def loss_fn(probe_model, batch):
@@ -174,7 +206,8 @@ def make_plan(config: RunConfig, resolved, accelerator, inputs: RunInputs,
     plan = plan_for(accelerator, model, make_batch, target, optimizer, loss_fn=loss_fn, max_memory=config.max_memory,
                     safety_margin=config.safety_margin, objective=config.objective, cache_path=config.plan_cache,
                     replan=config.replan, allow_rounding=config.allow_batch_rounding,
-                    progress=accelerator.is_main_process)
+                    progress=accelerator.is_main_process, cut=cut,
+                    sequence_length=probe_length(config, model, inputs.train_data))
     del optimizer
     if config.verify_plan and not plan.verified_steps >= config.verify_plan:
         if verify_command is None:
