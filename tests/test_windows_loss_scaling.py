@@ -125,10 +125,10 @@ def test_least_cost_groups_is_the_brute_force_optimum():
         lengths = sorted((rng.randrange(1, 30) for _ in range(rng.randrange(1, 8))), reverse=True)
         limit, overhead = rng.randrange(10, 80), rng.randrange(0, 40)
 
-        def cost(runs):
+        def cost(runs, lengths=lengths, overhead=overhead):
             return sum((b - a) * lengths[a] + overhead for a, b in runs)
 
-        def allowed(runs):
+        def allowed(runs, lengths=lengths, limit=limit):
             return all(b - a == 1 or (b - a) * lengths[a] <= limit for a, b in runs)
 
         best = None
