@@ -7,6 +7,9 @@ test does), so it is ready when a GPU is lent.
     PYTHONPATH=. python3 bench/gpu_bench.py ...                # on a lent GPU machine (no `make install`)
 
 Sections:
+- tokens: real tokens per second, padding efficiency and utilisation (6 x non-embedding parameters x real
+  tokens/s / the device's dense bf16 peak) of configs/gpu_gpt2.yaml (bf16) with windows cut by samples,
+  by a token budget, and packed into 512-token blocks; configs/clm_tiny.yaml on the CPU.
 - planner: the planner's answer with safety margin 0 and with the default margin (0.1), each in a
   fresh process; the fresh-process maximum, bisected within 10% around the margin-0 answer with
   `--steps` training steps back to back per size (each size a fresh process); whether the
@@ -95,7 +98,87 @@ def bisect_fresh_maximum(fits_size, lo: int, hi: int) -> tuple[int | None, dict[
     return lo, tried
 
 
-SECTIONS = {"planner": section_planner}
+# ----------------------------------------------------------------------------- tokens
+
+# Dense bf16 peak of one device, FLOP/s (vendor data sheets), for utilisation = 6 x non-embedding
+# parameters x real tokens per second / peak.
+BF16_PEAK = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12,
+             "A100-SXM4-80GB": 312e12, "A100-SXM4-40GB": 312e12, "A100 80GB PCIe": 312e12, "L4": 121e12,
+             "A10G": 125e12, "RTX 4090": 165e12}
+
+
+def bf16_peak(name: str) -> float | None:
+    for key, peak in BF16_PEAK.items():
+        if key in name:
+            return peak
+    return None
+
+
+def non_embedding_parameters(config_path: Path) -> int:
+    """Parameters of the run config's model, less its token and position embeddings (meta device)."""
+    import torch
+    import yaml
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    overrides = dict(yaml.safe_load(config_path.read_text())["model_config_overrides"])
+    overrides.setdefault("vocab_size", 30522)  # the MiniLM tokenizer the configs use
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(overrides.pop("model_type"), **overrides))
+    embeddings = {id(p) for name, p in model.named_parameters() if "wte" in name or "wpe" in name or "embed" in name}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+
+
+def steady_tokens_per_second(metrics_jsonl: Path, skip: int = 2) -> float | None:
+    """Real tokens per second over the optimizer steps after the first `skip` (warm-up, compilation)."""
+    records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    timed = [r for r in records[skip:] if r.get("tokens_per_s")]
+    if not timed:
+        return None
+    tokens = [r["tokens_seen"] - p["tokens_seen"] for p, r in zip(records[skip - 1:], records[skip:], strict=False)]
+    seconds = sum(t / r["tokens_per_s"] for t, r in zip(tokens, timed, strict=False))
+    return sum(tokens[:len(timed)]) / seconds if seconds > 0 else None
+
+
+def section_tokens(args: argparse.Namespace, device: dict[str, Any]) -> dict[str, Any]:
+    """Real tokens per second and utilisation of the GPU config with windows cut by samples, by a
+    token budget, and with packed 512-token blocks; each a train.py run in a fresh process."""
+    import subprocess
+    import tempfile
+
+    gpu = device["device"] == "cuda"
+    config = ROOT / "configs" / ("gpu_gpt2.yaml" if gpu else "clm_tiny.yaml")
+    variants = {"samples": ["--cut-by", "samples"], "tokens": ["--cut-by", "tokens"],
+                "packing": ["--cut-by", "tokens", "--packing"]}
+    common = ["--max-steps", str(args.token_steps), "--report-to", "none", "--noise-scale", "false",
+              "--eval-batch-size", "8", "--max-eval-samples", "16", "--overwrite"]
+    if gpu:
+        common += ["--mixed-precision", "bf16"]
+    parameters = non_embedding_parameters(config)
+    peak = bf16_peak(device["name"]) if gpu else None
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="accum-gpu-bench-") as tmp:
+        for name, flags in variants.items():
+            out = Path(tmp) / name
+            command = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(config), *common, *flags,
+                       "--output-dir", str(out), "--plan-cache", str(Path(tmp) / "plans.json")]
+            began = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+            if done.returncode != 0:
+                results[name] = {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
+                continue
+            metrics = json.loads((out / "metrics.json").read_text())
+            rate = steady_tokens_per_second(out / "metrics.jsonl")
+            results[name] = {
+                "real_tokens_per_s": rate, "padding_efficiency": metrics.get("padding_efficiency"),
+                "plan": {key: metrics["plan"].get(key) for key in ("micro_batch_size", "accumulation_steps",
+                                                                    "micro_batch_tokens", "cut")},
+                "utilisation": 6 * parameters * rate / peak if peak and rate else None,
+                "seconds": round(time.perf_counter() - began, 1)}
+    return {"config": config.name, "non_embedding_parameters": parameters, "bf16_peak_flops": peak,
+            "optimizer_steps": args.token_steps, "variants": results}
+
+
+SECTIONS = {"planner": section_planner, "tokens": section_tokens}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -118,6 +201,19 @@ def markdown(report: dict[str, Any]) -> str:
                   f"margin-0 answer / fresh maximum: {planner['margin_0_over_fresh_maximum']}; margin-0 answer trains "
                   f"{planner['steps_per_size']} steps: {planner['margin_0_trains']}; margin-0.1 answer trains "
                   f"{planner['long_steps']} steps: {planner['default_margin_trains_long']}.", ""]
+    tokens = report["sections"].get("tokens")
+    if tokens:
+        lines += ["## tokens", "", f"{tokens['config']}, {tokens['optimizer_steps']} optimizer steps per variant, "
+                  f"{tokens['non_embedding_parameters']:,} non-embedding parameters.", "",
+                  "| variant | real tokens/s | padding efficiency | utilisation | plan |", "|---|---|---|---|---|"]
+        for name, row in tokens["variants"].items():
+            if "error" in row:
+                lines.append(f"| {name} | error: {row['error']} | | | |")
+                continue
+            util = "-" if row["utilisation"] is None else f"{row['utilisation']:.1%}"
+            lines.append(f"| {name} | {row['real_tokens_per_s'] or 0:,.0f} | {row['padding_efficiency'] or 0:.3f} | "
+                         f"{util} | {row['plan']} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -128,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="planner: steps per fresh-process check")
     parser.add_argument("--long-steps", type=int, default=100, help="planner: steps the default-margin answer trains")
     parser.add_argument("--accelerate-start", type=int, default=512, help="planner: find_executable_batch_size's start")
+    parser.add_argument("--token-steps", type=int, default=8, help="tokens: optimizer steps per variant")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.sections.split(",") if name.strip()]
     unknown = [name for name in names if name not in SECTIONS]
