@@ -13,11 +13,11 @@ VOCAB, SHORT, LONG = 4096, 16, 384
 SEED = 5
 
 
-def tiny_gpt2() -> torch.nn.Module:
+def tiny_gpt2(n_embd: int = 32) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=LONG, n_embd=32, n_layer=1, n_head=2,
+    config = GPT2Config(vocab_size=VOCAB, n_positions=LONG, n_embd=n_embd, n_layer=1, n_head=2,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0)
     return GPT2LMHeadModel(config)
 
@@ -36,8 +36,9 @@ def run_config(output_dir: str, batch: int, micro: int, accum: int, steps: int, 
     from accum.config import make_config
 
     return make_config(dict(
-        task="clm", model_config_overrides={"model_type": "gpt2"}, optimizer="sgd", lr=0.5, lr_scheduler="linear",
-        warmup_steps=1, max_grad_norm=None, batch_size=batch, micro_batch_size=micro, grad_accum_steps=accum,
-        eval_batch_size=2, max_steps=steps, output_dir=output_dir, report_to="none", seed=SEED,
-        plan_cache=f"{output_dir}/plans.json", **extra,
+        dict(task="clm", model_config_overrides={"model_type": "gpt2"}, optimizer="sgd", lr=0.5, lr_scheduler="linear",
+             warmup_steps=1, max_grad_norm=None, batch_size=batch, micro_batch_size=micro, grad_accum_steps=accum,
+             eval_batch_size=2, max_steps=steps, output_dir=output_dir, report_to="none", seed=SEED,
+             plan_cache=f"{output_dir}/plans.json"),
+        **extra,  # may override the defaults above
     ))
