@@ -624,7 +624,13 @@ def smooth_over_samples(xs: list[float], ys: list[float], window: float) -> list
 
 
 def write_plots(out: Path, sweep: SweepConfig, records: list[dict[str, Any]]) -> list[Path]:
-    """Loss vs samples seen per run; throughput and peak memory vs micro-batch; quality vs effective batch."""
+    """The sweep's plots as PNG files in `out` (none before a run has finished); returns their paths."""
+    return [save_figure(fig, out / name) for name, fig in build_figures(sweep, records).items()]
+
+
+def build_figures(sweep: SweepConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """File name -> matplotlib Figure: loss vs samples seen per run; throughput and peak memory vs
+    micro-batch; quality vs effective batch. Empty when no run finished. The caller saves or closes them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -632,8 +638,8 @@ def write_plots(out: Path, sweep: SweepConfig, records: list[dict[str, Any]]) ->
 
     ok = [r for r in records if r["status"] == "ok"]
     if not ok:
-        return []
-    paths = []
+        return {}
+    figures = {}
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     curves = [(record, *load_curve(record)) for record in ok]
@@ -648,7 +654,7 @@ def write_plots(out: Path, sweep: SweepConfig, records: list[dict[str, Any]]) ->
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    paths.append(save_figure(fig, out / "loss_vs_samples.png"))
+    figures["loss_vs_samples.png"] = fig
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     micros = {r.get("micro") for r in ok}
@@ -667,7 +673,7 @@ def write_plots(out: Path, sweep: SweepConfig, records: list[dict[str, Any]]) ->
         axis.set_ylim(bottom=0, top=axis.get_ylim()[1] * 1.1)
         axis.grid(alpha=0.3)
     fig.suptitle(f"{sweep.name}: speed and memory (labels: micro x accumulation)")
-    paths.append(save_figure(fig, out / "throughput_memory_vs_micro.png"))
+    figures["throughput_memory_vs_micro.png"] = fig
 
     groups: dict[str, list[dict[str, Any]]] = {}
     for record in ok:
@@ -692,8 +698,8 @@ def write_plots(out: Path, sweep: SweepConfig, records: list[dict[str, Any]]) ->
             ax.legend(fontsize=8)
     budget = f", {sweep.budget_samples} samples per run" if sweep.budget_samples else ""
     fig.suptitle(f"{sweep.name}: final quality vs effective batch{budget}")
-    paths.append(save_figure(fig, out / "quality_vs_effective_batch.png"))
-    return paths
+    figures["quality_vs_effective_batch.png"] = fig
+    return figures
 
 
 def group_label(record: dict[str, Any]) -> str:

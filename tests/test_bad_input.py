@@ -44,7 +44,10 @@ def refused(argv: list[str], watched: Path, expected: str) -> None:
 
 CASES = {
     "sequence longer than the model": (["--max-seq-len", "100"], "max_seq_len 100 exceeds the model's limit of 32"),
-    "micro-batch larger than the target": (["--micro-batch-size", "8", "--grad-accum-steps", "auto"], "8"),
+    # the target (4), the micro-batch it is not a multiple of (8), and the nearest batch that works
+    "micro-batch larger than the target": (["--micro-batch-size", "8", "--grad-accum-steps", "auto"],
+                                           "batch size 4 is not a multiple of micro-batch size 8 x 1 processes: "
+                                           "use --batch-size 8"),
     "wrong type": (["--max-steps", "2.5"], "max_steps"),
     "not a number": (["--lr", "fast"], "lr"),
     "negative size": (["--keep-checkpoints", "-1"], "keep_checkpoints"),

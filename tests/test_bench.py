@@ -1,9 +1,11 @@
 """scripts/bench.py --quick end to end (a tiny model, every section), and the report's structure.
 
-The figures of a quick run mean little (a tiny model on a shared CPU); what is checked is that every
+The timings of a quick run mean little (a tiny model on a shared CPU); what is checked is that every
 section ran, every figure is a ratio with its repeats, the report names the command, versions and
-machine, and that what must hold exactly holds: Trainer's default applies N times the gradient,
-the fair Trainer and train() apply 1x, layouts agree, a cached plan costs zero probes.
+machine, that what must hold exactly holds (Trainer's default applies N times the gradient, the fair
+Trainer and train() apply 1x and end at the same loss, layouts agree within 1e-5, a cached plan costs
+zero probes, peak memory at N=8 within 5% of N=1), the planner's answer is within one of the
+brute-force largest and beats Accelerate's helper, and timing ratios lie within wide sanity bounds.
 """
 
 from __future__ import annotations
@@ -50,25 +52,37 @@ def test_quick_bench_reports_every_section(quick_report):
     assert set(results) == {"overhead", "noise", "memory", "planner", "trainer", "equivalence"}
     assert not [name for name, section in results.items() if "error" in section]
 
+    # Throughput ratios on a shared 2-core CPU are noisy (the aims are for `make bench`): here they must only lie
+    # within [0.5, 1.5], which a loop twice as slow as the plain one, or a noise meter halving throughput, fails
+    # (quick runs measured here: overhead 0.91, noise 0.88, Trainer/accum loop 1.10).
     overhead = results["overhead"]
     assert_spread(overhead["ratio"], cfg["overhead"]["repeats"])
     assert_spread(overhead["ratio_cpu"], cfg["overhead"]["repeats"])
     assert isinstance(overhead["met"], bool)
+    assert 0.5 <= overhead["ratio"]["median"] <= 1.5 and 0.5 <= overhead["ratio_cpu"]["median"] <= 1.5
 
     noise = results["noise"]
     assert_spread(noise["ratio"], cfg["noise"]["repeats"])
     assert_spread(noise["ratio_cpu"], cfg["noise"]["repeats"])
     assert isinstance(noise["met"], bool)
+    assert 0.5 <= noise["ratio"]["median"] <= 1.5 and 0.5 <= noise["ratio_cpu"]["median"] <= 1.5
 
     memory = results["memory"]
     for key in ("peak_ratio_accum_vs_m", "peak_ratio_accum_vs_big", "growth_ratio_accum_vs_m"):
         assert_spread(memory[key], cfg["memory"]["repeats"])
-    # one micro-batch's activations at a time: accumulating 8 must not cost like a batch 8 times larger
-    assert memory["peak_ratio_accum_vs_m"]["median"] < 1.5
+    # one micro-batch's activations at a time: accumulating 8 micro-batches peaks within the aim of 5% of one
+    # (measured here: 1.002), and the step's growth stays below a batch 8 times larger's by a wide margin
+    assert memory["peak_ratio_accum_vs_m"]["median"] <= 1.05 and memory["met"] is True
+    assert memory["growth_ratio_accum_vs_m"]["median"] <= 1.2 and memory["peak_ratio_accum_vs_big"]["median"] <= 1.05
 
     planner = results["planner"]
     assert planner["true_largest"] >= 1
     assert 0 < planner["accum"]["size"] <= planner["true_largest"] + 1
+    # within one of the brute-force largest (measured here: 5 of 6, where 6 fits alone but failed again when
+    # retried inside the long-lived process), in at most 12 probes; and at least Accelerate's helper, in fewer probes
+    assert planner["accum"]["size"] >= planner["true_largest"] - 1 and planner["accum"]["probes"] <= 12
+    assert planner["accum"]["size"] >= planner["febs"]["size"] and planner["accum"]["probes"] <= planner["febs"]["probes"]
+    assert planner["met_vs_febs"] is True
     assert planner["febs_from_1"]["size"] == 1  # Accelerate's helper only shrinks
     assert planner["cache"]["second"] == {**planner["cache"]["second"], "source": "cache", "probes": 0}
 
@@ -83,10 +97,14 @@ def test_quick_bench_reports_every_section(quick_report):
     assert_spread(trainer["ratio_loop"], cfg["trainer"]["repeats"])
     for run in trainer["runs"]["accum"] + trainer["runs"]["trainer"]:
         assert run["optimizer_steps"] == cfg["trainer"]["optimizer_steps"]
+    assert 0.5 <= trainer["ratio_loop"]["median"] <= 2.0
+    # the same micro-batches in the same order: the same final loss (measured here: equal to every digit)
+    assert trainer["final_loss_trainer"]["median"] == pytest.approx(trainer["final_loss_accum"]["median"], rel=1e-5)
 
     equivalence = results["equivalence"]
     assert set(equivalence["layouts"]) == {"4x2", "2x4", "1x8"}
-    assert equivalence["largest"] <= 1e-5
+    assert equivalence["largest"] <= 1e-5  # measured here: 7.9e-07
+    assert all(layout["weights"] <= 1e-5 and layout["first_gradient"] <= 1e-5 for layout in equivalence["layouts"].values())
 
     assert "| figure | measured | aim | met |" in markdown
     for phrase in ("overhead", "noise scale cost", "memory: peak", "planner from 1", "find_executable_batch_size from",

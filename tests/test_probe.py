@@ -215,18 +215,38 @@ def cache_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
+class AdamWFailingAfterUpdate(torch.optim.AdamW):
+    """AdamW whose step, for a micro-batch above `fits`, updates every weight and moment and then runs
+    out of memory: a probe that fails after it has changed everything it can change."""
+
+    fits, size = 6, 0
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        if self.size > self.fits:
+            raise RuntimeError(OOM)
+        return loss
+
+
 @real_model
 def test_probing_leaves_model_and_adamw_bit_identical(cache_dir):
     model = tiny_gpt2()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = AdamWFailingAfterUpdate(model.parameters(), lr=1e-2)
     model(**make_batch(2)).loss.backward()  # real state: Adam moments, and gradients pending
     optimizer.step()
     model(**make_batch(2)).loss.backward()
     model.eval()
     before = state_of(model, optimizer)
-    plan = plan_for(None, model, make_batch, 24, optimizer=optimizer, progress=False)
+
+    def sized_batch(size):
+        optimizer.size = size
+        return make_batch(size)
+
+    plan = plan_for(None, model, sized_batch, 24, optimizer=optimizer, progress=False)
+    failed = [p["size"] for p in plan.probes if not p["fit"]]
+    assert failed and min(failed) == 7, plan.probes  # probes really failed, after changing weights and moments
     assert_identical(before, state_of(model, optimizer))
-    assert plan.effective_batch_size == 24
+    assert plan.effective_batch_size == 24 and plan.micro_batch_size == 6
     assert max(p["size"] for p in plan.probes) <= 24  # limit: target / processes
     assert plan.micro_batch_size * plan.accumulation_steps == 24
 

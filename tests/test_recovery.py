@@ -5,6 +5,7 @@ and two ranks where only one runs out)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -347,3 +348,47 @@ def test_two_ranks_one_runs_out_both_adjust_no_hang(tmp_path):
     difference = compare_to_reference(tmp_path, tmp_path / "two", growing_data(96, 16, long_from_window=3), 16, 4, 4)
     print("two ranks, rank 1 out of memory, vs one rank started at micro-batch 4:", difference)
     assert difference <= TOLERANCE
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The 'error: ' lines (the progress bar shares stderr: lines end in \\r or \\n)."""
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if "error: " in line]
+    return [line[line.index("error: "):] for line in lines]
+
+
+@pytest.mark.slow
+def test_real_oom_in_the_first_optimizer_step_is_one_line_exit_4_and_saves_nothing(tmp_path):
+    # AdamW allocates its two moments (2 x 7.8 MB for this 1.9M-parameter model) in its first step. The cap is
+    # set after the first forward/backward, 8 MiB above what the process then holds: measured here, that step
+    # fails under 8, 16 and 20 MiB and succeeds under 24 and 28 (each of 5 runs at 8 MiB ran out in optimizer.step()).
+    out = tmp_path / "step"
+    spec = dict(output_dir=str(out), batch=8, micro=4, accum=2, steps=2, samples=16, long_from_window=99,
+                budget_mib=8, cap_at="optimizer_step", n_embd=256, extra={"optimizer": "adamw", "lr": 1e-3, "save_every": 1})
+    result = run_child(spec)
+    assert result.returncode == 4, result.stderr[-3000:]
+    (error,) = error_lines(result.stderr)
+    assert error.startswith("error: out of memory in optimizer.step() at optimizer step 1: a smaller micro-batch "
+                            "does not help there"), error
+    assert "--optimizer adamw_8bit" in error
+    # no step was taken or recorded, and nothing was written that a resume could pick up (no partial update)
+    assert not (out / "metrics.json").exists()
+    assert not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").read_text() == ""
+    assert not list(out.glob("checkpoints/step-*"))
+
+
+@pytest.mark.slow
+def test_real_oom_in_evaluation_halves_the_eval_batch_and_the_run_finishes(tmp_path):
+    # Evaluation on 4 samples of 384 tokens at eval batch 4, under a cap set just before it, 58 MiB above what the
+    # process holds: measured here, eval batch 4 needs between 68 and 75 MiB, eval batch 2 between 45 and 50
+    # (each of 5 runs at 58 MiB halved once and finished).
+    out = tmp_path / "eval"
+    spec = dict(output_dir=str(out), batch=8, micro=4, accum=2, steps=2, samples=16, long_from_window=99,
+                budget_mib=58, cap_at="evaluation", eval_tokens=LONG, extra={"eval_batch_size": 4})
+    result = run_child(spec)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "eval batch 4 -> 2 (out of memory in evaluation; training's micro-batch unchanged)" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [(a["reason"], a["old_eval_batch_size"], a["new_eval_batch_size"]) for a in metrics["adjustments"]] == [
+        ("out of memory in evaluation", 4, 2)]
+    assert metrics["micro_batch_size"] == 4 and metrics["optimizer_step"] == 2
+    assert metrics["eval"]["loss"] > 0 and math.isfinite(metrics["eval"]["loss"])

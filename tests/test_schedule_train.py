@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def test_scheduled_run_equals_two_manual_runs_stitched_at_the_change_and_resumes
 
 
 @pytest.mark.slow
-def test_ramp_and_noise_driven_runs_change_only_at_windows_within_bounds(tmp_path):
+def test_ramp_changes_only_at_windows_within_bounds(tmp_path):
     ramp = tmp_path / "ramp"
     result = run_ok(COMMON + ["--batch-ramp", "4,12,24", "--max-samples", "60", "--output-dir", str(ramp)])
     assert "ramp 4 -> 12 over 24 samples" in result.stdout
@@ -85,17 +86,48 @@ def test_ramp_and_noise_driven_runs_change_only_at_windows_within_bounds(tmp_pat
     assert json.loads((ramp / "metrics.json").read_text())["effective_batch_size"] == 12
     assert sum(r["samples_seen"] - p["samples_seen"] for p, r in zip([{"samples_seen": 0}] + records, records, strict=False)) == 60
 
-    noise = tmp_path / "noise"
-    run_ok(COMMON + ["--adaptive-batch", "noise", "--adaptive-batch-min", "4", "--adaptive-batch-max", "16",
-                     "--adaptive-batch-cooldown", "2", "--max-samples", "80", "--output-dir", str(noise)])
-    changes = adjustments(noise)
-    records = step_records(noise)
+
+
+def grown_batch(growth: str, batch: int, wanted: float, maximum: int) -> int:
+    """The noise-driven rule (accum/schedule.py), written out: the largest doubling, or the largest multiple of
+    the micro-batch (1 here), within B_simple in samples and the maximum."""
+    if growth == "power_of_two":
+        return max(batch * 2**k for k in range(8) if batch * 2**k <= max(batch, min(wanted, maximum)))
+    return max(batch, min(maximum, math.floor(wanted)))
+
+
+@pytest.mark.parametrize("growth", ["power_of_two", "multiple"])
+def test_noise_driven_batch_grows_whenever_b_simple_exceeds_it_and_the_lr_follows(tmp_path, capsys, growth):
+    # A batch of 2 (micro-batch 1 x 2): B_simple of this model and text, measured, is 3.2 samples when the
+    # tracker first reports it (step 10) and rises to about 6 by step 25, so the batch must grow.
+    out = tmp_path / "noise"
+    args = COMMON + ["--micro-batch-size", "1", "--adaptive-batch", "noise", "--adaptive-batch-min", "2",
+                     "--adaptive-batch-max", "8", "--adaptive-batch-cooldown", "2", "--adaptive-batch-growth", growth,
+                     "--max-samples", "80", "--output-dir", str(out)]
+    assert main(args) == 0, capsys.readouterr().err[-3000:]
+    changes, records = adjustments(out), step_records(out)
     assert all(r["noise_b_simple"] is None for r in records[:9])  # the tracker needs 10 windows first
-    for before, after in zip(changes, changes[1:], strict=False):
-        assert after["optimizer_step"] - before["optimizer_step"] >= 2
+    # replay the rule over the B_simple each window reported: the batch changes exactly where it says
+    expected, batch, last_change = [], 2, 0
+    for record in records:
+        step, b_simple = record["optimizer_step"], record["noise_b_simple"]
+        if b_simple is None or step - last_change < 2:  # not known yet, or in the cool-down
+            continue
+        wanted = b_simple * record["samples_seen"] / record["tokens_seen"]  # tokens -> samples
+        new = grown_batch(growth, batch, wanted, 8)
+        if new > batch:
+            expected.append((step, batch, new))
+            batch, last_change = new, step
+    assert expected, [r["noise_b_simple"] for r in records]  # B_simple exceeded the batch: growth had to happen
+    assert [(c["optimizer_step"], c["old_effective_batch_size"], c["new_effective_batch_size"]) for c in changes] == expected
+    assert all("B_simple" in c["reason"] for c in changes)
+    # the LR each optimizer step used follows the linear rule (base batch 4) for the batch that step trained with
+    batches = [r["effective_batch_size"] for r in records]
     for change in changes:
-        assert 4 <= change["old_effective_batch_size"] < change["new_effective_batch_size"] <= 16
-        assert "B_simple" in change["reason"]
+        assert change["lr"] == pytest.approx(0.5 * change["new_effective_batch_size"] / 4)
+        assert batches[change["optimizer_step"]:change["optimizer_step"] + 1] in ([], [change["new_effective_batch_size"]])
+    assert [r["lr"] for r in records] == pytest.approx([0.5 * b / 4 for b in batches])
+    assert len(set(batches)) == len(changes) + 1
     print("noise-driven changes:", [(c["optimizer_step"], c["new_effective_batch_size"]) for c in changes])
 
 

@@ -167,12 +167,66 @@ def test_scaling_sweep_end_to_end_then_rerun_skips_everything(tmp_path, capsys):
     assert [row["status"] for row in rows] == ["ok", "ok"] and rows[0]["eval metric"]  # perplexity
     # The run's own config runs it again by hand, and names the run's own output dir.
     assert yaml.safe_load((out / "k1-sqrt" / "run_config.yaml").read_text())["output_dir"] == str(out / "k1-sqrt")
+    check_plots(path, out, records)
 
     stamp = (out / "k1-sqrt" / "metrics.json").stat().st_mtime_ns
     assert main(["--config", str(path)]) == 0
     assert "2 already recorded" in capsys.readouterr().out
     assert results(tmp_path) == records  # nothing appended: no duplicate line
     assert (out / "k1-sqrt" / "metrics.json").stat().st_mtime_ns == stamp  # and nothing re-trained
+
+
+def check_plots(path: Path, out: Path, records: list[dict]) -> None:
+    """What the three plots of the two-run scaling sweep show: axes, one series per run, data from the runs."""
+    import math
+
+    import matplotlib.image
+
+    figures = sweep_lib.build_figures(sweep_lib.load_sweep(path), records)
+    try:
+        assert sorted(figures) == ["loss_vs_samples.png", "quality_vs_effective_batch.png",
+                                   "throughput_memory_vs_micro.png"]
+        (loss,) = figures["loss_vs_samples.png"].axes
+        assert (loss.get_xlabel(), loss.get_ylabel()) == ("samples seen", "training loss")
+        assert [t.get_text() for t in loss.get_legend().get_texts()] == ["k1-sqrt (batch 4)", "k2-sqrt (batch 8)"]
+        lines = loss.get_lines()
+        assert len(lines) == 4  # per run: the per-step curve and its smoothed one
+        for line, record in zip(lines[::2], records, strict=True):  # the per-step curves are each run's metrics.jsonl
+            steps = [json.loads(row) for row in (Path(record["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+            assert list(line.get_xdata()) == [s["samples_seen"] for s in steps]
+            assert list(line.get_ydata()) == pytest.approx([s["loss"] for s in steps])
+            assert line.get_xdata()[-1] == 48 and len(steps) == record["optimizer_steps"]
+            assert all(math.isfinite(y) for y in line.get_ydata()) and max(line.get_ydata()) > min(line.get_ydata())
+        speed, memory = figures["throughput_memory_vs_micro.png"].axes
+        assert speed.get_xlabel() == memory.get_xlabel() == "accumulation steps (micro-batch fixed at 2)"
+        assert (speed.get_ylabel(), memory.get_ylabel()) == ("throughput (samples/s)", "peak memory (MiB)")
+        for axis, key, scale in ((speed, "samples_per_s", 1.0), (memory, "peak_memory_bytes", 2**-20)):
+            points = [tuple(c.get_offsets()[0]) for c in axis.collections]  # one scatter point per run
+            assert [x for x, _ in points] == [r["accum"] for r in records]
+            assert [y for _, y in points] == pytest.approx([r[key] * scale for r in records])
+            assert all(y > 0 for _, y in points)
+        quality, metric = figures["quality_vs_effective_batch.png"].axes
+        assert (quality.get_ylabel(), metric.get_ylabel()) == ("eval loss (held out)", "eval perplexity")
+        for axis, key in ((quality, "eval_loss"), (metric, "eval_metric")):
+            assert axis.get_xlabel() == "effective batch (samples)"
+            series, b_simple = axis.get_lines()  # one line over the two runs, and B_simple's marker
+            assert list(series.get_xdata()) == [4, 8]
+            assert list(series.get_ydata()) == pytest.approx([r[key] for r in records])
+            assert list(b_simple.get_xdata()) == pytest.approx([records[0]["b_simple"]] * 2)
+        for figure in figures.values():
+            for axis in figure.axes:  # nothing collapsed to a point
+                assert axis.get_xlim()[0] < axis.get_xlim()[1] and axis.get_ylim()[0] < axis.get_ylim()[1]
+    finally:
+        import matplotlib.pyplot as plt
+
+        for figure in figures.values():
+            plt.close(figure)
+    for name, (height, width) in (("loss_vs_samples.png", (495, 770)), ("throughput_memory_vs_micro.png", (440, 1100)),
+                                  ("quality_vs_effective_batch.png", (495, 1320))):
+        pixels = matplotlib.image.imread(out / name)  # the written file: the figure's size at 110 dpi, not blank
+        assert pixels.shape[:2] == (height, width), (name, pixels.shape)
+        drawn = (pixels[..., :3] < 0.9).any(axis=-1).mean()
+        assert 0.01 < drawn < 0.5, (name, drawn)
 
 
 @pytest.mark.slow

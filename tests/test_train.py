@@ -77,6 +77,46 @@ def test_two_ranks_by_two_equal_one_rank_by_four_including_lr_and_a_partial_wind
 
 
 @pytest.mark.slow
+def test_two_ranks_on_the_ordinary_ddp_path_and_with_the_noise_scale_equal_one_rank_by_8x1(tmp_path):
+    """Two ranks x (2 micro x 2 accum) against one rank x (8 micro x 1 accum), 12 optimizer steps, along the
+    three paths a multi-rank run can take: OOM recovery off (DDP syncs inside accumulate() on the window's
+    last micro-batch), the same with --noise-scale (the local gradient read in a DDP comm hook), and
+    --noise-scale with recovery on (the whole window under no_sync, then accum's own all-reduce)."""
+    common = TINY_CLM + ["--batch-size", "8", "--max-train-samples", "40", "--max-eval-samples", "4",
+                         "--max-steps", "12"]
+    assert main(common + ["--micro-batch-size", "8", "--grad-accum-steps", "1", "--output-dir", str(tmp_path / "one")]) == 0
+    reference, reference_steps = final_weights(tmp_path / "one"), step_records(tmp_path / "one")
+    two = common + ["--micro-batch-size", "2", "--grad-accum-steps", "2"]
+    runs = {"ddp": ["--oom-recovery", "false"], "ddp_noise": ["--oom-recovery", "false", "--noise-scale"],
+            "deferred_noise": ["--noise-scale"]}
+    for name, flags in runs.items():
+        result = train_subprocess(two + flags + ["--output-dir", str(tmp_path / name)], processes=2)
+        assert result.returncode == 0, (name, result.stderr[-2000:])
+        assert "Effective batch size: 8 = 2 micro x 2 accum x 2 processes" in result.stdout, result.stdout
+        diffs = relative_differences(final_weights(tmp_path / name), reference)
+        print(f"2 ranks x (2x2) {name} vs 1 rank x (8x1), largest per-tensor difference:", max(diffs.values()))
+        assert max(diffs.values()) <= 1e-5, name
+        steps = step_records(tmp_path / name)
+        assert [r["optimizer_step"] for r in steps] == list(range(1, 13))
+        assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in reference_steps], rel=1e-5)
+        assert [r["lr"] for r in steps] == pytest.approx([r["lr"] for r in reference_steps], rel=1e-9)
+        assert [r["micro_step"] for r in steps] == [2 * n for n in range(1, 13)]  # two micro-batches per rank
+    # the noise meter changes nothing, and both ways of reading the local gradient measure the same
+    assert max(relative_differences(final_weights(tmp_path / "ddp_noise"), final_weights(tmp_path / "ddp")).values()) == 0.0
+    hook, deferred = (step_records(tmp_path / name) for name in ("ddp_noise", "deferred_noise"))
+    assert [r["noise_b_simple"] for r in hook[:9]] == [None] * 9  # the tracker needs 10 windows
+    b_hook, b_deferred = ([r["noise_b_simple"] for r in records[9:]] for records in (hook, deferred))
+    assert all(b is not None and b > 0 for b in b_hook), b_hook
+    # measured here: the two differ by about 3e-4 relative (the same weights to 3e-7); a path that read another
+    # gradient (the reduced one, or one micro-batch's) would be off by tens of percent
+    assert b_deferred == pytest.approx(b_hook, rel=1e-3)
+    for name in ("ddp_noise", "deferred_noise"):
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert metrics["noise_method"] == "ranks" and metrics["noise_b_simple"] == pytest.approx(b_hook[-1], rel=1e-3)
+        assert metrics["noise_updates"] == 12  # every window measured
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_weights(tmp_path):
     args = TINY_CLM + ["--batch-size", "4", "--micro-batch-size", "2", "--grad-accum-steps", "2",
                        "--max-train-samples", "40", "--max-eval-samples", "4", "--max-steps", "14", "--dropout", "0.1",

@@ -1,0 +1,109 @@
+"""Flags that change how a run trains or reports, each checked by its effect on a real (tiny) run:
+an 8-bit optimizer, TensorBoard, --eval-every, --log-every, --use-amp, --weight-decay, --momentum,
+--schedule-unit tokens. Runs are in-process and combined where the effects do not interfere."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from scripts.train import main
+from tests.helpers.fault_common import final_weights, weights
+from tests.test_train import TINY_CLM, step_records
+
+ROOT = Path(__file__).resolve().parents[1]
+# SGD at a constant LR from the first step (no warmup), fp32, dropout off: runs differ only by the flag
+BASE = [str(ROOT / "data/tiny/public_domain.txt") if arg == "data/tiny/public_domain.txt" else arg for arg in TINY_CLM]
+BASE += ["--lr-scheduler", "constant", "--warmup-steps", "0", "--max-train-samples", "40", "--max-eval-samples", "4",
+         "--eval-batch-size", "4"]
+
+
+def run(argv: list[str], capsys) -> str:
+    assert main(argv) == 0, capsys.readouterr().err[-3000:]
+    return capsys.readouterr().out
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state and refuses another precision once it exists: an earlier
+    in-process run in this pytest process set fp32. A fresh state before (and after, for the next test)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_8bit_optimizer_tensorboard_eval_and_log_every_and_use_amp_in_one_run(tmp_path, capsys, fresh_accelerator_state):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    stdout = run(BASE + ["--batch-size", "4", "--micro-batch-size", "2", "--grad-accum-steps", "2", "--max-steps", "6",
+                         "--optimizer", "adamw_8bit", "--lr", "1e-2", "--report-to", "tensorboard", "--eval-every", "2",
+                         "--log-every", "4", "--use-amp", "--output-dir", str(out)], capsys)
+    # --use-amp on a CPU is bf16 autocast; the loss stays finite
+    assert "precision bf16" in stdout and "Optimizer: adamw_8bit" in stdout, stdout
+    records = step_records(out)
+    assert [r["optimizer_step"] for r in records] == list(range(1, 7))
+    assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["loss"] < records[0]["loss"]
+    # --log-every 4: a console line at step 4 and at the last step, no other
+    assert re.findall(r"^step (\d+)/6 ", stdout, re.M) == ["4", "6"], stdout
+    # --eval-every 2: at steps 2, 4 and 6 (and the final evaluation)
+    assert re.findall(r"^eval at step (\d+):", stdout, re.M) == ["2", "4", "6"], stdout
+    # the 8-bit optimizer: bitsandbytes keeps the moments of large tensors in uint8 (blockwise quantised)
+    state = torch.load(sorted((out / "checkpoints").glob("step-*"))[-1] / "optimizer.pt", weights_only=True)["state"]
+    quantised = [s["__bnb_optimizer_quant_state__"] for s in state.values()]
+    assert all(s["step"] == 6 for s in state.values())
+    assert quantised[0]["state1"].dtype == quantised[0]["state2"].dtype == torch.uint8  # the embedding's moments
+    # TensorBoard: one scalar per optimizer step for what metrics.jsonl holds, read back from the event file
+    (events,) = list((out / "accum").glob("events.out.tfevents.*"))  # the scalars (hparams go to a subfolder)
+    board = EventAccumulator(str(events))
+    board.Reload()
+    for tag in ("loss", "lr", "grad_norm", "samples_seen"):
+        logged = board.Scalars(tag)
+        assert [e.step for e in logged] == list(range(1, 7)), tag
+        assert [e.value for e in logged] == pytest.approx([r[tag] for r in records], rel=1e-6), tag
+
+
+def test_weight_decay_and_momentum_change_the_update_as_sgd_defines_them(tmp_path, capsys):
+    common = BASE + ["--batch-size", "4", "--micro-batch-size", "2", "--grad-accum-steps", "2", "--max-steps", "3",
+                     "--save-every", "1", "--keep-checkpoints", "5"]
+    for name, flags in {"plain": [], "decay": ["--weight-decay", "0.1"], "momentum": ["--momentum", "0.9"]}.items():
+        run(common + flags + ["--output-dir", str(tmp_path / name)], capsys)
+
+    def at(name, step):
+        return weights(tmp_path / name / "checkpoints" / f"step-{step:08d}")
+
+    plain, decay = final_weights(tmp_path / "plain"), final_weights(tmp_path / "decay")
+    # positions 24..63 are never used (max_seq_len 24): no gradient reaches them, so without decay they keep
+    # their initial values and with it each SGD step multiplies them by 1 - lr x weight_decay = 0.95
+    unused = "transformer.wpe.weight"
+    assert torch.equal(plain[unused][24:], at("plain", 1)[unused][24:])
+    torch.testing.assert_close(decay[unused][24:], plain[unused][24:] * 0.95**3, rtol=1e-5, atol=0)
+    for key in plain:  # and every weight matrix ends smaller
+        if plain[key].dim() == 2:
+            assert decay[key].norm() < plain[key].norm(), key
+    # momentum: the first update is the gradient alone (the buffer starts at it); from the second on it differs
+    assert all(torch.equal(at("momentum", 1)[k], at("plain", 1)[k]) for k in plain)
+    assert not torch.equal(at("momentum", 2)["transformer.h.0.mlp.c_fc.weight"], at("plain", 2)["transformer.h.0.mlp.c_fc.weight"])
+    state = torch.load(tmp_path / "momentum" / "checkpoints" / "step-00000003" / "optimizer.pt", weights_only=True)
+    assert all("momentum_buffer" in s for s in state["state"].values())
+
+
+def test_token_keyed_schedule_changes_the_batch_once_the_tokens_are_seen(tmp_path, capsys):
+    out = tmp_path / "run"
+    stdout = run(BASE + ["--micro-batch-size", "2", "--accumulation-schedule", "{0: 4, 150: 8}", "--schedule-unit", "tokens",
+                         "--max-samples", "40", "--output-dir", str(out)], capsys)
+    assert "effective batch 4 from 0, 8 from 150 tokens seen" in stdout, stdout
+    records = step_records(out)
+    first = next(i for i, r in enumerate(records) if r["tokens_seen"] >= 150)  # the window that crossed 150 tokens
+    assert records[first]["samples_seen"] not in (150, 152)  # keyed by tokens, not samples
+    assert [r["effective_batch_size"] for r in records] == [4] * (first + 1) + [8] * (len(records) - first - 1)
+    (change,) = json.loads((out / "metrics.json").read_text())["adjustments"]
+    assert change["optimizer_step"] == first + 1 and change["reason"] == f"schedule: {records[first]['tokens_seen']} tokens seen"
+    assert records[-1]["samples_seen"] == 40  # the budget, spent exactly
