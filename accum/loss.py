@@ -88,11 +88,17 @@ class TaskLoss:
         self.unit = natural if normalization in ("auto", "mean") else normalization
         self.mean_of_means = normalization == "mean"
 
-    def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return count_loss_items(batch["labels"], self.task, self.unit)
+    def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | int:
+        """The items of `batch` that count in the loss: a 0-d tensor for tokens (read it with the
+        window's other counts in one conversion), an int for samples."""
+        labels = batch["labels"]
+        if self.unit == "tokens":
+            return (labels[:, 1:] != IGNORE_INDEX).sum() if self.task == "clm" else (labels != IGNORE_INDEX).sum()
+        return int(labels.shape[0])
 
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        """(loss sum, logits); a batch without padding may leave out its attention_mask."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
         return sum_item_losses(logits, batch["labels"], self.task), logits
 
 

@@ -188,6 +188,12 @@ def _sq(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t.detach(), 2, dtype=_wide(t.dtype)).square()
 
 
+def _fused_sq_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squared L2 norms of `tensors` in at least fp32, one fused multi-tensor call (no host sync)."""
+    dtype = _wide(tensors[0].dtype)
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)).square().sum()
+
+
 def _sq_norm_tensor(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
     """Sum of squares in fp32 as a 0-d tensor (no host sync), or None when there is nothing."""
     total: torch.Tensor | None = None
@@ -260,7 +266,8 @@ class MicroGradientNorms:
     def __init__(self, parameters: Iterable[torch.nn.Parameter], keep_previous: bool = True):
         self.parameters = [p for p in parameters if p.requires_grad]
         self.keep_previous = keep_previous
-        self._previous: list[torch.Tensor | None] | None = None
+        self._previous: list[torch.Tensor] | None = None
+        self._present: list[bool] = []
         self.start_window(1.0)
 
     def start_window(self, grad_scale: float) -> None:
@@ -277,36 +284,35 @@ class MicroGradientNorms:
         if items <= 0:
             raise ValueError(f"items={items!r}: a micro-batch must carry at least one item")
         grads = [p.grad for p in self.parameters]
+        present = [g is not None for g in grads]
+        live = [g.detach() for g in grads if g is not None]
         zero = torch.zeros((), dtype=torch.float32)
-        if self.keep_previous:
-            if self._previous is None:
-                self._previous = [None] * len(grads)
-            first = not self._items
-            total: torch.Tensor | None = None
-            for i, g in enumerate(grads):
-                prev = self._previous[i]
-                if first or prev is None:
-                    diff_sq = None if g is None else _sq(g)
-                elif g is None:
-                    diff_sq = _sq(prev)
-                else:
-                    prev.sub_(g.detach())  # in place: -(A_k - A_{k-1}) with no temporary
-                    diff_sq = _sq(prev)
-                if g is None:
-                    self._previous[i] = None
-                elif prev is None or prev.shape != g.shape or prev.device != g.device:
-                    self._previous[i] = g.detach().to(_wide(g.dtype), copy=True)
-                else:
-                    prev.copy_(g.detach())
-                if diff_sq is not None:
-                    total = diff_sq if total is None else total + diff_sq.to(total.device)
-            self._small_sq.append(zero if total is None else total)
-        else:
+        if not self.keep_previous:
             if self._last_sq is not None:
                 self._small_sq.append(self._last_sq)
-            current = _sq_norm_tensor(grads)
-            self._last_sq = zero if current is None else current
+            self._last_sq = _fused_sq_sum(live) if live else zero
+        elif not self._items or present != self._present:
+            # the window's first micro-batch (or a parameter whose gradient appeared only now): A_1 is
+            # micro-batch 1's own gradient; keep a copy of it in fp32 for the next difference
+            self._small_sq.append(_fused_sq_sum(live) if live else zero)
+            self._keep(live, present)
+        else:
+            # micro-batch k's own gradient is A_k - A_{k-1}: two passes over the gradients (subtract,
+            # copy) and one over the kept copy (its norm), each one fused call for all tensors
+            torch._foreach_sub_(self._previous, live)  # A_{k-1} - A_k: the same norm, no temporary
+            self._small_sq.append(_fused_sq_sum(self._previous))
+            torch._foreach_copy_(self._previous, live)
         self._items.append(float(items))
+
+    def _keep(self, live: list[torch.Tensor], present: list[bool]) -> None:
+        """The fp32 copy of the accumulated gradient, reused from window to window when it fits."""
+        previous = self._previous
+        if (previous is None or len(previous) != len(live)
+                or any(a.shape != b.shape or a.device != b.device for a, b in zip(previous, live, strict=True))):
+            self._previous = [g.to(_wide(g.dtype), copy=True) for g in live]
+        else:
+            torch._foreach_copy_(previous, live)
+        self._present = present
 
     def window_result(self) -> tuple[float, float, float, float] | None:
         """(g_small_sq, b_small, g_big_sq, b_big) of the window so far, ready for
@@ -317,15 +323,18 @@ class MicroGradientNorms:
         total_items = sum(self._items)
         if self.keep_previous:
             sizes = self._items
-            big_sq = _sq_norm_tensor(p.grad for p in self.parameters)
+            grads = [p.grad.detach() for p in self.parameters if p.grad is not None]
+            big_sq = _fused_sq_sum(grads) if grads else None
         else:
             sizes = list(_cumsum(self._items))[:-1]
             big_sq = self._last_sq
         # mean gradient of a batch of n items = (its share of .grad) / (c n)
-        smalls = torch.stack([s.to(self._small_sq[0].device) for s in self._small_sq]).cpu().tolist()
+        device = self._small_sq[0].device
+        big = torch.zeros((), device=device) if big_sq is None else big_sq.to(device)
+        *smalls, big_value = torch.stack([*(s.to(device) for s in self._small_sq), big]).tolist()  # one transfer
         g_small_sq = sum(s / (c * n) ** 2 for s, n in zip(smalls, sizes, strict=True)) / len(sizes)
         b_small = len(sizes) / sum(1.0 / n for n in sizes)  # E mean_k |g_k|^2 = |G|^2 + S mean_k(1/n_k)
-        g_big_sq = (0.0 if big_sq is None else float(big_sq)) / (c * total_items) ** 2
+        g_big_sq = big_value / (c * total_items) ** 2
         return g_small_sq, b_small, g_big_sq, total_items
 
 

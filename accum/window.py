@@ -39,7 +39,8 @@ from accum.recovery import AdaptiveBatch, Decision, OutOfMemoryError, advice, li
 from accum.stats import AccumulationStats
 from accum.windows import cut_for, rank_micro_batches
 
-__all__ = ["Accumulator", "Callback", "EvalResult", "NonFiniteError", "WindowResult", "all_reduce_gradients", "evaluate"]
+__all__ = ["Accumulator", "Callback", "EvalResult", "NonFiniteError", "PreparedWindow", "WindowResult",
+           "all_reduce_gradients", "evaluate"]
 
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -96,6 +97,15 @@ class WindowResult:
         return self.tokens / self.padded_tokens if self.padded_tokens else None
 
 
+@dataclass(frozen=True)
+class PreparedWindow:
+    """A window cut and collated ahead (`Accumulator.prepare`), for the plan it was cut at."""
+
+    samples: Sequence[Any]
+    plan: Plan
+    micros: list
+
+
 @dataclass
 class _Micro:
     """One collated micro-batch (CPU tensors) and what it carries; `batch` None for an empty one."""
@@ -107,9 +117,21 @@ class _Micro:
     padded: int = 0  # tokens with padding: rows x the longest
 
 
-def _tokens(batch: dict[str, torch.Tensor]) -> int:
+def _tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor | int:
     mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+    return mask.sum() if mask is not None else batch["input_ids"].numel()
+
+
+def _count_all(loss: Any, batches: list[dict[str, torch.Tensor]]) -> list[tuple[int, int]]:
+    """(items, real tokens) of every CPU batch, read with one tensor-to-Python conversion for them
+    all: a count per micro-batch would cost a conversion each (on a GPU, each such conversion of a
+    device tensor is a host-device synchronisation; here they are CPU tensors, counted ahead)."""
+    if not batches:
+        return []
+    values = torch.stack([torch.stack([torch.as_tensor(loss.count(batch)).reshape(()).to(torch.int64),
+                                       torch.as_tensor(_tokens(batch)).reshape(()).to(torch.int64)])
+                          for batch in batches])
+    return [tuple(row) for row in values.tolist()]
 
 
 def all_reduce_gradients(model: torch.nn.Module, num_processes: int, bucket_bytes: int = 25 * 2**20) -> None:
@@ -174,6 +196,7 @@ class Accumulator:
         self.stats = stats if stats is not None else AccumulationStats(device=accelerator.device)
         self.notes: list[str] = []
         self._plan = plan
+        self._pin = torch.device(accelerator.device).type == "cuda"
         self.adaptive = self._setup_recovery(recovery, plan)
         # several ranks with recovery: no all-reduce inside backward, where an OOM on one rank would
         # leave the others waiting; the gradients are averaged once every rank has succeeded
@@ -216,20 +239,34 @@ class Accumulator:
 
     # -- one window -----------------------------------------------------------------------------------
 
-    def step(self, samples: Sequence[Any]) -> WindowResult:
-        """Train one window (`samples`: the window on all ranks, the same sequence on every rank) and
-        take exactly one optimizer step. Returns a WindowResult. Raises NonFiniteError (nonfinite
-        'raise'; no weight changed), OutOfMemoryError (nothing smaller to replay with, or in the
-        optimizer step), ValueError for an empty window."""
+    def prepare(self, samples: Sequence[Any]) -> PreparedWindow:
+        """Cut this rank's share of a window, collate it (pinned memory on CUDA) and count it: CPU work
+        only, no collective and no device, so a loop may run it for the next window in a thread while
+        this one trains (`step` takes what it returns). Raises ValueError for an empty window."""
+        if len(samples) == 0:
+            raise ValueError("a window needs at least one sample")
+        plan = self.plan
+        return PreparedWindow(samples, plan, self._collate(samples, plan))
+
+    def step(self, samples: Sequence[Any] | PreparedWindow) -> WindowResult:
+        """Train one window (`samples`: the window on all ranks, the same sequence on every rank, or
+        what `prepare` made of it) and take exactly one optimizer step. Returns a WindowResult. Raises
+        NonFiniteError (nonfinite 'raise'; no weight changed), OutOfMemoryError (nothing smaller to
+        replay with, or in the optimizer step), ValueError for an empty window."""
+        prepared = samples if isinstance(samples, PreparedWindow) else None
+        if prepared is not None and prepared.plan is not self.plan:  # prepared before a change of plan
+            prepared = None
+        samples = samples.samples if isinstance(samples, PreparedWindow) else samples
         if len(samples) == 0:
             raise ValueError("a window needs at least one sample")
         self._emit("on_window_start", samples)
         accelerator, adjustments, initial = self.accelerator, [], self.plan
-        micros = self._collate(samples, initial)
-        local_items = sum(m.items for m in micros)
-        totals = accelerator.reduce(torch.tensor([local_items, sum(m.tokens for m in micros)],
-                                                 device=accelerator.device), "sum").tolist()
-        window_items, window_tokens = int(totals[0]), int(totals[1])
+        micros = prepared.micros if prepared is not None else self._collate(samples, initial)
+        local_items, local_tokens = sum(m.items for m in micros), sum(m.tokens for m in micros)
+        window_items, window_tokens = local_items, local_tokens
+        if accelerator.num_processes > 1:  # the one transfer a window needs before its first backward
+            totals = accelerator.reduce(torch.tensor([local_items, local_tokens], device=accelerator.device), "sum")
+            window_items, window_tokens = (int(value) for value in totals.tolist())
 
         def attempt(plan: Plan) -> tuple[torch.Tensor, list[_Micro]]:
             cut = micros if plan is initial else self._collate(samples, plan)  # a replay re-cuts the same samples
@@ -251,12 +288,9 @@ class Accumulator:
         b_simple = None
         if self.noise is not None:  # before clipping changes the gradients
             b_simple = self.noise.finish_window(local_items, window_items, lambda t: accelerator.reduce(t, "mean"))
-        padded = float(sum(m.padded for m in ran))
-        totals = accelerator.reduce(torch.stack([loss_sum.double(), torch.tensor(padded, dtype=torch.float64,
-                                                                                  device=loss_sum.device)]), "sum")
-        window_loss, padded_tokens = (float(value) for value in totals.tolist())  # the window's one transfer
-        window_loss /= max(window_items, 1)
-        grad_norm, lr, skipped, reason = self._optimizer_step(window_loss)
+        padded = torch.tensor(float(sum(m.padded for m in ran)), dtype=torch.float64, device=loss_sum.device)
+        sums = accelerator.reduce(torch.stack([loss_sum.double(), padded]), "sum")
+        grad_norm, lr, skipped, reason, window_loss, padded_tokens = self._optimizer_step(sums, window_items)
         self.stats.record_window(len(ran), len(samples), window_tokens, int(padded_tokens))
         record = self.stats.record_optimizer_step(loss=window_loss, grad_norm=grad_norm, lr=lr, skipped=skipped)
         result = WindowResult(
@@ -273,14 +307,24 @@ class Accumulator:
         accelerator = self.accelerator
         parts = rank_micro_batches(samples, self.cut, limit_of(plan), accelerator.num_processes,
                                    accelerator.process_index)
+        batches = [self.collate(part) for part in parts if part]
+        counts = iter(_count_all(self.loss, batches))
+        collated = iter(batches)
         micros = []
         for part in parts:
             if not part:
                 micros.append(_Micro(None))
                 continue
-            batch = self.collate(part)
-            padded = int(batch["input_ids"].numel()) if "input_ids" in batch else 0
-            micros.append(_Micro(batch, self.loss.count(batch), len(part), _tokens(batch), padded))
+            batch = next(collated)
+            if self._pin:  # page-locked: the copy to the GPU can then run while the host goes on
+                batch = {key: value.pin_memory() for key, value in batch.items()}
+            items, tokens = next(counts)
+            padded = batch["input_ids"].numel() if "input_ids" in batch else 0
+            if tokens == padded and "attention_mask" in batch:
+                # no padding: without the mask, transformers' attention skips its all-ones check,
+                # a host-device synchronisation in every forward on a GPU
+                batch = {key: value for key, value in batch.items() if key != "attention_mask"}
+            micros.append(_Micro(batch, items, len(part), tokens, padded))
         return micros
 
     def _accumulate(self, micros: list[_Micro], window_items: int, stand_in: dict | None) -> torch.Tensor:
@@ -301,7 +345,8 @@ class Accumulator:
                     # deferred sync there is none in backward, and off the sync step nothing to add
                     if empty and (self.defer_sync or not accelerator.sync_gradients):
                         continue
-                    batch = {k: v.to(accelerator.device) for k, v in (stand_in if empty else micro.batch).items()}
+                    batch = {k: v.to(accelerator.device, non_blocking=self._pin)
+                             for k, v in (stand_in if empty else micro.batch).items()}
                     loss_sum, _ = self.loss.forward(model, batch)
                     if getattr(self.loss, "mean_of_means", False):
                         to_backward = loss_sum / max(micro.items, 1)
@@ -343,17 +388,23 @@ class Accumulator:
         scaler = self.accelerator.scaler
         return float(scaler.get_scale()) if scaler is not None else 1.0
 
-    def _optimizer_step(self, window_loss: float) -> tuple[float | None, float, bool, str | None]:
-        """Refuse non-finite, clip, step, schedule, zero: once per window. Returns (grad norm, the LR
-        the step used, skipped, why skipped)."""
+    def _optimizer_step(self, sums: torch.Tensor, window_items: int):
+        """Clip, refuse non-finite, step, schedule, zero: once per window. `sums` is the window's
+        [loss sum, padded tokens] on the device, all ranks together: it comes to the host with the
+        gradient norm in the window's one transfer after its last backward. Returns (grad norm, the LR
+        the step used, skipped, why skipped, mean loss per item, padded tokens)."""
         accelerator, optimizer = self.accelerator, self.optimizer
         lr = float(optimizer.param_groups[0]["lr"])
-        if not math.isfinite(window_loss):
-            return None, lr, True, self._refuse(f"loss is {window_loss}")
         max_norm = self.max_grad_norm if self.max_grad_norm else float("inf")
-        grad_norm = float(accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
+        # clipping a NaN window's gradients is harmless: a refused window's gradients are dropped
+        norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        norm = torch.as_tensor(norm if norm is not None else float("nan"), dtype=torch.float64).to(sums.device)
+        loss_sum, padded_tokens, grad_norm = torch.cat([sums, norm.reshape(1)]).tolist()
+        window_loss = loss_sum / max(window_items, 1)
+        if not math.isfinite(window_loss):
+            return None, lr, True, self._refuse(f"loss is {window_loss}"), window_loss, padded_tokens
         if accelerator.scaler is None and not math.isfinite(grad_norm):  # fp16's scaler skips on its own
-            return grad_norm, lr, True, self._refuse(f"gradient norm is {grad_norm}")
+            return grad_norm, lr, True, self._refuse(f"gradient norm is {grad_norm}"), window_loss, padded_tokens
         self._emit("on_before_optimizer_step")
         failed = False
         try:
@@ -369,7 +420,7 @@ class Accumulator:
             self.scheduler.step()
         self._emit("on_after_optimizer_step")
         optimizer.zero_grad(set_to_none=True)
-        return grad_norm, lr, skipped, "fp16 overflow" if skipped else None
+        return grad_norm, lr, skipped, "fp16 overflow" if skipped else None, window_loss, padded_tokens
 
     def _refuse(self, what: str) -> str:
         """A NaN/inf window never updates the weights: drop its gradients, then skip or raise."""

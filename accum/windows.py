@@ -268,6 +268,16 @@ class WindowSampler:
         self.window_in_epoch += 1
         return indices
 
+    def peek_window(self, size: int | None = None) -> list[int]:
+        """The indices `next_window(size)` will return, without moving the position (for a loop that
+        prepares the next window while this one trains)."""
+        epoch, window, sample = self.epoch, self.window_in_epoch, self.sample_in_epoch
+        order = self._order
+        try:
+            return self.next_window(size)
+        finally:
+            self.epoch, self.window_in_epoch, self.sample_in_epoch, self._order = epoch, window, sample, order
+
     def __iter__(self) -> Iterator[list[int]]:
         """The windows of the rest of the current epoch (of the next one, if it is finished)."""
         if self.epoch_finished:

@@ -100,7 +100,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict[str, A
             root.mkdir(parents=True, exist_ok=True)
             _remove_leftovers(root)
             tmp.mkdir()
-            save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
+            save_model(accelerator.unwrap_model(model, keep_torch_compile=False), str(tmp / "model.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             full_state = dict(state, scheduler=scheduler.state_dict() if scheduler is not None else None)
             (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=2, default=_json_default))
@@ -163,7 +163,8 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path) -> dic
     """
     state = read_state(path)
     try:
-        missing, unexpected = load_model(accelerator.unwrap_model(model), str(path / "model.safetensors"), strict=False)
+        missing, unexpected = load_model(accelerator.unwrap_model(model, keep_torch_compile=False),
+                                         str(path / "model.safetensors"), strict=False)
         if missing or unexpected:
             raise ValueError(f"weights do not match the model (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))

@@ -253,6 +253,8 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data,
     resolved = resolve_batch_flags(config, cli_keys, state.num_processes)
     out = check_output_dir(config)
     inputs = load_run_inputs(config, model, train_data, eval_data)
+    if config.compile:  # before planning: the planner then probes the compiled steps the run will take
+        inputs = dataclasses.replace(inputs, model=compile_model(inputs.model))
     model, train_data, eval_data, collate, loss = (inputs.model, inputs.train_data, inputs.eval_data, inputs.collate,
                                                    inputs.loss)
     # the accumulation steps of this Accelerator are set per window (begin_window), so it can exist
@@ -283,6 +285,14 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data,
     note = "\n".join(filter(None, [note, *accumulator.notes, schedule_note]))
     text = banner(config, model, accelerator, plan, lr, length.total_steps, eval_batch, note)
     return run, TrainingState(sampler, accumulator, schedule, eval_batch), text
+
+
+def compile_model(model):
+    """torch.compile with dynamic shapes: micro-batches cut by length differ in shape from window to
+    window, and a static compile would recompile for each new one. The backend is inductor, or what
+    the accelerate config names (ACCELERATE_DYNAMO_BACKEND, set by `accelerate launch`)."""
+    backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "inductor").lower()
+    return torch.compile(model, backend="inductor" if backend in ("no", "") else backend, dynamic=True)
 
 
 def build_accumulator(config: RunConfig, accelerator, model, optimizer, scheduler, plan: Plan, loss: TaskLoss,
@@ -379,17 +389,18 @@ def train_until_done(run: Run, state: TrainingState, text: str, stop: StopReques
     progress = tqdm(total=run.length.total_steps, initial=state.optimizer_step, desc="optimizer steps",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     started = time.perf_counter()
-    while not run_finished(run, state):
-        at_step_boundary(run, state, stop)
-        indices = state.sampler.next_window(next_window_size(run, state))
-        result = train_window(run, state, indices)
-        record = step_record(run, state, result)
-        follow_schedule(run, state, result)
-        log_step(run, record, log, progress)
-        if config.eval_every and state.optimizer_step % config.eval_every == 0 and run.eval_data:
-            accelerator.print(f"eval at step {state.optimizer_step}: {run_eval(run, state, callbacks)}")
-        if config.save_every and state.optimizer_step % config.save_every == 0:
-            save(run, state)
+    prefetch = Prefetcher(run, config.num_workers if run.schedule is None else 0)
+    try:
+        while not run_finished(run, state):
+            at_step_boundary(run, state, stop)
+            indices = state.sampler.next_window(next_window_size(run, state))
+            window = prefetch.take(indices)
+            if not run_finished_after(run, state, len(indices)):
+                prefetch.ahead(state.sampler.peek_window(next_window_size(run, state, len(indices))))
+            result = train_window(run, state, window)
+            step_done(run, state, result, log, progress, callbacks)
+    finally:
+        prefetch.close()
     progress.close()
     train_seconds = time.perf_counter() - started
     save(run, state)
@@ -406,13 +417,54 @@ def train_until_done(run: Run, state: TrainingState, text: str, stop: StopReques
     return metrics
 
 
-def train_window(run: Run, state: TrainingState, indices: list[int]) -> WindowResult:
-    """One optimizer step on the window `indices`. A window refused as non-finite, or out of memory at
-    micro-batch 1, saves the state before it first, so that a resume replays it."""
+def step_done(run: Run, state: TrainingState, result: WindowResult, log, progress, callbacks) -> None:
+    """After a window: log it, follow the batch schedule, evaluate and save when due."""
+    config = run.config
+    record = step_record(run, state, result)
+    follow_schedule(run, state, result)
+    log_step(run, record, log, progress)
+    if config.eval_every and state.optimizer_step % config.eval_every == 0 and run.eval_data:
+        run.accelerator.print(f"eval at step {state.optimizer_step}: {run_eval(run, state, callbacks)}")
+    if config.save_every and state.optimizer_step % config.save_every == 0:
+        save(run, state)
+
+
+class Prefetcher:
+    """The next window cut and collated (Accumulator.prepare) in `workers` threads while this one
+    trains, so the data path stays off the critical path; 0 workers prepares in the loop. The order
+    of windows and what they train are the same either way (a window prepared for indices that are
+    not the next ones, or for a plan that changed, is prepared again)."""
+
+    def __init__(self, run: Run, workers: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.run = run
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="accum-prefetch") if workers else None
+        self.pending: tuple[list[int], Any] | None = None
+
+    def ahead(self, indices: list[int]) -> None:
+        if self.pool is not None:
+            self.pending = (indices, self.pool.submit(self.run.accumulator.prepare, Subset(self.run.train_data, indices)))
+
+    def take(self, indices: list[int]):
+        pending, self.pending = self.pending, None
+        if pending is not None and pending[0] == indices:
+            return pending[1].result()
+        return Subset(self.run.train_data, indices)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def train_window(run: Run, state: TrainingState, window) -> WindowResult:
+    """One optimizer step on `window` (its samples, or the Accumulator's prepared window). A window
+    refused as non-finite, or out of memory at micro-batch 1, saves the state before it first, so
+    that a resume replays it."""
     saved = []
     run.accumulator.on_give_up = lambda: saved.append(save_last_good(run, state))
     try:
-        result = run.accumulator.step(Subset(run.train_data, indices))
+        result = run.accumulator.step(window)
     except NonFiniteError as exc:
         path = save_last_good(run, state)
         raise FloatingPointError(f"{exc}; the state before it is saved as {path}") from None
@@ -436,12 +488,21 @@ def step_record(run: Run, state: TrainingState, result: WindowResult) -> dict[st
                 noise_b_simple=result.b_simple)
 
 
-def next_window_size(run: Run, state: TrainingState) -> int:
-    """Samples in the next window: the current effective batch, cut to what is left of a sample budget."""
+def next_window_size(run: Run, state: TrainingState, ahead: int = 0) -> int:
+    """Samples in the next window (after `ahead` more samples): the current effective batch, cut to
+    what is left of a sample budget."""
     batch = run.accumulator.plan.effective_batch_size
     if run.length.total_samples is None:
         return batch
-    return max(1, min(batch, run.length.total_samples - state.accumulator.stats.samples_seen))
+    return max(1, min(batch, run.length.total_samples - state.accumulator.stats.samples_seen - ahead))
+
+
+def run_finished_after(run: Run, state: TrainingState, samples: int) -> bool:
+    """Whether the run ends with the window in flight (of `samples` samples): nothing to prepare."""
+    if run.length.total_samples is None:
+        return state.optimizer_step + 1 >= run.length.total_steps
+    over_steps = run.config.max_steps is not None and state.optimizer_step + 1 >= run.config.max_steps
+    return over_steps or state.accumulator.stats.samples_seen + samples >= run.length.total_samples
 
 
 def run_finished(run: Run, state: TrainingState) -> bool:

@@ -28,17 +28,6 @@ def run(argv: list[str], capsys) -> str:
     return capsys.readouterr().out
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    """Accelerate keeps one process-wide state and refuses another precision once it exists: an earlier
-    in-process run in this pytest process set fp32. A fresh state before (and after, for the next test)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_8bit_optimizer_tensorboard_eval_and_log_every_and_use_amp_in_one_run(tmp_path, capsys, fresh_accelerator_state):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -100,10 +100,12 @@ class RunConfig(BaseModel):
         None, description="no|fp16|bf16; default: what the accelerate config says"
     )
     use_amp: bool = Field(False, description="alias: mixed precision fp16 on CUDA, bf16 on CPU")
-    compile: bool = Field(False, description="torch.compile the model")
+    compile: bool = Field(False, description="torch.compile the model before planning (dynamic shapes: windows cut by "
+                          "length vary; inductor, or the backend the accelerate config names)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
     seed: int = Field(42, description="seed for weights, data order and dropout")
-    num_workers: int = Field(0, ge=0, description="data loader workers (0 keeps resume exact)")
+    num_workers: int = Field(1, ge=0, le=64, description="threads that cut and collate the next window while this "
+                             "one trains (0: in the training loop; the order and the result are the same)")
 
     # -- output -----------------------------------------------------------------------
     output_dir: str = Field("runs/default", description="where config, plan, metrics and checkpoints go")
