@@ -34,7 +34,9 @@ and a micro-batch's own mean gradient is its contribution x total_items / (num_p
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -244,11 +246,12 @@ class MicroGradientNorms:
     After micro-batch k's backward, `.grad` holds A_k = grad_scale x (sum of item gradients of
     micro-batches 1..k). Two ways to read small batches out of it, both unbiased:
 
-    - keep_previous=True (default): micro-batch k's own gradient is A_k - A_{k-1}; keeps one fp32
-      copy of the gradients (extra memory: 4 bytes per trainable parameter) and costs three passes
-      over them per micro-batch. N independent small batches per window: the lower-variance choice.
+    - keep_previous=True (default): micro-batch k's own gradient g_k, read as autograd hands it to
+      each parameter (a hook, before it is added to `.grad`), so no copy of the gradients is kept:
+      one fused pass over the fresh gradients per micro-batch (micro-batch 1's is `.grad` itself).
+      N independent small batches per window: the lower-variance choice.
     - keep_previous=False: the prefix A_k (k < N) is itself the mean gradient of the first k
-      micro-batches' items; no extra memory, one pass per micro-batch, noisier.
+      micro-batches' items; no hooks, one pass per micro-batch, noisier.
 
     Use with one process (or rank-locally, before any all-reduce: DDP's sync backward overwrites
     `.grad` with the average, so on several ranks use `LocalGradientNormHook` instead)::
@@ -261,14 +264,27 @@ class MicroGradientNorms:
         measured = norms.window_result()   # before clipping; None for a 1-micro-batch window
         if measured is not None:
             tracker.update(*measured)
+
+    The window must start with zero (or None) gradients. `close()` removes the hooks.
     """
 
     def __init__(self, parameters: Iterable[torch.nn.Parameter], keep_previous: bool = True):
         self.parameters = [p for p in parameters if p.requires_grad]
         self.keep_previous = keep_previous
-        self._previous: list[torch.Tensor] | None = None
-        self._present: list[bool] = []
+        self._armed = False  # hooks record only between a window's first after_backward and its end
+        self._incoming: dict[int, torch.Tensor] = {}  # this micro-batch's gradient per parameter index
+        self._handles = []
+        if keep_previous:
+            meter = weakref.ref(self)  # the model's hooks must not keep a dropped meter alive
+            self._handles = [p.register_hook(functools.partial(_record_incoming, meter, index))
+                             for index, p in enumerate(self.parameters)]
         self.start_window(1.0)
+
+    def close(self) -> None:
+        """Remove the gradient hooks (the meter then measures nothing more)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._armed = [], False
 
     def start_window(self, grad_scale: float) -> None:
         """Call before the window's first backward (gradients zero); grad_scale as in the module doc."""
@@ -278,45 +294,42 @@ class MicroGradientNorms:
         self._items: list[float] = []
         self._small_sq: list[torch.Tensor] = []  # unscaled ||.||^2 of each small batch's gradient sum
         self._last_sq: torch.Tensor | None = None  # ||A_k||^2 of the latest prefix
+        self._armed = False
+        self._incoming.clear()
+
+    def _record(self, index: int, grad: torch.Tensor) -> None:
+        """A hook's call: micro-batch k's gradient of parameter `index` (k >= 2). A parameter reached
+        twice in one backward (re-entrant checkpointing) sums its parts, so the norm is of the whole."""
+        if self._armed:
+            earlier = self._incoming.get(index)
+            self._incoming[index] = grad.detach() if earlier is None else earlier + grad.detach()
 
     def after_backward(self, items: float) -> None:
         """Record micro-batch k's gradient, `items` (samples or tokens) being the items it carried."""
         if items <= 0:
             raise ValueError(f"items={items!r}: a micro-batch must carry at least one item")
-        grads = [p.grad for p in self.parameters]
-        present = [g is not None for g in grads]
-        live = [g.detach() for g in grads if g is not None]
         zero = torch.zeros((), dtype=torch.float32)
         if not self.keep_previous:
             if self._last_sq is not None:
                 self._small_sq.append(self._last_sq)
+            live = [p.grad.detach() for p in self.parameters if p.grad is not None]
             self._last_sq = _fused_sq_sum(live) if live else zero
-        elif not self._items or present != self._present:
-            # the window's first micro-batch (or a parameter whose gradient appeared only now): A_1 is
-            # micro-batch 1's own gradient; keep a copy of it in fp32 for the next difference
+        elif not self._armed:
+            # the window's first micro-batch: the gradients started at zero, so .grad is its own gradient
+            live = [p.grad.detach() for p in self.parameters if p.grad is not None]
             self._small_sq.append(_fused_sq_sum(live) if live else zero)
-            self._keep(live, present)
+            self._armed = True
         else:
-            # micro-batch k's own gradient is A_k - A_{k-1}: two passes over the gradients (subtract,
-            # copy) and one over the kept copy (its norm), each one fused call for all tensors
-            torch._foreach_sub_(self._previous, live)  # A_{k-1} - A_k: the same norm, no temporary
-            self._small_sq.append(_fused_sq_sum(self._previous))
-            torch._foreach_copy_(self._previous, live)
+            incoming = list(self._incoming.values())
+            self._incoming.clear()  # autograd has added them to .grad: let them go
+            self._small_sq.append(_fused_sq_sum(incoming) if incoming else zero)
         self._items.append(float(items))
-
-    def _keep(self, live: list[torch.Tensor], present: list[bool]) -> None:
-        """The fp32 copy of the accumulated gradient, reused from window to window when it fits."""
-        previous = self._previous
-        if (previous is None or len(previous) != len(live)
-                or any(a.shape != b.shape or a.device != b.device for a, b in zip(previous, live, strict=True))):
-            self._previous = [g.to(_wide(g.dtype), copy=True) for g in live]
-        else:
-            torch._foreach_copy_(previous, live)
-        self._present = present
 
     def window_result(self) -> tuple[float, float, float, float] | None:
         """(g_small_sq, b_small, g_big_sq, b_big) of the window so far, ready for
         `NoiseScaleTracker.update`; None when it had fewer than two micro-batches. One host sync."""
+        self._armed = False
+        self._incoming.clear()
         if len(self._items) < 2:
             return None
         c = self.grad_scale
@@ -336,6 +349,13 @@ class MicroGradientNorms:
         b_small = len(sizes) / sum(1.0 / n for n in sizes)  # E mean_k |g_k|^2 = |G|^2 + S mean_k(1/n_k)
         g_big_sq = big_value / (c * total_items) ** 2
         return g_small_sq, b_small, g_big_sq, total_items
+
+
+def _record_incoming(meter: weakref.ref, index: int, grad: torch.Tensor) -> None:
+    """A parameter's gradient hook: hand micro-batch k's gradient to the meter, if it still exists."""
+    alive = meter()
+    if alive is not None:
+        alive._record(index, grad)
 
 
 def _cumsum(values: Iterable[float]) -> Iterable[float]:
