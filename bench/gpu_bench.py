@@ -18,6 +18,11 @@ Sections:
   GPU (real CUDA OOMs); the tiny LM of scripts/compare_planner.py under a 236 MiB address-space cap
   on the CPU (real allocator OOMs).
 
+- speed: real tokens/s and utilisation of train.py, a plain PyTorch loop and Hugging Face Trainer
+  (model_accepts_loss_kwargs=False) on packed blocks at the same effective batch (GPT-2 small, 512
+  tokens, bf16 on a GPU; a tiny GPT-2 on the CPU), with and without torch.compile, train.py also with
+  --noise-scale, interleaved; host synchronisations per window under CUDA's sync debug mode.
+
 Writes <out>/<date>-gpu-bench-<device>.json and .md: every figure with the command that made it.
 """
 
@@ -178,7 +183,248 @@ def section_tokens(args: argparse.Namespace, device: dict[str, Any]) -> dict[str
             "optimizer_steps": args.token_steps, "variants": results}
 
 
-SECTIONS = {"planner": section_planner, "tokens": section_tokens}
+# ----------------------------------------------------------------------------- speed
+
+
+def speed_workload(gpu: bool, compile_arms: bool) -> dict[str, Any]:
+    """GPT-2 small on 512-token packed blocks in bf16 on a GPU; a tiny GPT-2 on 64-token blocks in
+    fp32 on the CPU (what the test runs). Same effective batch for every arm."""
+    if gpu:
+        model = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 512, "vocab_size": 50257}
+        return {"model": model, "block": 512, "micro": 16, "accum": 4, "steps": 10, "skip": 3, "repeats": 2,
+                "precision": "bf16", "compile": compile_arms}
+    model = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64, "vocab_size": 1000}
+    return {"model": model, "block": 64, "micro": 4, "accum": 2, "steps": 5, "skip": 2, "repeats": 1,
+            "precision": "no", "compile": compile_arms}
+
+
+def gpt2_from(overrides: dict[str, Any]):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(**overrides, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def packed_blocks(count: int, block: int, vocab: int) -> list[dict[str, list[int]]]:
+    """`count` blocks of exactly `block` token ids (packed text has no padding)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (count, block), generator=generator)
+    return [{"input_ids": row} for row in ids.tolist()]
+
+
+def synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def steady_rate(marks: list[float], skip: int, tokens_per_window: int) -> float:
+    """Tokens per second from the end of window `skip` to the end of the last (warm-up and compilation
+    in the first `skip` windows left out). marks: a time after each optimizer step."""
+    return tokens_per_window * (len(marks) - skip) / (marks[-1] - marks[skip - 1])
+
+
+def fresh_accelerate_state() -> None:
+    """Accelerate keeps one process-wide state and refuses a second precision: a clean one per arm."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def run_accum_arm(w: dict[str, Any], data, out: Path, compile_: bool, noise: bool) -> list[float]:
+    """scripts/train.py's train() in this process; marks after each window (a Callback)."""
+    from accum.cli.config import make_config
+    from accum.window import Callback
+    from scripts.train import train
+
+    marks: list[float] = []
+
+    class Mark(Callback):
+        def on_window_end(self, accumulator, result) -> None:
+            synchronize()
+            marks.append(time.perf_counter())
+
+    fresh_accelerate_state()
+    config = make_config(dict(task="clm", model_config_overrides={"model_type": "bench-in-process"}, optimizer="adamw",
+                              lr=1e-4, lr_scheduler="constant", max_grad_norm=1.0, batch_size=w["micro"] * w["accum"],
+                              micro_batch_size=w["micro"], grad_accum_steps=w["accum"], max_steps=w["steps"],
+                              max_seq_len=w["block"], mixed_precision=w["precision"], compile=compile_,
+                              noise_scale=noise, output_dir=str(out), overwrite=True, report_to="none", seed=3,
+                              log_every=10**6))
+    train(config, model=gpt2_from(w["model"]), train_data=data, eval_data=None,
+          cli_keys={"micro_batch_size", "grad_accum_steps"}, callbacks=[Mark()])
+    return marks
+
+
+def run_plain_arm(w: dict[str, Any], data, compile_: bool) -> list[float]:
+    """A plain PyTorch loop: the same blocks in order, mean token loss / accumulation steps (exact for
+    equal-length blocks), clip 1.0, AdamW, bf16 autocast on a GPU."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = gpt2_from(w["model"]).to(device).train()
+    forward = torch.compile(model, dynamic=True) if compile_ else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    micro, accum, marks = w["micro"], w["accum"], []
+    ids = torch.tensor([row["input_ids"] for row in data])
+    for step in range(w["steps"]):
+        for k in range(accum):
+            first = (step * accum + k) * micro
+            batch = ids[first:first + micro].to(device, non_blocking=True)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=w["precision"] == "bf16"):
+                loss = forward(input_ids=batch, labels=batch).loss / accum
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize()
+        marks.append(time.perf_counter())
+    return marks
+
+
+def run_trainer_arm(w: dict[str, Any], data, out: Path, compile_: bool) -> list[float]:
+    """Hugging Face Trainer used correctly (model_accepts_loss_kwargs = False: its own 1/N scaling of
+    each micro-batch's mean loss, exact for equal-length blocks), in order, same optimizer and clip."""
+    import torch
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    marks: list[float] = []
+
+    class Mark(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            synchronize()
+            marks.append(time.perf_counter())
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    def collate(rows):
+        ids = torch.tensor([row["input_ids"] for row in rows])
+        return {"input_ids": ids, "labels": ids}
+
+    fresh_accelerate_state()
+    gpu = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=w["micro"], gradient_accumulation_steps=w["accum"],
+        max_steps=w["steps"], learning_rate=1e-4, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+        optim="adamw_torch", logging_steps=10**6, report_to="none", save_strategy="no", eval_strategy="no",
+        use_cpu=not gpu, bf16=w["precision"] == "bf16", torch_compile=compile_, dataloader_num_workers=0,
+        disable_tqdm=True, seed=3)
+    trainer = InOrder(model=gpt2_from(w["model"]), args=args, train_dataset=data, data_collator=collate,
+                      callbacks=[Mark()])
+    trainer.model_accepts_loss_kwargs = False
+    trainer.train()
+    return marks
+
+
+def host_syncs_per_window(w: dict[str, Any], data, out: Path) -> dict[str, Any]:
+    """On CUDA, train() windows of `accum` and 2 x `accum` micro-batches under
+    torch.cuda.set_sync_debug_mode('warn'): the synchronising operations counted per window (from a
+    window's start to its end, the window's one transfer of loss, padding and norm included), and the
+    distinct messages. A count that grows with the micro-batches is a sync inside the micro-steps."""
+    import warnings
+
+    import torch
+
+    from accum.cli.config import make_config
+    from accum.window import Callback
+    from scripts.train import train
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device: set_sync_debug_mode has nothing to watch"}
+
+    class Count(Callback):
+        def __init__(self):
+            self.counts, self.messages, self.catcher, self.caught = [], set(), None, None
+
+        def on_window_start(self, accumulator, samples) -> None:
+            self.catcher = warnings.catch_warnings(record=True)
+            self.caught = self.catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+        def on_window_end(self, accumulator, result) -> None:
+            torch.cuda.set_sync_debug_mode(0)
+            self.catcher.__exit__(None, None, None)
+            syncs = [str(c.message).splitlines()[0] for c in self.caught if "synchroniz" in str(c.message)]
+            self.counts.append(len(syncs))
+            self.messages.update(syncs)
+
+    result = {}
+    for accum in (w["accum"], 2 * w["accum"]):
+        counter = Count()
+        fresh_accelerate_state()
+        config = make_config(dict(task="clm", model_config_overrides={"model_type": "bench-in-process"},
+                                  optimizer="adamw", lr=1e-4, lr_scheduler="constant", max_grad_norm=1.0,
+                                  batch_size=w["micro"] * accum, micro_batch_size=w["micro"], grad_accum_steps=accum,
+                                  max_steps=3, max_seq_len=w["block"], mixed_precision=w["precision"],
+                                  output_dir=str(out / f"sync-{accum}"), overwrite=True, report_to="none", seed=3))
+        train(config, model=gpt2_from(w["model"]), train_data=data, eval_data=None,
+              cli_keys={"micro_batch_size", "grad_accum_steps"}, callbacks=[counter])
+        result[f"accum_{accum}"] = {"syncs_per_window": counter.counts, "messages": sorted(counter.messages)[:10]}
+    return result
+
+
+def section_speed(args: argparse.Namespace, device: dict[str, Any]) -> dict[str, Any]:
+    """Real tokens per second of (a) scripts/train.py's train(), (b) a plain PyTorch loop and (c)
+    Hugging Face Trainer at the same effective batch on packed blocks, each with and without
+    torch.compile (--speed-compile), and train() with --noise-scale; arms interleaved (the order
+    reversed every repeat), medians with min and max; utilisation against the dense bf16 peak; host
+    synchronisations per window under CUDA's sync debug mode."""
+    import statistics
+    import tempfile
+
+    gpu = device["device"] == "cuda"
+    w = speed_workload(gpu, args.speed_compile if args.speed_compile is not None else gpu)
+    tokens_per_window = w["micro"] * w["accum"] * w["block"]
+    data = packed_blocks(w["micro"] * w["accum"] * w["steps"], w["block"], w["model"]["vocab_size"])
+    model = gpt2_from(w["model"])
+    embeddings = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
+    parameters = sum(p.numel() for p in model.parameters()) - embeddings
+    del model
+    peak = bf16_peak(device["name"]) if gpu else None
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="accum-gpu-speed-") as tmp:
+        arms = {"train.py": lambda: run_accum_arm(w, data, Path(tmp) / "a", False, False),
+                "train.py --noise-scale": lambda: run_accum_arm(w, data, Path(tmp) / "n", False, True),
+                "plain loop": lambda: run_plain_arm(w, data, False),
+                "Trainer": lambda: run_trainer_arm(w, data, Path(tmp) / "t", False)}
+        if w["compile"]:
+            arms.update({"train.py --compile": lambda: run_accum_arm(w, data, Path(tmp) / "ac", True, False),
+                         "plain loop, compiled": lambda: run_plain_arm(w, data, True),
+                         "Trainer --torch_compile": lambda: run_trainer_arm(w, data, Path(tmp) / "tc", True)})
+        rates: dict[str, list[float]] = {name: [] for name in arms}
+        for repeat in range(w["repeats"]):
+            for name in (list(arms) if repeat % 2 == 0 else list(arms)[::-1]):
+                marks = arms[name]()
+                rates[name].append(steady_rate(marks, w["skip"], tokens_per_window))
+                print(f"[gpu bench] speed {name}: {rates[name][-1]:,.0f} tokens/s", file=sys.stderr, flush=True)
+        syncs = host_syncs_per_window(w, data, Path(tmp))
+
+    def summary(values: list[float]) -> dict[str, Any]:
+        median = statistics.median(values)
+        return {"median": median, "min": min(values), "max": max(values), "n": len(values),
+                "utilisation": 6 * parameters * median / peak if peak else None}
+
+    table = {name: summary(values) for name, values in rates.items()}
+    ratios = {"train.py / plain loop": table["train.py"]["median"] / table["plain loop"]["median"],
+              "train.py / Trainer": table["train.py"]["median"] / table["Trainer"]["median"],
+              "noise scale cost": 1 - table["train.py --noise-scale"]["median"] / table["train.py"]["median"]}
+    if w["compile"]:
+        ratios["train.py --compile / plain loop, compiled"] = (table["train.py --compile"]["median"]
+                                                               / table["plain loop, compiled"]["median"])
+    return {"workload": w, "tokens_per_window": tokens_per_window, "non_embedding_parameters": parameters,
+            "bf16_peak_flops": peak, "tokens_per_s": table, "ratios": ratios, "host_syncs": syncs,
+            "seconds": round(time.perf_counter() - began, 1)}
+
+
+SECTIONS = {"planner": section_planner, "tokens": section_tokens, "speed": section_speed}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -214,6 +460,19 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | {row['real_tokens_per_s'] or 0:,.0f} | {row['padding_efficiency'] or 0:.3f} | "
                          f"{util} | {row['plan']} |")
         lines.append("")
+    speed = report["sections"].get("speed")
+    if speed:
+        w = speed["workload"]
+        lines += ["## speed", "", f"GPT-2 ({w['model']['n_layer']} layers, {w['model']['n_embd']} wide) on packed "
+                  f"{w['block']}-token blocks, {w['micro']} x {w['accum']} per window, {w['precision']}, {w['steps']} "
+                  f"optimizer steps per run (the first {w['skip']} untimed), {w['repeats']} interleaved repeats.", "",
+                  "| arm | real tokens/s (median [min-max]) | utilisation of dense bf16 peak |", "|---|---|---|"]
+        for name, row in speed["tokens_per_s"].items():
+            util = "-" if row["utilisation"] is None else f"{row['utilisation']:.1%}"
+            lines.append(f"| {name} | {row['median']:,.0f} [{row['min']:,.0f}-{row['max']:,.0f}] | {util} |")
+        lines += ["", "| ratio | value |", "|---|---|"]
+        lines += [f"| {name} | {value:.3f} |" for name, value in speed["ratios"].items()]
+        lines += ["", f"Host synchronisations per window (CUDA sync debug mode): {json.dumps(speed['host_syncs'])}", ""]
     return "\n".join(lines)
 
 
@@ -225,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-steps", type=int, default=100, help="planner: steps the default-margin answer trains")
     parser.add_argument("--accelerate-start", type=int, default=512, help="planner: find_executable_batch_size's start")
     parser.add_argument("--token-steps", type=int, default=8, help="tokens: optimizer steps per variant")
+    parser.add_argument("--speed-compile", type=lambda v: v.lower() in ("1", "true", "yes"), default=None,
+                        help="speed: also time the torch.compile arms (true/false; default: on a GPU only)")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.sections.split(",") if name.strip()]
     unknown = [name for name in names if name not in SECTIONS]

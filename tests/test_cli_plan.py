@@ -75,7 +75,11 @@ def test_plan_on_tiny_gpt2_config_in_seconds(config_file, tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "no probes" in again.stdout
-    banner = f"Effective batch size: 48 = {plan['micro_batch_size']} micro x {plan['accumulation_steps']} accum x 1 process"
+    smallest, largest, parts = plan["smallest_micro_batch"], plan["micro_batch_size"], plan["accumulation_steps"]
+    layout = f"{largest} micro x {parts} accum" if smallest == largest else f"{parts} micro-batches of {smallest}-{largest}"
+    banner = f"Effective batch size: 48 = {layout} x 1 process"
+    if plan["cut"] == "tokens":
+        banner += f" (token budget {plan['micro_batch_tokens']:,}; the split shown is at the longest sequences)"
     assert again.stdout.strip().splitlines()[-1] == banner
 
 
@@ -116,8 +120,11 @@ def test_the_default_run_config_plans_the_same_three_times():
         done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
         assert done.returncode == 0, done.stderr[-2000:]
         plan = json.loads(done.stdout)
-        plans.append((plan["micro_batch_size"], plan["accumulation_steps"], plan["effective_batch_size"]))
-    assert plans == [(8, 4, 32)] * 3, plans  # configs/default.yaml and the README state this plan
+        plans.append((plan["micro_batch_size"], plan["accumulation_steps"], plan["effective_batch_size"],
+                      plan["micro_batch_tokens"]))
+    # configs/default.yaml and the README state this plan: 13 of the longest tweets (64 tokens) fit under the
+    # budget and 14 do not, so 32 is cut into 3 micro-batches of 10-11 at the longest, a budget of 11 x 64 tokens
+    assert plans == [(11, 3, 32, 704)] * 3, plans
 
 
 def test_the_probe_plans_for_the_longest_sample_the_data_has_not_the_limit():

@@ -126,13 +126,15 @@ def probe_batch_maker(config: RunConfig, model, train_ds, collate, device):
 def plan_eval_batch_size(config: RunConfig, model, train_ds, eval_ds, collate, plan: Plan, accelerator) -> int:
     """--eval-batch-size, or the largest forward-only batch that fits, probed from the training
     micro-batch up to 8 times it (no gradients or optimizer state, so it is larger). Under a token
-    plan the answer is a token budget of its own: the batch x the probed length."""
+    plan the answer is a token budget of its own: the batch x the probed length (a given batch: x the
+    longest eval sample, so that N samples of the eval data's longest make one batch)."""
     from accum.probe import plan_eval_batch
 
     tokens = plan.cut == "tokens"
     length = probe_length(config, model, train_ds)
     if config.eval_batch_size != "auto":
-        return config.eval_batch_size * length if tokens else config.eval_batch_size
+        longest = probe_length(config, model, eval_ds) if eval_ds else length
+        return config.eval_batch_size * longest if tokens else config.eval_batch_size
     if not eval_ds:  # nothing to evaluate: no probes (they cost as much as a training step or two)
         return plan.micro_batch_size * length if tokens else plan.micro_batch_size
     per_process = math.ceil(len(eval_ds) / accelerator.num_processes)

@@ -13,11 +13,11 @@ VOCAB, SHORT, LONG = 4096, 16, 384
 SEED = 5
 
 
-def tiny_gpt2() -> torch.nn.Module:
+def tiny_gpt2(n_embd: int = 32) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=LONG, n_embd=32, n_layer=1, n_head=2,
+    config = GPT2Config(vocab_size=VOCAB, n_positions=LONG, n_embd=n_embd, n_layer=1, n_head=2,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0)
     return GPT2LMHeadModel(config)
 
