@@ -186,7 +186,7 @@ def build_workload(args: argparse.Namespace):
     make_batch = _token_batches(model.config.vocab_size, config.max_seq_len, config.seed, task,
                                 getattr(model.config, "num_labels", 2))
     loss_fn = None  # the model's own loss from the labels in the batch
-    describe = f"{args.model} ({task})"
+    describe = f"{args.model} ({task}: {type(model).__name__})"
     return Workload(accelerator, model, optimizer, make_batch, loss_fn, config, config.max_seq_len, describe), config
 
 
