@@ -153,3 +153,50 @@ def test_corrupt_checkpoint_is_refused_without_touching_files(tmp_path, capsys):
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def test_help_shows_every_default_and_choice_from_the_schema():
+    from accum.cli.config import RunConfig, build_arg_parser
+
+    parser = build_arg_parser()
+    text = " ".join(parser.format_help().split())  # argparse wraps lines
+    assert "(default: None)" not in text
+    actions = {action.dest: action for action in parser._actions}
+    for name, field in RunConfig.model_fields.items():
+        assert "--" + name.replace("_", "-") in text, name
+        if field.default is not None and "default" not in field.description:
+            shown = str(field.default).lower() if isinstance(field.default, bool) else str(field.default)
+            assert f"(default: {shown})" in actions[name].help, (name, actions[name].help)
+    for choices in ("{classification,clm}", "{constant,linear,cosine}", "{largest,throughput}", "{no,fp16,bf16}",
+                    "N|auto", "true|false"):
+        assert choices in text, choices
+
+
+def test_training_arguments_spellings_set_the_same_keys():
+    from accum.cli.config import parse_config
+
+    config, keys = parse_config([
+        "--model_name_or_path", "x", "--max_steps", "5", "--learning_rate", "0.01", "--gradient_accumulation_steps", "4",
+        "--per_device_train_batch_size", "2", "--output_dir", "o", "--num_train_epochs", "2", "--warmup_steps", "3",
+        "--weight_decay", "0.1", "--max_grad_norm", "0.5", "--seed", "1", "--lr_scheduler_type", "constant_with_warmup",
+        "--resume_from_checkpoint", "latest", "--report_to", "none", "--logging_steps", "5", "--save_steps", "10",
+        "--eval_steps", "20", "--bf16"])
+    assert (config.model, config.max_steps, config.lr, config.grad_accum_steps, config.micro_batch_size) == ("x", 5, 0.01, 4, 2)
+    assert (config.output_dir, config.epochs, config.warmup_steps, config.weight_decay, config.max_grad_norm) == ("o", 2, 3, 0.1, 0.5)
+    assert (config.seed, config.lr_scheduler, config.resume_from_checkpoint, config.report_to) == (1, "constant", "latest", "none")
+    assert (config.log_every, config.save_every, config.eval_every, config.mixed_precision) == (5, 10, 20, "bf16")
+    assert {"micro_batch_size", "grad_accum_steps"} <= keys  # as given on the command line: they set the batch
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["--max_stepz", "3"], "did you mean --max-steps?"),
+    (["--learning-rat", "3"], "did you mean --learning_rate?"),
+    (["--model", "x", "--fp16", "--bf16"], "--bf16 and --fp16 both given"),
+])
+def test_a_flag_mistake_is_one_line_with_the_closest_flag(argv, hint, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and hint in err[0], err

@@ -42,47 +42,54 @@ def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments `plan` and `verify` share: what to plan for, either a run config or a model."""
     from accum.cli.models import BUILTIN_CONFIGS
 
-    parser.add_argument("--config", default=None,
+    parser.add_argument("--config", default=None, metavar="FILE",
                         help="a train.py run config: plan what `scripts/train.py --config` would (model, data, "
                              "precision, optimizer, budget from the file; the flags below override it)")
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", default=None, metavar="PATH|NAME",
                         help="instead of --config: a model directory (weights or only config.json), pkg://package/dir, "
                              f"a config JSON file, inline JSON, or one of: {', '.join(BUILTIN_CONFIGS)}")
     parser.add_argument("--task", default=None, choices=("clm", "classification"),
                         help="with --model: the head to plan for (default: what the model's config was made for)")
-    parser.add_argument("--seq-len", "--max-seq-len", dest="seq_len", type=positive_int, default=None,
+    parser.add_argument("--max-seq-len", "--seq-len", dest="seq_len", type=positive_int, default=None, metavar="N",
                         help="tokens per sample (default: the config's max_seq_len, else 128)")
-    parser.add_argument("--batch-size", dest="batch_size", type=positive_int, default=None,
+    parser.add_argument("--batch-size", dest="batch_size", type=positive_int, default=None, metavar="N",
                         help="target effective batch: micro x accumulation x processes (required with --model)")
-    parser.add_argument("--max-memory", default=None,
+    parser.add_argument("--max-memory", default=None, metavar="SIZE|FRACTION",
                         help="budget: bytes ('8GiB') or a fraction of device memory (0.5); on CPU what a training "
                              "step may add over the memory the process holds before it (default: half the "
                              "available memory on CPU, all of it on CUDA)")
-    parser.add_argument("--safety-margin", type=float, default=None, help="share of the budget kept free (default 0.1)")
+    parser.add_argument("--safety-margin", type=float, default=None, metavar="X",
+                        help="share of the budget kept free (default: 0.1)")
     parser.add_argument("--objective", default=None, choices=("largest", "throughput"),
-                        help="the largest micro-batch that fits, or the fastest (default largest)")
-    parser.add_argument("--num-processes", type=positive_int, default=None,
+                        help="the largest micro-batch that fits, or the fastest (default: largest)")
+    parser.add_argument("--num-processes", type=positive_int, default=None, metavar="N",
                         help="plan for this many processes (default: this process's world, 1 outside a launch)")
     parser.add_argument("--optimizer", default=None, choices=("adamw", "adamw_8bit", "lion_8bit", "sgd"),
-                        help="the optimizer whose state the probed step holds (default adamw)")
+                        help="the optimizer whose state the probed step holds (default: adamw)")
     parser.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
                         help="autocast of the probed step (default: the config's, else no)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for weights and random tokens (default 0)")
+    parser.add_argument("--seed", type=int, default=None, metavar="N",
+                        help="seed for weights and random tokens (default: 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m accum",
-                           description="Plans for exact gradient accumulation, and a checked accelerate launcher.",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           description="Plans for exact gradient accumulation, a run's report, and a checked "
+                                       "accelerate launcher.",
+                           epilog="Every flag also works with underscores (--max_seq_len). `launch` takes "
+                                  "`accelerate launch`'s own flags.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser,
-                                     metavar="{plan,verify,estimate,recommend,launch}")
+                                     metavar="{plan,verify,estimate,recommend,report,launch}")
     plan = commands.add_parser("plan", help="probe real steps and print the plan (no training)")
     _add_workload_arguments(plan)
-    plan.add_argument("--allow-batch-rounding", "--allow-rounding", dest="allow_batch_rounding", action="store_true",
+    plan.add_argument("--allow-batch-rounding", dest="allow_batch_rounding", action="store_true",
                       help="round a target that cannot be split exactly")
     plan.add_argument("--replan", action="store_true", help="ignore a cached plan and probe again")
-    plan.add_argument("--plan-cache", "--cache", dest="plan_cache", default=None,
-                      help="plan cache file (default ~/.cache/accum/plans.json, or $ACCUM_CACHE_DIR/plans.json)")
+    plan.add_argument("--plan-cache", dest="plan_cache", default=None, metavar="PATH",
+                      help="plan cache file (default: ~/.cache/accum/plans.json, or $ACCUM_CACHE_DIR/plans.json)")
+    # the names before train.py's were adopted: still accepted, no longer shown
+    plan.add_argument("--allow-rounding", dest="allow_batch_rounding", action="store_true", help=argparse.SUPPRESS)
+    plan.add_argument("--cache", dest="plan_cache", help=argparse.SUPPRESS)
     plan.add_argument("--no-cache", action="store_true", help="neither read nor write the plan cache")
     plan.add_argument("--verify-plan", type=int, default=None, metavar="N",
                       help="then train N steps back to back at the planned micro-batch in a fresh process, "
