@@ -155,7 +155,64 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------- flags
+# ----------------------------------------------------------------------------- what a run leaves
+
+
+def train_in_process(argv: list[str]):
+    """parse_config + train() in this process (a few seconds for TINY_CLM); returns (config, model):
+    the model object is the one trained (one CPU process: prepare() hands the same module back)."""
+    from accum.cli import models
+    from accum.cli.config import parse_config
+    from scripts.train import train
+
+    config, keys = parse_config(argv)
+    torch.manual_seed(config.seed)
+    model = models.build_model(config, tokenizer=models.build_tokenizer(config))
+    train(config, model=model, cli_keys=keys)
+    return config, model
+
+
+def test_final_export_loads_offline_with_the_trained_logits_and_every_file_is_group_readable(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from accum.files import new_file_mode
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    _, model = train_in_process(TINY_CLM + ["--batch-size", "4", "--micro-batch-size", "2", "--max-train-samples", "16",
+                                            "--max-eval-samples", "4", "--max-steps", "3", "--output-dir", str(out)])
+    final = out / "final"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in final.iterdir()}
+    loaded = AutoModelForCausalLM.from_pretrained(final).eval()  # HF_HUB_OFFLINE=1 (conftest): no network
+    ids = AutoTokenizer.from_pretrained(final)("It was the best of times", return_tensors="pt")["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    card = (final / "README.md").read_text()
+    assert "Effective batch: 4 = 2 micro x 2 accum x 1 process" in card and "AutoModelForCausalLM" in card
+    assert json.loads((out / "metrics.json").read_text())["final_model_dir"] == str(final)
+    # safetensors writes 0600; the run's files all get what a new file gets under the umask (0644 under 022)
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in written) and any(p.name.startswith("rng-") for p in written)
+    assert {oct(os.stat(p).st_mode & 0o777) for p in written} == {oct(new_file_mode())}
+
+
+def test_tensorboard_continues_after_a_resume_without_repeating_steps(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    args = TINY_CLM + ["--batch-size", "4", "--micro-batch-size", "2", "--max-train-samples", "24",
+                       "--max-eval-samples", "4", "--max-steps", "4", "--save-every", "2", "--report-to", "tensorboard",
+                       "--output-dir", str(out)]
+    train_in_process(args)
+    # as after a kill at step 4: steps 3 and 4 are logged, the run resumes from the checkpoint of step 2
+    train_in_process(args + ["--resume-from-checkpoint", str(out / "checkpoints" / "step-00000002")])
+    events = EventAccumulator(str(out / "accum"))  # purges events orphaned by a restart, as TensorBoard does
+    events.Reload()
+    assert [event.step for event in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert not {"optimizer_step", "epoch", "skipped"} & set(events.Tags()["scalars"])
+    assert {"lr", "grad_norm", "micro_batch_size"} <= set(events.Tags()["scalars"])
 
 
 def test_help_shows_every_default_and_choice_from_the_schema():
