@@ -16,6 +16,7 @@ Every failure prints one line on stderr and exits with a documented code (accum.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -281,42 +282,90 @@ def _read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path} not found: --run must be the output dir of a finished scripts/train.py run") from None
+        raise ConfigError(f"{path} not found: --run must be the output dir of a scripts/train.py run") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{what} {path} cannot be read ({exc})") from None
+
+
+def _run_files(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """(config, plan, metrics.jsonl lines, metrics.json or {}) of a run, finished or still going. Raises
+    ConfigError naming what is missing and how to make it."""
+    if not run_dir.is_dir():
+        raise ConfigError(f"--run {str(run_dir)!r} does not exist: give the --output-dir of a scripts/train.py run "
+                          "made with --noise-scale (e.g. python scripts/train.py --config configs/clm_tiny.yaml "
+                          "--noise-scale, then --run runs/clm_tiny)")
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"--run {str(run_dir)!r} holds no scripts/train.py run (no config.json): give the "
+                          "--output-dir of a run made with --noise-scale")
+    config = _read_json(run_dir / "config.json", "run config")
+    plan = _read_json(run_dir / "plan.json", "plan")
+    steps = []
+    if (run_dir / "metrics.jsonl").is_file():
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            with contextlib.suppress(ValueError):  # a line torn by a kill mid-write
+                steps.append(json.loads(line))
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        metrics = {}  # the run goes on: its metrics.jsonl has what is needed
+    return config, plan, steps, metrics
 
 
 def recommend_from_run(run_dir: str | Path, lr_scaling: str | None = None, rounding: str = "multiple") -> dict[str, Any]:
     """Read a --noise-scale run's B_simple and return the suggested effective batch, its plan and LR.
 
     B_simple is in the run's loss items (tokens or samples); tokens are converted to samples
-    with the run's mean tokens per sample. Raises ConfigError when the run has no B_simple.
+    with the run's mean tokens per sample. A run still training works too (from metrics.jsonl).
+    Raises ConfigError when the run has no B_simple, saying why.
     """
+    from accum.cli.config import make_config
+    from accum.cli.planning import lr_base_batch
     from accum.noise import recommend_batch
     from accum.plan import Plan, plan_batch
     from accum.scaling import scale_lr
 
     run_dir = Path(run_dir)
-    config = _read_json(run_dir / "config.json", "run config")
-    plan = Plan.from_dict(_read_json(run_dir / "plan.json", "plan"))
-    metrics = _read_json(run_dir / "metrics.json", "metrics")
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    measured = [step["noise_b_simple"] for step in steps if step.get("noise_b_simple")]
+    config, plan_data, steps, metrics = _run_files(run_dir)
+    plan = Plan.from_dict(plan_data)
+    measured = [step["noise_b_simple"] for step in steps if isinstance(step, dict) and step.get("noise_b_simple")]
     if not measured:
-        raise ConfigError(f"run {str(run_dir)!r} has no noise scale: train with --noise-scale and accumulation >= 2 "
-                          "(or 2+ processes) for at least 10 optimizer steps")
+        raise ConfigError(f"run {str(run_dir)!r} has no noise scale: {_why_no_noise(config, plan, steps, metrics)}")
     b_simple = float(measured[-1])
     tokens = config.get("task") == "clm" and config.get("loss_normalization") in ("auto", "tokens")
-    items_per_sample = metrics["tokens_seen"] / max(metrics["samples_seen"], 1) if tokens else 1.0
+    last = metrics or steps[-1]
+    items_per_sample = last["tokens_seen"] / max(last["samples_seen"], 1) if tokens else 1.0
     batch = recommend_batch(b_simple, plan.micro_batch_size, plan.num_processes,
                             items_per_sample=items_per_sample, rounding=rounding)
     new_plan = plan_batch(batch, plan.micro_batch_size, plan.num_processes, allow_rounding=True, source="recommend")
     rule = lr_scaling or (config.get("lr_scaling") if config.get("lr_scaling") != "none" else "sqrt")
-    lr = scale_lr(metrics.get("lr") or config["lr"], plan.effective_batch_size, new_plan.effective_batch_size, rule)
+    run_lr = metrics.get("lr")
+    if run_lr is None:  # not finished: the LR the run scaled for its batch, as train.py does
+        run_config = make_config(config)
+        run_lr = scale_lr(run_config.lr, lr_base_batch(run_config), plan.effective_batch_size,
+                          run_config.lr_scaling).lr
+    lr = scale_lr(run_lr, plan.effective_batch_size, new_plan.effective_batch_size, rule)
     return {"b_simple_items": b_simple, "items": "tokens" if tokens else "samples",
             "b_simple_samples": b_simple / items_per_sample, "current_batch": plan.effective_batch_size,
             "recommended_batch": new_plan.effective_batch_size, "plan": new_plan.to_dict(), "banner": new_plan.banner(),
             "lr": lr.lr, "lr_rule": rule, "lr_description": lr.describe()}
+
+
+def _why_no_noise(config: dict[str, Any], plan, steps: list[dict[str, Any]], metrics: dict[str, Any]) -> str:
+    """Which condition of the noise scale the run did not meet, and what to do."""
+    from accum.noise import describe_unavailable
+
+    if not config.get("noise_scale") and config.get("adaptive_batch") != "noise":
+        return "it was trained without --noise-scale: train again with it"
+    unavailable = describe_unavailable(plan.num_processes, plan.accumulation_steps)
+    if unavailable:
+        return "one process with accumulation 1 has no smaller batch to compare with: use --grad-accum-steps 2 " \
+               "or more, or 2 or more processes"
+    if len(steps) < 10:
+        return f"it has {len(steps)} optimizer steps and B_simple needs 10 measured ones: train longer"
+    g_sq = metrics.get("noise_g_sq")
+    detail = f" (|G|^2 estimate {g_sq:.3g})" if isinstance(g_sq, (int, float)) else ""
+    return (f"after {len(steps)} optimizer steps the mean gradient's squared norm is not estimated positive yet{detail}: "
+            "train longer or with a larger batch")
 
 
 def run_recommend(args: argparse.Namespace) -> int:
