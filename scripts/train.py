@@ -713,13 +713,15 @@ def model_card(run: Run, metrics: dict[str, Any]) -> str:
     auto = AUTO_CLASSES[config.task]
     evals = ", ".join(f"{key} {value:.4g}" for key, value in metrics.get("eval", {}).items()) or "no evaluation"
     final, ema = (f"{v:.4g}" if isinstance(v, (int, float)) else "-" for v in (metrics["final_loss"], metrics["ema_loss"]))
+    items = config.resolved_loss_normalization()
+    weighting = (f"the loss is normalised over the {items} of each whole window, so each step's gradient is the "
+                 "full batch's" if items != "mean" else "the loss is Accelerate's mean of micro-batch means "
+                 "(--loss-normalization mean)")
     lines = [
         "---", "library_name: transformers", f"tags: [accum, {config.task}]", "---", "",
         f"# {config.model or 'A ' + str(model.config.model_type) + ' built from model_config_overrides'}, "
         f"fine-tuned with accum ({config.task})", "",
-        f"- Effective batch: {plan.banner().split(': ', 1)[1]} (plan: {plan.source}); the loss is normalised "
-        f"over the {config.resolved_loss_normalization()} of each whole window, so each step's gradient is the "
-        "full batch's",
+        f"- Effective batch: {plan.banner().split(': ', 1)[1]} (plan: {plan.source}); {weighting}",
         f"- Trained: {metrics['optimizer_step']} optimizer steps, {metrics['samples_seen']} samples, "
         f"{metrics['tokens_seen']} tokens; optimizer {config.optimizer}, LR {run.lr.describe()}, "
         f"schedule {config.lr_scheduler}, seed {config.seed}",

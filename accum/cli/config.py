@@ -11,6 +11,7 @@ import argparse
 import difflib
 import json
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -262,10 +263,9 @@ class OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        import sys
-
         args = list(sys.argv[1:] if args is None else args)
-        return super().parse_known_args([self._known_spelling(arg) for arg in args], namespace)
+        ends = args.index("--") if "--" in args else len(args)  # after `--` nothing is a flag
+        return super().parse_known_args([self._known_spelling(arg) for arg in args[:ends]] + args[ends:], namespace)
 
     def _known_spelling(self, arg: str) -> str:
         if not arg.startswith("--") or arg == "--":
@@ -335,8 +335,8 @@ def _metavar(annotation: Any) -> str:
 
 
 def field_help(name: str) -> str:
-    """A key's help: its description, its default where it has one (None means 'see the description'),
-    and the TrainingArguments spelling that also sets it."""
+    """A key's help: its description and its default where it has one (None means: the description says
+    what happens without it)."""
     field = RunConfig.model_fields[name]
     text = field.description or ""
     if field.default is not None and "default" not in text:

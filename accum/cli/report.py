@@ -27,6 +27,9 @@ COLUMNS = ("optimizer_step", "samples_seen", "tokens_seen", "loss", "ema_loss", 
            "effective_batch_size", "micro_batch_size", "gradient_accumulation_steps", "noise_b_simple",
            "noise_b_simple_samples", "tokens_per_s", "samples_per_s", "peak_memory_bytes", "adjustment")
 KIND_STYLE = {"schedule": ("tab:blue", ":"), "memory": ("tab:red", "--"), "evaluation": ("grey", "-.")}
+KIND_LEGEND = {"schedule": "blue dotted: batch schedule change",
+               "memory": "red dashed: micro-batch change (out of memory, memory pressure, regrowth)",
+               "evaluation": "grey dash-dot: eval batch change (out of memory in evaluation)"}
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,8 @@ def build_figure(rows: list[dict[str, Any]], marks: list[Mark], title: str, summ
     fig = Figure(figsize=(13, 13))
     axes = fig.subplots(4, 2, sharex=False).ravel()
     steps = [row["optimizer_step"] for row in rows]
+    rows = [dict(row, peak_memory_mib=row["peak_memory_bytes"] / 2**20)
+            if isinstance(row.get("peak_memory_bytes"), (int, float)) else row for row in rows]
 
     def panel(ax, series: list[tuple[str, str, dict]], ylabel: str, log: bool = False, empty: str = "") -> None:
         """Plot `series` (key, label, style); when the first one has no value, say `empty` instead."""
@@ -175,14 +180,9 @@ def build_figure(rows: list[dict[str, Any]], marks: list[Mark], title: str, summ
           "gradient noise scale", empty="B_simple not measured: train with --noise-scale\n"
                                         "(accumulation >= 2 or 2+ processes; known after 10 steps)")
     panel(axes[5], [("tokens_per_s", "tokens/s", {})], "throughput (tokens/s)")
-    for row in rows:
-        if isinstance(row.get("peak_memory_bytes"), (int, float)):
-            row["peak_memory_mib"] = row["peak_memory_bytes"] / 2**20
     panel(axes[6], [("peak_memory_mib", "peak memory so far", {})], "peak memory (MiB)")
     axes[7].axis("off")
-    legend = [f"{'blue dotted' if kind == 'schedule' else 'red dashed' if kind == 'memory' else 'grey'}: "
-              f"{'batch schedule change' if kind == 'schedule' else 'micro-batch change (OOM or memory pressure)' if kind == 'memory' else 'eval batch change'}"
-              for kind in sorted({mark.kind for mark in marks})]
+    legend = [KIND_LEGEND[kind] for kind in sorted({mark.kind for mark in marks})]
     lines = summary + ([""] + legend + [f"step {m.optimizer_step}: {m.text}"[:90] for m in marks[:8]] if marks
                        else ["", "no plan changes during the run"])
     axes[7].text(0.0, 1.0, "\n".join(lines), va="top", ha="left", fontsize=9, family="monospace",
