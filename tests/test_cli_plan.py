@@ -143,3 +143,9 @@ def test_a_directory_with_only_a_config_json_plans(tmp_path, capfd):
                  "--max-memory", "1GiB", "--no-cache", "--task", "clm"]) == 0
     out = capfd.readouterr().out
     assert "(clm: GPT2LMHeadModel)" in out and "Effective batch size: 4 = " in out
+
+
+def test_top_level_help_lists_every_command():
+    from accum.cli.main import build_parser
+
+    assert "{plan,verify,estimate,recommend,report,launch}" in build_parser().format_help()

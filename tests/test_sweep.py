@@ -307,3 +307,11 @@ def test_loss_plot_smooths_over_optimizer_steps():
     spread = lambda line: max(line.get_ydata()[window:]) - min(line.get_ydata()[window:])  # noqa: E731
     assert spread(smooth) < spread(raw) / 3
     assert sweep_lib.rolling_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_an_unknown_sweep_flag_is_one_line_with_the_closest(tmp_path, capsys):
+    path = write_sweep(tmp_path, kind="split", batch_size=8, micro_batch_sizes=[4])
+    assert main(["--config", str(path), "--dryrun"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did you mean --dry-run?" in err, err
+    assert main(["--config", str(path), "--dry_run"]) == 0  # underscores, as everywhere

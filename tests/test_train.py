@@ -257,3 +257,14 @@ def test_a_flag_mistake_is_one_line_with_the_closest_flag(argv, hint, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and hint in err[0], err
+
+
+def test_the_noise_line_names_the_condition_that_is_not_met():
+    from scripts.train import describe_noise
+
+    common = {"noise_method": "micro_batches", "noise_b_simple": None, "noise_min_updates": 10,
+              "effective_batch_size": 16, "noise_g_sq": -0.05}
+    early = describe_noise(dict(common, noise_updates=6))
+    assert "after 6 measured steps (it needs 10): train longer" in early
+    unresolved = describe_noise(dict(common, noise_updates=14))  # accumulation 4: the old line suggested >= 2
+    assert "|G|^2" in unresolved and "-0.05" in unresolved and "accumulation" not in unresolved
