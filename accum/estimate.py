@@ -62,6 +62,10 @@ OPTIMIZER_STATE_BYTES = {
 # seq x seq scores, as SDPA/flash attention on a GPU). fp32 doubles all but the 1-byte
 # dropout masks (2 of the 34).
 _ACT_BYTES_PER_HIDDEN = {"no": 66, "fp16": 34, "bf16": 34}
+# The analytic estimate's own allowance for what its formula leaves out (allocator rounding, the
+# temporaries of ops it does not model): its total is the formula's peak times this. The traced
+# estimate counts every storage and needs none (1.0).
+ANALYTIC_SAFETY_FACTOR = 1.2
 # A language-model head keeps about three vocab-wide fp32 rows per token: the logits, their
 # log-softmax in the loss, and the gradient of the logits.
 _LOGIT_COPIES = 3
@@ -74,6 +78,8 @@ class MemoryEstimate:
     `weights`, `gradients`, `optimizer_state` and `activations` (activations plus
     temporaries) are the parts at the peak; `peak` is their sum and `total` is
     `peak * safety_factor`, rounded up: the number to compare with a budget.
+    `gradients_total` is every gradient once backward is done, which can be far more than
+    `gradients` when the peak comes early in backward (a large vocabulary's logits).
     `held_between_steps` is what stays allocated between steps (weights, buffers,
     optimizer state), so `peak - held_between_steps` is how much one step grows memory.
     """
@@ -83,6 +89,7 @@ class MemoryEstimate:
     optimizer_state: int
     activations: int
     held_between_steps: int
+    gradients_total: int = 0
     safety_factor: float = 1.0
     method: str = "analytic"
     micro_batch_size: int = 0
@@ -124,7 +131,7 @@ def estimate_analytic(
     vocab_size: int = 0,
     activation_bytes_per_token: float | None = None,
     gradient_checkpointing: bool = False,
-    safety_factor: float = 1.2,
+    safety_factor: float = ANALYTIC_SAFETY_FACTOR,
 ) -> MemoryEstimate:
     """Estimate the peak bytes of one training step from the model's sizes alone.
 
@@ -137,7 +144,8 @@ def estimate_analytic(
         Korthikanti et al. 2022 with fused attention, + 3 * vocab_size * 4 bytes for a
         language-model head's logits; with gradient checkpointing each layer keeps only its
         input (hidden_size values per token) and one layer is recomputed at a time.
-    total = (weights + gradients + optimizer + activations) * safety_factor.
+    total = (weights + gradients + optimizer + activations) * safety_factor (default
+        ANALYTIC_SAFETY_FACTOR, 1.2: what the formula leaves out).
 
     Rough by design: models whose activation functions are composed of many small ops keep
     more (GPT-2's tanh-GELU: the trace finds about 2x the activations); use the traced
@@ -175,6 +183,7 @@ def estimate_analytic(
         optimizer_state=optimizer_state,
         activations=activations,
         held_between_steps=4 * num_params + optimizer_state,
+        gradients_total=gradients,
         safety_factor=safety_factor,
         method="analytic",
         micro_batch_size=micro_batch_size,
@@ -223,15 +232,28 @@ def load_model_config(spec: str | os.PathLike[str]) -> Any:
         raise ConfigError(f"`model` {text!r}: not a transformers config: {first_line(exc)}") from None
 
 
+# transformers' name of each task's loss (transformers.loss.loss_utils.LOSS_MAPPING)
+LOSS_TYPES = {"clm": "ForCausalLM", "classification": "ForSequenceClassification"}
+
+
+def set_loss_type(model: torch.nn.Module, task: str) -> torch.nn.Module:
+    """Name the model's loss for transformers. It guesses the name from the class (GPT2LMHeadModel has
+    none of its patterns), and without one warns `loss_type=None ... unrecognized` at the first loss it
+    computes. Returns the model."""
+    if hasattr(model, "loss_type"):
+        model.loss_type = LOSS_TYPES[task]
+    return model
+
+
 def _model_from_config(config: Any, task: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if task == "clm":
-        return AutoModelForCausalLM.from_config(config)
+        return set_loss_type(AutoModelForCausalLM.from_config(config), task)
     if getattr(config, "pad_token_id", None) is None:
         # Heads that pool the last non-padding token refuse batches > 1 without a pad id.
         config.pad_token_id = getattr(config, "eos_token_id", None) or 0
-    return AutoModelForSequenceClassification.from_config(config)
+    return set_loss_type(AutoModelForSequenceClassification.from_config(config), task)
 
 
 def _default_batch(model: torch.nn.Module, micro_batch_size: int, seq_len: int, task: str) -> dict[str, torch.Tensor]:
@@ -369,6 +391,8 @@ class Tracer:
             self._optimizer.zero_grad(set_to_none=True)
         self._model = model
         self.num_params = sum(p.numel() for p in model.parameters())
+        # each trainable parameter's gradient takes its dtype: what backward has allocated when it is done
+        self.gradient_bytes = sum(p.numel() * p.element_size() for p in params)
         self.build_seconds = time.perf_counter() - started
 
     def trace(self, micro_batch_size: int, seq_len: int) -> MemoryEstimate:
@@ -415,6 +439,7 @@ class Tracer:
             activations=peak.get("Activation", 0) + peak.get("Temp", 0) + peak.get("Other", 0),
             # The batch is counted at the peak but is not held between steps.
             held_between_steps=held.get("Total", 0) - inputs,
+            gradients_total=self.gradient_bytes,
             safety_factor=self.safety_factor,
             method="traced",
             micro_batch_size=micro_batch_size,

@@ -4,7 +4,9 @@ The one implementation for the plan cache, run files (config, plan, metrics, sta
 checkpoint state: write a temporary file beside the target, flush it to disk, keep the target's
 permission bits, rename it over the target, and remove the temporary on any failure. A full disk
 may fail without an OSError (safetensors, torch.save raise RuntimeError): every failure is turned
-into OSError here, so callers catch one thing.
+into OSError here, so callers catch one thing. `atomic_directory` does the same for a directory of
+files (the final model export), and `make_readable` gives files that a library wrote 0600
+(safetensors, mkstemp) the mode any new file gets, so a run's output is readable as a whole.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -49,15 +52,70 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
+def new_file_mode() -> int:
+    """What open() gives a new file under the process's umask (0644 with the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _mode_of(path: Path) -> int:
     """The target's permission bits, or what a new file gets under the process's umask (0644 by
     default): a rewrite never narrows a file others read to 0600 (mkstemp's own mode)."""
     try:
         return stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return new_file_mode()
+
+
+def make_readable(directory: str | Path) -> None:
+    """Give every file under `directory` the mode a new file gets (umask), and flush it to disk.
+    safetensors writes through a 0600 temporary file, so without this a checkpoint's weights would be
+    the one file of a run its group cannot read."""
+    mode = new_file_mode()
+    for item in sorted(Path(directory).rglob("*")):
+        if item.is_file() and not item.is_symlink():
+            os.chmod(item, mode)
+            with open(item, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path):
+    """Write a directory that appears complete or not at all: yields an empty temporary directory beside
+    `path` to fill; when the block ends without an error its files are made readable (`make_readable`)
+    and flushed, and it is renamed to `path`, replacing an older one (moved aside first, then deleted:
+    a kill in between leaves the older one under `.trash-<name>`, never a half-written `path`). On an
+    error the temporary is removed and `path` is untouched; a failure that is not an OSError (a library
+    that cannot write on a full disk) is raised as one."""
+    path = Path(path)
+    tmp, trash = path.with_name(f"{TEMP_PREFIX}{path.name}"), path.with_name(f".trash-{path.name}")
+    for leftover in (tmp, trash):  # of a writer killed before
+        shutil.rmtree(leftover, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        make_readable(tmp)
+        _fsync_dir(tmp)
+        if path.exists():
+            os.replace(path, trash)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) or not isinstance(exc, Exception):
+            raise
+        raise OSError(f"writing {path} failed: {exc}") from exc
 
 
 def remove_stale_temporaries(directory: str | Path, name: str, older_than_s: float = 600.0) -> None:

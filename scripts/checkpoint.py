@@ -21,6 +21,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from accum import rng
 from accum.errors import ConfigError
+from accum.files import make_readable
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "state.json"
@@ -108,9 +109,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict[str, A
         save_file(rng_tensors if rng_tensors is not None else rng_state(), str(tmp / f"rng-rank{accelerator.process_index}.safetensors"))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            for item in tmp.iterdir():
-                with open(item, "rb") as handle:
-                    os.fsync(handle.fileno())
+            make_readable(tmp)  # and flushed: safetensors writes 0600, the rest of the run is group-readable
             _fsync_dir(tmp)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)

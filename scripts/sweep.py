@@ -24,7 +24,6 @@ results.csv and the PNG plots are rebuilt from it after every run.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import fcntl
@@ -52,10 +51,11 @@ if __package__ in (None, ""):  # run as a file: make `scripts` and `accum` impor
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from accum.cli.config import ConfigError, load_yaml, make_config
+from accum.cli.config import ConfigError, OneLineParser, load_yaml, make_config
 from accum.cli.launch import SEE_ABOVE, check_accelerate_config
 from accum.cli.planning import resolve_batch_and_lr, resolve_batch_flags
 from accum.cli.status import STATUS_FILE, ExitStatus, read_status
+from accum.files import write_bytes_atomic
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 RESULTS = "results.jsonl"
@@ -600,63 +600,66 @@ def dry_run_table(specs: list[RunSpec], done: dict[str, dict[str, Any]]) -> str:
 
 
 def load_curve(record: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """(samples seen, loss) per optimizer step of a run, from its metrics.jsonl."""
     path = Path(record.get("output_dir") or "") / "metrics.jsonl"
     xs, ys = [], []
     if path.is_file():
         for line in path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError, ValueError):
                 step = json.loads(line)
-                xs.append(float(step["samples_seen"]))
-                ys.append(float(step["loss"]))
+                x, y = float(step["samples_seen"]), float(step["loss"])
+                if math.isfinite(y):
+                    xs.append(x)
+                    ys.append(y)
     return xs, ys
 
 
-def smooth_over_samples(xs: list[float], ys: list[float], window: float) -> list[float]:
-    """Mean loss over the steps within the last `window` samples: the same smoothing for every batch size
-    (an EMA over optimizer steps would smooth a large-batch run over many more samples)."""
-    smoothed, start = [], 0
-    for end in range(len(xs)):
-        while xs[end] - xs[start] >= window and start < end:
-            start += 1
-        chunk = ys[start:end + 1]
-        smoothed.append(sum(chunk) / len(chunk))
-    return smoothed
+def smoothing_window(lengths: list[int]) -> int:
+    """Optimizer steps the loss plot averages over: a quarter of the shortest run, between 2 and 25, so
+    that the bold line is smoother than the faint one in every run and lags none by much."""
+    return max(2, min(25, min(lengths, default=8) // 4))
 
 
-def write_plots(out: Path, sweep: SweepConfig, records: list[dict[str, Any]]) -> list[Path]:
-    """The sweep's plots as PNG files in `out` (none before a run has finished); returns their paths."""
-    return [save_figure(fig, out / name) for name, fig in build_figures(sweep, records).items()]
+def rolling_mean(ys: list[float], window: int) -> list[float]:
+    """Mean of the last `window` values at each point (fewer at the start)."""
+    out, total = [], 0.0
+    for index, value in enumerate(ys):
+        total += value
+        if index >= window:
+            total -= ys[index - window]
+        out.append(total / min(index + 1, window))
+    return out
 
 
-def build_figures(sweep: SweepConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """File name -> matplotlib Figure: loss vs samples seen per run; throughput and peak memory vs
-    micro-batch; quality vs effective batch. Empty when no run finished. The caller saves or closes them."""
-    import matplotlib
+def loss_figure(name: str, curves: list[tuple[str, list[float], list[float]]]):
+    """Loss against samples seen, per run: faint per optimizer step, bold a rolling mean over optimizer
+    steps. `curves`: (label, samples seen, loss). Returns the Figure."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in records if r["status"] == "ok"]
-    if not ok:
-        return {}
-    figures = {}
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    curves = [(record, *load_curve(record)) for record in ok]
-    window = max((xs[-1] for _, xs, _ in curves if xs), default=0) / 10
-    for record, xs, ys in curves:
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    window = smoothing_window([len(xs) for _, xs, _ in curves if xs])
+    for label, xs, ys in curves:
         if xs:
-            line, = ax.plot(xs, ys, linewidth=0.6, alpha=0.3)
-            ax.plot(xs, smooth_over_samples(xs, ys, window), color=line.get_color(), linewidth=1.8,
-                    label=f"{record['run']} (batch {record.get('effective')})")
-    ax.set(xlabel="samples seen", ylabel="training loss", title=f"{sweep.name}: loss vs samples seen "
-           f"(faint: per optimizer step; bold: mean over the last {window:.0f} samples)")
-    ax.title.set_fontsize(9)
+            line, = ax.plot(xs, ys, linewidth=0.8, alpha=0.35)
+            ax.plot(xs, rolling_mean(ys, window), color=line.get_color(), linewidth=1.8, label=label)
+    ax.set(xlabel="samples seen", ylabel="training loss")
+    ax.set_title(f"{name}: loss vs samples seen\n(faint: each optimizer step; bold: mean of the last {window} "
+                 "optimizer steps)", fontsize=9)
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    figures["loss_vs_samples.png"] = fig
+    fig.tight_layout()
+    return fig
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+
+def speed_memory_figure(name: str, ok: list[dict[str, Any]]):
+    """Throughput and peak memory against the micro-batch (or, when every run has the same one, the
+    accumulation steps). Returns the Figure."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    left, right = fig.subplots(1, 2)
     micros = {r.get("micro") for r in ok}
     x_key, x_label = ("micro", "micro-batch (samples)") if len(micros) > 1 else (
         "accum", f"accumulation steps (micro-batch fixed at {next(iter(micros))})")
@@ -669,37 +672,82 @@ def build_figures(sweep: SweepConfig, records: list[dict[str, Any]]) -> dict[str
                 axis.annotate(f"{record['micro']}x{record['accum']}", (x, y), fontsize=7,
                               textcoords="offset points", xytext=(4, 4))
         axis.set(xlabel=x_label, ylabel=label)
-        axis.set_xscale("log", base=2)
+        plain_log2_axis(axis)
         axis.set_ylim(bottom=0, top=axis.get_ylim()[1] * 1.1)
         axis.grid(alpha=0.3)
-    fig.suptitle(f"{sweep.name}: speed and memory (labels: micro x accumulation)")
-    figures["throughput_memory_vs_micro.png"] = fig
+    fig.suptitle(f"{name}: speed and memory (labels: micro x accumulation)")
+    fig.tight_layout()
+    return fig
 
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for record in ok:
-        groups.setdefault(group_label(record), []).append(record)
+
+def quality_figure(name: str, ok: list[dict[str, Any]], budget_samples: int | None = None):
+    """Final eval loss (and the eval metric) of each run. Against the effective batch (log scale, one line
+    per group of runs) when the runs differ in it; when they all share one (a split sweep), one bar per
+    run, labelled with its value, from zero: the runs train the same model, so the bars should match.
+    Returns the Figure."""
+    from matplotlib.figure import Figure
+
     metric_names = sorted({r["eval_metric_name"] for r in ok if r.get("eval_metric_name") not in (None, "loss")})
-    panels = [("eval_loss", "eval loss (held out)")] + [("eval_metric", f"eval {name}") for name in metric_names[:1]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    panels = [("eval_loss", "eval loss (held out)")] + [("eval_metric", f"eval {n}") for n in metric_names[:1]]
+    fig = Figure(figsize=(6 * len(panels), 4.5))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    batches = {r.get("effective") for r in ok}
     b_simple = sorted(r["b_simple"] for r in ok if isinstance(r.get("b_simple"), (int, float)))
-    for ax, (key, label) in zip(axes[0], panels, strict=True):
-        for name, group in groups.items():
-            group = sorted((r for r in group if isinstance(r.get(key), (int, float))), key=lambda r: r["effective"])
-            if group:
-                ax.plot([r["effective"] for r in group], [r[key] for r in group], marker="o", label=name or None)
-        if b_simple:
-            median = b_simple[len(b_simple) // 2]
-            ax.axvline(median, color="grey", linestyle="--", linewidth=1,
-                       label=f"B_simple ~ {median:.3g} samples (median over runs)")
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="effective batch (samples)", ylabel=label)
-        ax.grid(alpha=0.3)
-        if any(groups) or b_simple:
-            ax.legend(fontsize=8)
-    budget = f", {sweep.budget_samples} samples per run" if sweep.budget_samples else ""
-    fig.suptitle(f"{sweep.name}: final quality vs effective batch{budget}")
-    figures["quality_vs_effective_batch.png"] = fig
-    return figures
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        scored = [r for r in ok if isinstance(r.get(key), (int, float))]
+        if len(batches) == 1:
+            names = [f"{r['run']}\n{r.get('micro')}x{r.get('accum')}" for r in scored]
+            bars = ax.bar(range(len(scored)), [r[key] for r in scored], color="tab:blue", alpha=0.8)
+            ax.bar_label(bars, labels=[fmt_number(r[key]) for r in scored], fontsize=8)
+            ax.set_xticks(range(len(scored)), names, fontsize=8)
+            ax.set(xlabel=f"run (micro x accumulation), all at effective batch {next(iter(batches))}", ylabel=label)
+            ax.set_ylim(0, max((r[key] for r in scored), default=1) * 1.15)
+        else:
+            groups: dict[str, list[dict[str, Any]]] = {}
+            for record in scored:
+                groups.setdefault(group_label(record), []).append(record)
+            for group, members in groups.items():
+                members = sorted(members, key=lambda r: r["effective"])
+                ax.plot([r["effective"] for r in members], [r[key] for r in members], marker="o", label=group or None)
+            if b_simple:
+                median = b_simple[len(b_simple) // 2]
+                ax.axvline(median, color="grey", linestyle="--", linewidth=1,
+                           label=f"B_simple ~ {median:.3g} samples (median over runs)")
+            plain_log2_axis(ax)
+            ax.set(xlabel="effective batch (samples)", ylabel=label)
+            if any(groups) or b_simple:
+                ax.legend(fontsize=8)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.grid(alpha=0.3, axis="y")
+    budget = f", {budget_samples} samples per run" if budget_samples else ""
+    fig.suptitle(f"{name}: final quality vs effective batch{budget}")
+    fig.tight_layout()
+    return fig
+
+
+def plain_log2_axis(ax) -> None:
+    """A log2 x axis whose ticks read 4, 8, 16 (not 2^2, 2^3, 2^4)."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+
+
+def write_plots(out: Path, sweep: SweepConfig, records: list[dict[str, Any]]) -> list[Path]:
+    """The sweep's plots as PNG files in `out` (none before a run has finished); returns their paths."""
+    return [save_figure(fig, out / name) for name, fig in build_figures(sweep, records).items()]
+
+
+def build_figures(sweep: SweepConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """File name -> matplotlib Figure: loss vs samples seen per run; throughput and peak memory vs
+    micro-batch; quality vs effective batch. Empty when no run finished. The caller saves or closes them."""
+    ok = [r for r in records if r["status"] == "ok"]
+    if not ok:
+        return {}
+    curves = [(f"{r['run']} (batch {r.get('effective')})", *load_curve(r)) for r in ok]
+    return {"loss_vs_samples.png": loss_figure(sweep.name, curves),
+            "throughput_memory_vs_micro.png": speed_memory_figure(sweep.name, ok),
+            "quality_vs_effective_batch.png": quality_figure(sweep.name, ok, sweep.budget_samples)}
 
 
 def group_label(record: dict[str, Any]) -> str:
@@ -711,13 +759,10 @@ def group_label(record: dict[str, Any]) -> str:
 
 
 def save_figure(fig, path: Path) -> Path:
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    """The Figure as a PNG, written atomically. Figures are built without pyplot (no global state to close)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    write_bytes_atomic(path, buffer.getvalue())
     return path
 
 
@@ -791,14 +836,16 @@ def run_sweep(sweep: SweepConfig, retry_failed: bool = False) -> list[dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: bad input is one line on stderr and exit code 2, never a traceback."""
-    parser = argparse.ArgumentParser(description="Sweep accumulation settings, one training process per run.")
-    parser.add_argument("--config", required=True, help="sweep YAML (configs/sweep*.yaml)")
+    parser = OneLineParser(prog="scripts/sweep.py", description="Sweep accumulation settings, one training process "
+                                                                "per run.",
+                           epilog="Every flag also works with underscores (--output_dir).")
+    parser.add_argument("--config", required=True, metavar="FILE", help="sweep YAML (configs/sweep*.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
-    parser.add_argument("--output-dir", help="override the sweep's output_dir")
+    parser.add_argument("--output-dir", metavar="PATH", help="override the sweep's output_dir")
     parser.add_argument("--retry-failed", action="store_true",
                         help="run again the runs recorded as failed/oom/timeout (a new line, attempt 2, ...)")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         sweep = load_sweep(args.config)
         if args.output_dir:
             sweep.output_dir = args.output_dir

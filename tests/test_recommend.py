@@ -1,6 +1,8 @@
 """`python -m accum recommend --run DIR`: a batch near the run's measured B_simple."""
 
 import json
+import shlex
+from pathlib import Path
 
 from accum.cli.main import main, recommend_from_run
 from accum.plan import plan_from_accumulation
@@ -39,3 +41,39 @@ def test_run_without_noise_scale_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--noise-scale" in err
     assert main(["recommend", "--run", str(tmp_path / "missing")]) == 2
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def walk_through_commands() -> list[str]:
+    section = (ROOT / "README.md").read_text().split("### Noise scale walk-through", 1)[1]
+    block = section.split("```bash", 1)[1].split("```", 1)[0]
+    return [line.strip() for line in block.strip().splitlines()]
+
+
+def test_the_readmes_noise_scale_walk_through_works_as_written(tmp_path, monkeypatch, capsys):
+    """Train a few steps with --noise-scale, then recommend and report, as the README says (in this
+    process, with the run in tmp_path instead of runs/clm_tiny); the numbers it quotes are these."""
+    from scripts.train import main as train_main
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "clm_tiny"
+    commands = walk_through_commands()
+    assert [c.split()[:3] for c in commands] == [["python", "scripts/train.py", "--config"],
+                                                ["python", "-m", "accum"], ["python", "-m", "accum"]]
+    assert train_main(shlex.split(commands[0])[2:] + ["--output-dir", str(out)]) == 0
+    trained = capsys.readouterr().out
+    assert "Effective batch size: 16 = 4 micro x 4 accum x 1 process" in trained
+    for command in commands[1:]:
+        argv = [str(out) if word == "runs/clm_tiny" else word for word in shlex.split(command)[3:]]
+        assert main(argv) == 0, command
+    said = capsys.readouterr().out
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    quoted = readme.split("### Noise scale walk-through", 1)[1]
+    for line in (trained + said).splitlines():
+        if line.startswith(("noise scale: B_simple", "Recommended:", "LR:")):
+            text = line.split(";")[0].split(" (effective batch")[0] if line.startswith("noise") else line
+            assert text.split(": ", 1)[1] in quoted, line
+    assert (out / "report.png").is_file() and (out / "report.csv").is_file()
+    assert (out / "final" / "model.safetensors").is_file()

@@ -315,3 +315,57 @@ def test_a_sweep_stopped_mid_run_restarts_only_the_unfinished_runs(tmp_path, cap
     assert sorted(r["run"] for r in records) == sorted({r["run"] for r in records}) and len(records) == 2
     assert all(r["status"] == "ok" and r["optimizer_steps"] == 40 for r in records), records
     assert (out / first["run"] / "metrics.json").stat().st_mtime_ns == stamp  # the finished run was not re-trained
+
+
+# -- plots (Figure objects inspected, built from records as the sweep keeps them) ------------------------------
+
+
+def _records(batches, micros, losses, tmp_path=None):
+    return [{"run": f"r{i}", "status": "ok", "effective": b, "micro": m, "accum": b // m, "eval_loss": loss,
+             "eval_metric": 0.5, "eval_metric_name": "accuracy", "axes": {}, "samples_per_s": 100.0 + i,
+             "peak_memory_bytes": 2**29} for i, (b, m, loss) in enumerate(zip(batches, micros, losses, strict=True))]
+
+
+def test_quality_plot_of_a_split_sweep_is_a_bar_per_run_from_zero_without_an_offset():
+    # one effective batch, losses 1e-4 apart: the old plot had one x value and a "+1.039" offset axis
+    fig = sweep_lib.quality_figure("split", _records([32] * 4, [32, 16, 8, 4], [1.0391, 1.0392, 1.0390, 1.0393]))
+    fig.canvas.draw()
+    loss_ax, metric_ax = fig.axes
+    assert len(loss_ax.patches) == 4 and [t.get_text().split("\n")[1] for t in loss_ax.get_xticklabels()] == [
+        "32x1", "16x2", "8x4", "4x8"]
+    assert loss_ax.get_ylim()[0] == 0 and loss_ax.get_ylim()[1] > 1.04
+    assert loss_ax.yaxis.get_offset_text().get_text() == ""
+    assert "effective batch 32" in loss_ax.get_xlabel() and metric_ax.get_ylabel() == "eval accuracy"
+
+
+def test_quality_plot_of_a_scaling_sweep_is_a_line_over_the_effective_batch():
+    fig = sweep_lib.quality_figure("scaling", _records([8, 16, 32, 64], [4] * 4, [1.2, 1.1, 1.05, 1.07]))
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [8, 16, 32, 64] and ax.get_xscale() == "log"
+    assert ax.yaxis.get_offset_text().get_text() == ""
+    assert {"8", "16", "32", "64"} <= {t.get_text() for t in ax.get_xticklabels()}  # not 2^3, 2^4, ...
+
+
+def test_loss_plot_smooths_over_optimizer_steps():
+    xs = [float(16 * (i + 1)) for i in range(16)]
+    ys = [1.0 + (0.2 if i % 2 else -0.2) - 0.01 * i for i in range(16)]  # zig-zag: what smoothing should flatten
+    fig = sweep_lib.loss_figure("split", [("a (batch 16)", xs, ys), ("b (batch 16)", xs, ys[::-1])])
+    ax = fig.axes[0]
+    raw, smooth = ax.get_lines()[0], ax.get_lines()[1]
+    assert len(ax.get_lines()) == 4 and [t.get_text() for t in ax.get_legend().get_texts()] == ["a (batch 16)",
+                                                                                              "b (batch 16)"]
+    window = sweep_lib.smoothing_window([16, 16])
+    assert window == 4 and f"mean of the last {window} optimizer steps" in ax.get_title()
+    spread = lambda line: max(line.get_ydata()[window:]) - min(line.get_ydata()[window:])  # noqa: E731
+    assert spread(smooth) < spread(raw) / 3
+    assert sweep_lib.rolling_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_an_unknown_sweep_flag_is_one_line_with_the_closest(tmp_path, capsys):
+    path = write_sweep(tmp_path, kind="split", batch_size=8, micro_batch_sizes=[4])
+    assert main(["--config", str(path), "--dryrun"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did you mean --dry-run?" in err, err
+    assert main(["--config", str(path), "--dry_run"]) == 0  # underscores, as everywhere

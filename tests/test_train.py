@@ -193,3 +193,118 @@ def test_corrupt_checkpoint_is_refused_without_touching_files(tmp_path, capsys):
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+# ----------------------------------------------------------------------------- what a run leaves
+
+
+def train_in_process(argv: list[str]):
+    """parse_config + train() in this process (a few seconds for TINY_CLM); returns (config, model):
+    the model object is the one trained (one CPU process: prepare() hands the same module back)."""
+    from accum.cli import models
+    from accum.cli.config import parse_config
+    from scripts.train import train
+
+    config, keys = parse_config(argv)
+    torch.manual_seed(config.seed)
+    model = models.build_model(config, tokenizer=models.build_tokenizer(config))
+    train(config, model=model, cli_keys=keys)
+    return config, model
+
+
+def test_final_export_loads_offline_with_the_trained_logits_and_every_file_is_group_readable(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from accum.files import new_file_mode
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    _, model = train_in_process(TINY_CLM + ["--batch-size", "4", "--micro-batch-size", "2", "--max-train-samples", "16",
+                                            "--max-eval-samples", "4", "--max-steps", "3", "--output-dir", str(out)])
+    final = out / "final"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in final.iterdir()}
+    loaded = AutoModelForCausalLM.from_pretrained(final).eval()  # HF_HUB_OFFLINE=1 (conftest): no network
+    ids = AutoTokenizer.from_pretrained(final)("It was the best of times", return_tensors="pt")["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    card = (final / "README.md").read_text()
+    assert "Effective batch: 4 = 2 micro x 2 accum x 1 process" in card and "AutoModelForCausalLM" in card
+    assert json.loads((out / "metrics.json").read_text())["final_model_dir"] == str(final)
+    # safetensors writes 0600; the run's files all get what a new file gets under the umask (0644 under 022)
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in written) and any(p.name.startswith("rng-") for p in written)
+    assert {oct(os.stat(p).st_mode & 0o777) for p in written} == {oct(new_file_mode())}
+
+
+def test_tensorboard_continues_after_a_resume_without_repeating_steps(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    args = TINY_CLM + ["--batch-size", "4", "--micro-batch-size", "2", "--max-train-samples", "24",
+                       "--max-eval-samples", "4", "--max-steps", "4", "--save-every", "2", "--report-to", "tensorboard",
+                       "--output-dir", str(out)]
+    train_in_process(args)
+    # as after a kill at step 4: steps 3 and 4 are logged, the run resumes from the checkpoint of step 2
+    train_in_process(args + ["--resume-from-checkpoint", str(out / "checkpoints" / "step-00000002")])
+    events = EventAccumulator(str(out / "accum"))  # purges events orphaned by a restart, as TensorBoard does
+    events.Reload()
+    assert [event.step for event in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert not {"optimizer_step", "epoch", "skipped"} & set(events.Tags()["scalars"])
+    assert {"lr", "grad_norm", "micro_batch_size"} <= set(events.Tags()["scalars"])
+
+
+def test_help_shows_every_default_and_choice_from_the_schema():
+    from accum.cli.config import RunConfig, build_arg_parser
+
+    parser = build_arg_parser()
+    text = " ".join(parser.format_help().split())  # argparse wraps lines
+    assert "(default: None)" not in text
+    actions = {action.dest: action for action in parser._actions}
+    for name, field in RunConfig.model_fields.items():
+        assert "--" + name.replace("_", "-") in text, name
+        if field.default is not None and "default" not in field.description:
+            shown = str(field.default).lower() if isinstance(field.default, bool) else str(field.default)
+            assert f"(default: {shown})" in actions[name].help, (name, actions[name].help)
+    for choices in ("{classification,clm}", "{constant,linear,cosine}", "{largest,throughput}", "{no,fp16,bf16}",
+                    "N|auto", "true|false"):
+        assert choices in text, choices
+
+
+def test_training_arguments_spellings_set_the_same_keys():
+    from accum.cli.config import parse_config
+
+    config, keys = parse_config([
+        "--model_name_or_path", "x", "--max_steps", "5", "--learning_rate", "0.01", "--gradient_accumulation_steps", "4",
+        "--per_device_train_batch_size", "2", "--output_dir", "o", "--num_train_epochs", "2", "--warmup_steps", "3",
+        "--weight_decay", "0.1", "--max_grad_norm", "0.5", "--seed", "1", "--lr_scheduler_type", "constant_with_warmup",
+        "--resume_from_checkpoint", "latest", "--report_to", "none", "--logging_steps", "5", "--save_steps", "10",
+        "--eval_steps", "20", "--bf16"])
+    assert (config.model, config.max_steps, config.lr, config.grad_accum_steps, config.micro_batch_size) == ("x", 5, 0.01, 4, 2)
+    assert (config.output_dir, config.epochs, config.warmup_steps, config.weight_decay, config.max_grad_norm) == ("o", 2, 3, 0.1, 0.5)
+    assert (config.seed, config.lr_scheduler, config.resume_from_checkpoint, config.report_to) == (1, "constant", "latest", "none")
+    assert (config.log_every, config.save_every, config.eval_every, config.mixed_precision) == (5, 10, 20, "bf16")
+    assert {"micro_batch_size", "grad_accum_steps"} <= keys  # as given on the command line: they set the batch
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["--max_stepz", "3"], "did you mean --max-steps?"),
+    (["--learning-rat", "3"], "did you mean --learning_rate?"),
+    (["--model", "x", "--fp16", "--bf16"], "--bf16 and --fp16 both given"),
+])
+def test_a_flag_mistake_is_one_line_with_the_closest_flag(argv, hint, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and hint in err[0], err
+
+
+def test_the_noise_line_names_the_condition_that_is_not_met():
+    from scripts.train import describe_noise
+
+    common = {"noise_method": "micro_batches", "noise_b_simple": None, "noise_min_updates": 10,
+              "effective_batch_size": 16, "noise_g_sq": -0.05}
+    early = describe_noise(dict(common, noise_updates=6))
+    assert "after 6 measured steps (it needs 10): train longer" in early
+    unresolved = describe_noise(dict(common, noise_updates=14))  # accumulation 4: the old line suggested >= 2
+    assert "|G|^2" in unresolved and "-0.05" in unresolved and "accumulation" not in unresolved

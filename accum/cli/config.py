@@ -11,6 +11,7 @@ import argparse
 import difflib
 import json
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -82,7 +83,8 @@ class RunConfig(BaseModel):
     lr: float = Field(1e-4, gt=0, description="learning rate at base_batch_size")
     lr_scaling: Literal["none", "linear", "sqrt"] = Field("none", description="LR rule when the batch differs from base")
     base_batch_size: int | None = Field(None, gt=0, description="batch the LR was tuned for; default batch_size")
-    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="decay, in optimizer steps")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "linear", description="decay, in optimizer steps, after the warmup (constant_with_warmup = constant)")
     warmup_steps: int = Field(0, ge=0, description="linear warmup, in optimizer steps")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
@@ -155,6 +157,12 @@ class RunConfig(BaseModel):
             raise ValueError("must be a positive integer or 'auto'")
         return value
 
+    @field_validator("lr_scheduler", mode="before")
+    @classmethod
+    def _transformers_scheduler_name(cls, value: Any) -> Any:
+        # TrainingArguments' name for what `constant` is here: constant after warmup_steps of linear warmup
+        return "constant" if value == "constant_with_warmup" else value
+
     @field_validator("max_memory")
     @classmethod
     def _memory_parses(cls, value: str | float | None) -> str | float | None:
@@ -213,12 +221,69 @@ def _parse_cli_value(raw: str, annotation: Any) -> Any:
     return raw
 
 
-ALIASES = {"target_batch_size": "batch_size", "use_amp": "use_amp", "resume": "resume_from_checkpoint"}
+# Other spellings of a key, as flags. accum's own older names, then Transformers' TrainingArguments
+# (and its example scripts) where the meaning is the same; README.md lists them. A flag may also be
+# written with underscores (`--max_steps`): OneLineParser reads it as `--max-steps`.
+ALIASES = {"target_batch_size": "batch_size", "resume": "resume_from_checkpoint"}
+TRAINING_ARGUMENTS_ALIASES = {
+    "learning_rate": "lr",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "per_device_train_batch_size": "micro_batch_size",  # samples per forward/backward per process: the micro-batch
+    "per_device_eval_batch_size": "eval_batch_size",
+    "num_train_epochs": "epochs",
+    "lr_scheduler_type": "lr_scheduler",
+    "logging_steps": "log_every",
+    "save_steps": "save_every",
+    "save_total_limit": "keep_checkpoints",
+    "eval_steps": "eval_every",
+    "dataloader_num_workers": "num_workers",
+    "model_name_or_path": "model",
+    "tokenizer_name": "tokenizer",
+    "validation_file": "eval_file",
+    "max_seq_length": "max_seq_len",
+}
+# `--bf16` / `--fp16` (TrainingArguments' switches) set `mixed_precision`.
+PRECISION_SWITCHES = ("bf16", "fp16")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help with `(default: X)` only where a default exists: a flag whose default is None or
+    False says nothing (its help says what happens without it) instead of `(default: None)`."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        if action.option_strings and action.nargs != 0:
+            return f"{text} (default: %(default)s)"
+        return text
 
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (ConfigError, exit code 2) instead of usage text, and
-    an unknown flag names the closest known one."""
+    an unknown flag names the closest known one. A flag written with underscores where the parser
+    knows it with dashes (or the other way round) is read as the one it knows, so `--max_steps`
+    (Transformers' spelling) is `--max-steps`."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        args = list(sys.argv[1:] if args is None else args)
+        ends = args.index("--") if "--" in args else len(args)  # after `--` nothing is a flag
+        return super().parse_known_args([self._known_spelling(arg) for arg in args[:ends]] + args[ends:], namespace)
+
+    def _known_spelling(self, arg: str) -> str:
+        if not arg.startswith("--") or arg == "--":
+            return arg
+        flag, equals, value = arg.partition("=")
+        if flag in self._option_string_actions:
+            return arg
+        for other in ("--" + flag[2:].replace("_", "-"), "--" + flag[2:].replace("-", "_")):
+            if other in self._option_string_actions:
+                return other + equals + value
+        return arg
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.startswith("unrecognized arguments:"):
@@ -246,16 +311,72 @@ def flags_in(message: str) -> str:
                   message)
 
 
+def _choices(annotation: Any) -> list[Any]:
+    """The values a Literal field (or a Literal inside a union) allows, in order."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return list(typing.get_args(annotation))
+    if origin in (Union, types.UnionType):
+        return [value for arg in typing.get_args(annotation) for value in _choices(arg)]
+    return []
+
+
+# What a value is, where its type alone does not say.
+_METAVARS = {"max_memory": "SIZE|FRACTION", "model": "PATH|NAME", "tokenizer": "PATH|NAME", "dataset": "NAME",
+             "train_file": "PATH", "eval_file": "PATH", "plan_cache": "PATH", "output_dir": "PATH",
+             "resume_from_checkpoint": "latest|PATH", "batch_ramp": "START,END,SAMPLES"}
+
+
+def _metavar(annotation: Any) -> str:
+    """What a flag's value looks like in --help: {a,b} for a choice, N|auto, true|false, a type name."""
+    kinds, choices = _scalar_types(annotation), _choices(annotation)
+    if kinds == {bool}:
+        return "true|false"
+    if choices and kinds <= {str}:
+        return "{" + ",".join(str(value) for value in choices) + "}"
+    words = [{int: "N", float: "X", str: "TEXT", dict: "MAPPING"}.get(kind, "VALUE") for kind in (int, float, dict, str)
+             if kind in kinds and not (kind is str and choices)]
+    if int in kinds and float in kinds:
+        words.remove("N")
+    return "|".join(words + [str(value) for value in choices if isinstance(value, str)])
+
+
+def field_help(name: str) -> str:
+    """A key's help: its description and its default where it has one (None means: the description says
+    what happens without it)."""
+    field = RunConfig.model_fields[name]
+    text = field.description or ""
+    if field.default is not None and "default" not in text:
+        default = field.default
+        shown = str(default).lower() if isinstance(default, bool) else default
+        text += f" (default: {shown})"
+    return text.replace("%", "%%")
+
+
 def build_arg_parser(description: str = "") -> argparse.ArgumentParser:
-    """A parser with --config and one flag per RunConfig field (help text from the schema)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", help="run config YAML; flags override its keys")
+    """A parser with --config and one flag per RunConfig field, help text, defaults and choices from the
+    schema; the aliases above; `--bf16`/`--fp16`. Errors are one line (OneLineParser)."""
+    parser = OneLineParser(
+        prog="scripts/train.py", description=description,
+        usage="%(prog)s [--config FILE] [--KEY VALUE ...]  (every config key is a flag)",
+        epilog="Flags override the --config file's keys. Every flag also works with underscores (--max_steps). "
+               "A second spelling after a flag is Transformers' TrainingArguments name for the same setting "
+               "(--per_device_train_batch_size is the micro-batch); --bf16 / --fp16 are --mixed-precision "
+               "bf16 / fp16.")
+    parser.add_argument("--config", metavar="FILE", help="run config YAML; flags override its keys")
     for name, field in RunConfig.model_fields.items():
-        flags = [_flag(name)] + [_flag(alias) for alias, target in ALIASES.items() if target == name and alias != name]
+        aliases = {**ALIASES, **TRAINING_ARGUMENTS_ALIASES}
+        flags = [_flag(name)] + ["--" + alias if alias in TRAINING_ARGUMENTS_ALIASES else _flag(alias)
+                                 for alias, target in aliases.items() if target == name]
         if field.annotation is bool:
-            parser.add_argument(*flags, dest=name, nargs="?", const="true", default=None, help=field.description)
+            parser.add_argument(*flags, dest=name, nargs="?", const="true", default=None, metavar="true|false",
+                                help=field_help(name))
         else:
-            parser.add_argument(*flags, dest=name, default=None, help=field.description)
+            parser.add_argument(*flags, dest=name, default=None, metavar=_METAVARS.get(name, _metavar(field.annotation)),
+                                help=field_help(name))
+    for switch in PRECISION_SWITCHES:
+        parser.add_argument(f"--{switch}", dest=f"precision_{switch}", nargs="?", const="true", default=None,
+                            metavar="true|false", help=f"TrainingArguments' switch: --mixed-precision {switch}")
     return parser
 
 
@@ -307,8 +428,9 @@ def make_config(values: dict[str, Any]) -> RunConfig:
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, set[str]]:
-    """Config file, then flags. Returns the config and the set of keys given on the command line."""
-    parser = build_arg_parser("Fine-tune with exact gradient accumulation.")
+    """Config file, then flags. Returns the config and the set of keys given on the command line.
+    Raises ConfigError (one line) for an unknown flag, a bad value or a bad file."""
+    parser = build_arg_parser("Fine-tune a transformers model with exact gradient accumulation.")
     args = parser.parse_args(argv)
     values = load_yaml(args.config) if args.config else {}
     cli: dict[str, Any] = {}
@@ -316,8 +438,25 @@ def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, set[str]]:
         raw = getattr(args, name)
         if raw is not None:
             cli[name] = _parse_cli_value(raw, field.annotation)
+    switched = [switch for switch in PRECISION_SWITCHES if _switch_on(switch, getattr(args, f"precision_{switch}"))]
+    if len(switched) > 1:
+        raise ConfigError("--bf16 and --fp16 both given: choose one")
+    if switched:
+        if cli.get("mixed_precision", switched[0]) != switched[0]:
+            raise ConfigError(f"--{switched[0]} and --mixed-precision {cli['mixed_precision']} disagree: give one")
+        cli["mixed_precision"] = switched[0]
     values.update(cli)
     return make_config(values), set(cli)
+
+
+def _switch_on(name: str, raw: str | None) -> bool:
+    """A `--bf16 [true|false]` switch: True when given and true. Raises ConfigError for another value."""
+    if raw is None:
+        return False
+    value = _parse_cli_value(raw, bool)
+    if not isinstance(value, bool):
+        raise ConfigError(f"--{name} {raw!r}: give true or false (or the flag alone)")
+    return value
 
 
 def config_to_json(config: RunConfig) -> str:

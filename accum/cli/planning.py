@@ -149,8 +149,9 @@ def plan_eval_batch_size(config: RunConfig, model, train_ds, eval_ds, collate, p
 @dataclass(frozen=True)
 class RunInputs:
     """What a run config builds before anything is planned: the model (on the CPU, in train mode),
-    the tokenised data, the collate, the loss, and whether the model and data came from the config
-    (a fresh process can then rebuild them, as plan verification does)."""
+    the tokenised data, the collate, the loss, whether the model and data came from the config
+    (a fresh process can then rebuild them, as plan verification does), the tokenizer that made the
+    data (None when the data was handed in tokenised) and lines for the banner (a new head)."""
 
     model: Any
     train_data: Any
@@ -158,6 +159,8 @@ class RunInputs:
     collate: Any
     loss: TaskLoss
     from_config: bool
+    tokenizer: Any = None
+    notes: tuple[str, ...] = ()
 
 
 def load_run_inputs(config: RunConfig, model=None, train_data=None, eval_data=None) -> RunInputs:
@@ -167,19 +170,20 @@ def load_run_inputs(config: RunConfig, model=None, train_data=None, eval_data=No
     from accum.cli import data, models
 
     tokenizer, label_info, from_config = None, None, model is None and train_data is None
+    notes: list[str] = []
     if train_data is None:
         tokenizer = models.build_tokenizer(config)
         train_raw, eval_raw = data.load_splits(config)
         train_data, eval_data, label_info = data.tokenize_splits(config, tokenizer, train_raw, eval_raw)
     if model is None:
         model = models.build_model(config, label_info.num_labels if label_info else 0, tokenizer=tokenizer,
-                                   id2label=label_info.id2label if label_info else None)
+                                   id2label=label_info.id2label if label_info else None, notes=notes)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
         pad_id = getattr(model.config, "pad_token_id", None) or 0
     model.train()
     return RunInputs(model, train_data, eval_data, data.make_collate(config.task, pad_id),
-                     TaskLoss(config.task, config.resolved_loss_normalization()), from_config)
+                     TaskLoss(config.task, config.resolved_loss_normalization()), from_config, tokenizer, tuple(notes))
 
 
 def make_plan(config: RunConfig, resolved, accelerator, inputs: RunInputs,
