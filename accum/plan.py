@@ -66,6 +66,19 @@ class Plan:
         return plan
 
 
+def divisors(n: int) -> list[int]:
+    """The divisors of n > 0, ascending, in O(sqrt(n)) steps (a batch of 2**40 stays instant)."""
+    check_positive_int("n", n)
+    small, large, d = [], [], 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
+
+
 def nearest_valid_targets(target: int, multiple_of: int) -> list[int]:
     """The multiples of `multiple_of` closest to `target` from below (if positive) and above."""
     below = (target // multiple_of) * multiple_of
@@ -117,7 +130,7 @@ def plan_batch(
     check_positive_int("max micro-batch", max_micro_batch)
     check_positive_int("number of processes", num_processes)
     target, per_process = _split_per_process(target_batch_size, num_processes, allow_rounding)
-    micro = max(d for d in range(1, min(max_micro_batch, per_process) + 1) if per_process % d == 0)
+    micro = max(d for d in divisors(per_process) if d <= max_micro_batch)
     if micro * 2 <= min(max_micro_batch, per_process):
         better = nearest_valid_targets(target, min(max_micro_batch, per_process) * num_processes)
         logger.warning(

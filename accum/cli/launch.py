@@ -34,8 +34,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from accum.cli.status import ExitStatus
 from accum.errors import ConfigError
 
@@ -80,16 +78,21 @@ def check_accelerate_config(path: str | Path | None) -> dict[str, Any]:
 
 
 def _read_mapping(name: str) -> dict[str, Any]:
+    from accum.cli.config import MAX_CONFIG_BYTES, parse_yaml
+    from accum.files import FileTooLarge, read_bounded
+
+    kind = "JSON" if name.endswith(".json") else "YAML"
     try:
-        with open(name, encoding="utf-8") as handle:
-            data = json.load(handle) if name.endswith(".json") else yaml.safe_load(handle)
-    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        text = read_bounded(name, MAX_CONFIG_BYTES).decode("utf-8")
+        data = json.loads(text) if kind == "JSON" else parse_yaml(text)
+    except FileTooLarge:
+        raise ConfigError(f"accelerate config {name!r} is larger than {MAX_CONFIG_BYTES // 1024} KiB: check "
+                          "--config_file") from None
+    except OSError as exc:
+        raise ConfigError(f"accelerate config {name!r} cannot be read ({exc.strerror or exc})") from None
+    except (ConfigError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None:  # YAML: say what and where, not only "while parsing a flow node"
-            first = f"{getattr(exc, 'problem', None) or first} at line {mark.line + 1}, column {mark.column + 1}"
-        raise ConfigError(f"accelerate config {name!r} is not valid {'JSON' if name.endswith('.json') else 'YAML'}: "
-                          f"{first}; {_CHOICES_FIX}") from None
+        raise ConfigError(f"accelerate config {name!r} is not valid {kind}: {first}; {_CHOICES_FIX}") from None
     if not isinstance(data, dict) or not data:
         raise ConfigError(f"accelerate config {name!r} must be a mapping of keys to values (it holds "
                           f"{type(data).__name__ if data is not None else 'nothing'}); {_CHOICES_FIX}")

@@ -160,15 +160,24 @@ def build_workload(args: argparse.Namespace):
     """(Workload, RunConfig) for `plan` and `verify`. Raises ConfigError before anything loads when a
     setting is bad."""
     import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from accum.accelerator import build_accelerator
-    from accum.cli.planning import build_optimizer, resolve_precision
+    from accum.cli.planning import (
+        build_optimizer,
+        check_launch_environment,
+        check_precision,
+        resolve_precision,
+    )
     from accum.plan import plan_from_accumulation
     from accum.probe import OBJECTIVES, memory_budget
 
     config = run_config_of(args)
     if config.objective not in OBJECTIVES:
         raise ConfigError(f"--objective {config.objective!r} is unknown: use one of {', '.join(OBJECTIVES)}")
+    check_launch_environment()
+    check_precision(config, PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device)
     accelerator = build_accelerator(plan_from_accumulation(1, 1), mixed_precision=resolve_precision(config))
     memory_budget(config.max_memory, config.safety_margin, accelerator.device)  # bad input before the model loads
     torch.manual_seed(config.seed)

@@ -28,6 +28,38 @@ from accum.scaling import scale_lr
 from accum.schedule import schedule_from_config
 
 
+def check_launch_environment(environ: Any = None) -> None:
+    """The variables a launcher sets, checked before Accelerate reads them (it would raise a traceback,
+    or show 'precision fp17'): whole numbers for the process layout, a precision Accelerate knows.
+    Raises ConfigError naming the variable."""
+    from accelerate.utils import PrecisionType
+
+    environ = os.environ if environ is None else environ
+    for name, minimum in (("WORLD_SIZE", 1), ("LOCAL_WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)):
+        value = environ.get(name)
+        if value is not None and not (value.strip().isdigit() and int(value) >= minimum):
+            raise ConfigError(f"environment variable {name}={value!r} must be a whole number >= {minimum}: launchers "
+                              "set it; unset it, or start the run with `accelerate launch`")
+    precision = environ.get("ACCELERATE_MIXED_PRECISION")
+    if precision is not None and precision.lower() not in {p.value for p in PrecisionType}:
+        raise ConfigError(f"environment variable ACCELERATE_MIXED_PRECISION={precision!r} is not a precision: use "
+                          "no, fp16 or bf16 (the accelerate config's mixed_precision sets it), or unset it")
+
+
+def check_precision(config: RunConfig, device: Any) -> str:
+    """The precision the run will train in (`mixed_precision`, else the accelerate config's through
+    ACCELERATE_MIXED_PRECISION, else no). Raises ConfigError for fp16 on the CPU: Accelerate has no
+    fp16 gradient scaler there and trains in fp32, while reporting fp16."""
+    precision = resolve_precision(config)
+    source = "`mixed_precision`"
+    if precision is None:
+        precision, source = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower(), "the accelerate config"
+    if precision == "fp16" and torch.device(device).type == "cpu":
+        raise ConfigError(f"fp16 (from {source}) on the CPU: Accelerate has no fp16 gradient scaler there and "
+                          "would train in fp32 while reporting fp16; use `mixed_precision` bf16 or no")
+    return precision
+
+
 def resolve_precision(config: RunConfig) -> str | None:
     """--mixed-precision wins; --use-amp means fp16 on CUDA and bf16 elsewhere; None defers to accelerate's config."""
     if config.mixed_precision is not None:
