@@ -34,10 +34,13 @@ from tqdm.auto import tqdm
 from accum.accelerator import build_accelerator
 from accum.cache import PlanCache
 from accum.cli import data as data_lib
+from accum.cli import rundir
 from accum.cli.config import ConfigError, RunConfig, config_to_json, flags_in, parse_config
 from accum.cli.lock import OutputLock
 from accum.cli.planning import (
     build_optimizer,
+    check_launch_environment,
+    check_precision,
     load_run_inputs,
     lr_base_batch,
     make_plan,
@@ -48,7 +51,7 @@ from accum.cli.planning import (
     verify_command,
 )
 from accum.cli.status import STATUS_FILE, ExitStatus, write_status
-from accum.files import write_json_atomic
+from accum.files import write_json_atomic, write_text_atomic
 from accum.loss import TaskLoss
 from accum.plan import Plan, plan_batch, plan_from_accumulation
 from accum.recovery import AdaptiveBatch, OutOfMemoryError
@@ -63,15 +66,21 @@ from scripts import checkpoint as ckpt
 
 
 def check_output_dir(config: RunConfig) -> Path:
-    """Refuse to write over a finished run unless asked, or where nothing can be written. Creates
-    nothing (train creates the directory once every input is checked): bad input touches no file."""
+    """Refuse a directory another live run owns (its lock), one holding an earlier run's results unless
+    asked to continue or overwrite it, one where the run could write only after training, and one
+    where nothing can be written. Creates nothing (train creates the directory once every input is
+    checked): bad input touches no file."""
     out = Path(config.output_dir)
-    finished = (out / "metrics.json").exists()
-    if finished and not config.overwrite and not config.resume_from_checkpoint:
-        raise ConfigError(f"output dir {str(out)!r} holds a finished run: pass --overwrite, "
-                          "--resume-from-checkpoint latest, or another --output-dir")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output dir {str(out)!r} exists and is not a directory: choose another --output-dir")
+    OutputLock(out).check()  # reads only
+    rundir.check_layout(out)
+    results = rundir.results_in(out) if out.is_dir() else []
+    if results and not config.overwrite and not config.resume_from_checkpoint:
+        what = "a finished run" if "metrics.json" in results else f"an earlier run's {' and '.join(results)}"
+        raise ConfigError(f"output dir {str(out)!r} holds {what}: pass --resume-from-checkpoint latest to continue "
+                          f"it, --overwrite to start again (its files move to {rundir.OVERWRITTEN_PREFIX}<time>/ "
+                          "inside it), or another --output-dir")
     existing = next(parent for parent in (out, *out.absolute().parents) if parent.exists())
     try:
         if not existing.is_dir():
@@ -81,6 +90,23 @@ def check_output_dir(config: RunConfig) -> Path:
     except OSError as exc:
         raise ConfigError(f"output dir {str(out)!r} cannot be written ({exc.strerror}): choose another --output-dir") from None
     return out
+
+
+def check_batch_within_data(config: RunConfig, target: int, num_samples: int) -> None:
+    """A window never holds more samples than the data: a larger batch would be claimed in the banner
+    and the metrics while each step trained only the data's samples. Raises ConfigError."""
+    schedule = schedule_from_config(config)
+    batches = [("batch_size", target)]
+    if schedule is not None and schedule.kind == "steps":
+        batches = [("accumulation_schedule", max(batch for _, batch in schedule.points))]
+    elif schedule is not None and schedule.kind == "ramp":
+        batches = [("batch_ramp", max(schedule.start, schedule.end))]
+    elif schedule is not None:  # noise-driven, up to adaptive_batch_max (default 8 x the minimum)
+        batches = [("adaptive_batch_min", schedule.minimum), ("adaptive_batch_max", schedule.maximum)]
+    for name, batch in batches:
+        if batch > num_samples:
+            raise ConfigError(f"`{name}` {batch} is larger than the {num_samples} training samples: every step "
+                              f"would train only {num_samples}; use at most {num_samples}, or more data")
 
 
 def data_fingerprint(dataset) -> str:
@@ -204,6 +230,7 @@ class TrainingState:
     schedule: BatchSchedule | None
     eval_batch: int
     saved_step: int | None = None  # the optimizer step this process last checkpointed (or resumed from)
+    run_id: str | None = None  # the run that owns the output directory (accum/cli/rundir.py)
     window_start: dict | None = field(default=None, repr=False)  # the state before the window in flight
 
     @property
@@ -242,7 +269,9 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data,
     # Accelerator() honours ACCELERATE_USE_CPU but PartialState() does not (accelerate 1.15): without
     # this, each CPU rank of `accelerate launch --multi_gpu` would train alone as a world of one.
     # a bounded wait: a rank whose peer died stops with an error instead of hanging (gloo's default is 30 min)
+    check_launch_environment()
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(seconds=config.dist_timeout_s))
+    check_precision(config, state.device)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > state.num_processes:
         raise ConfigError(f"{launched} processes were launched but each sees a world of {state.num_processes}: "
@@ -253,6 +282,7 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data,
     inputs = load_run_inputs(config, model, train_data, eval_data)
     model, train_data, eval_data, collate, loss = (inputs.model, inputs.train_data, inputs.eval_data, inputs.collate,
                                                    inputs.loss)
+    check_batch_within_data(config, resolved[0], len(train_data))
     # the accumulation steps of this Accelerator are set per window (begin_window), so it can exist
     # before the plan: the planner then probes on the run's device and process count
     accelerator = build_accelerator(plan_from_accumulation(1, 1), mixed_precision=resolve_precision(config),
@@ -315,10 +345,10 @@ def train(config: RunConfig, model=None, train_data=None, eval_data=None, cli_ke
     with StopRequest() as stop:
         run, state, text = setup(config, cli_keys or set(), model, train_data, eval_data, tuple(callbacks))
         lock = OutputLock(run.out)
-        on_main_process(run, lock.check)  # another live run's directory: refused before anything is read
         resumed_step = resume_if_asked(run, state)  # a checkpoint that cannot be used touches nothing
         on_main_process(run, lock.acquire)  # before anything is written
         try:
+            claim_output_dir(run, state, resumed_step)
             metrics = train_until_done(run, state, text, stop, tuple(callbacks), resumed_step)
         except BaseException as exc:
             end_run(run, lock, exc)
@@ -342,6 +372,31 @@ def on_main_process(run: Run, action) -> None:
         broadcast_object_list(refusal)
     if refusal[0] is not None:
         raise ConfigError(refusal[0])
+
+
+def claim_output_dir(run: Run, state: TrainingState, resumed_step: int | None) -> None:
+    """Once the lock is held, before anything is written: a fresh run gets a new id (the same on every
+    rank) and, under --overwrite, the earlier run's files move aside first; leftovers of writers killed
+    mid-write are removed (they may hold the space a full disk needs); run.json names the owner."""
+    from accelerate.utils import broadcast_object_list
+
+    from accum.files import remove_stale_temporaries
+
+    if state.run_id is None:
+        agreed = [rundir.new_run_id()]
+        if run.accelerator.num_processes > 1:
+            broadcast_object_list(agreed)
+        state.run_id = agreed[0]
+    if not run.accelerator.is_main_process:
+        return
+    if resumed_step is None and run.config.overwrite:
+        moved = rundir.move_aside(run.out)
+        if moved is not None:
+            print(f"note: --overwrite: the earlier run's files moved to {moved}", file=sys.stderr, flush=True)
+    ckpt.remove_leftovers(run.out)
+    for name in rundir.RUN_OUTPUTS:  # this run holds the lock: a temporary beside its files is a dead writer's
+        remove_stale_temporaries(run.out, name, older_than_s=0)
+    rundir.write_run_file(run.out, state.run_id)
 
 
 def end_run(run: Run, lock: OutputLock, failure: BaseException | None, metrics: dict | None = None) -> None:
@@ -563,9 +618,11 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool, keep_until_step: int | None):
         self.path, self.enabled = path, enabled
         if enabled and keep_until_step is not None and path.exists():
-            # resume: drop lines of steps after the checkpoint, which will be run again
-            kept = [line for line in path.read_text().splitlines() if 0 < _logged_step(line) <= keep_until_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            # resume: drop lines of steps after the checkpoint, which will be run again (atomically: a
+            # kill here must not lose the lines kept)
+            with open(path) as handle:
+                kept = [line.rstrip("\n") for line in handle if 0 < _logged_step(line) <= keep_until_step]
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
         elif enabled and path.exists():
             path.unlink()
 
@@ -653,7 +710,7 @@ def checkpoint_state(run: Run, state: TrainingState, counters: dict | None = Non
     if sampler is not None:
         payload.update({key: sampler[key] for key in ("epoch", "window_in_epoch", "sample_in_epoch")})
     payload.update(fingerprint=run.fingerprint, plan=run.accumulator.plan.to_dict(),
-                   config=json.loads(config_to_json(run.config)))
+                   config=json.loads(config_to_json(run.config)), run_id=state.run_id)
     return payload
 
 
@@ -696,10 +753,21 @@ def resume_if_asked(run: Run, state: TrainingState) -> int | None:
     config = run.config
     if not config.resume_from_checkpoint:
         return None
-    path = ckpt.resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    owner = rundir.read_run_id(run.out)
+    path = ckpt.resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, owner)
     saved = ckpt.read_state(path)
+    checkpoint_run = rundir.owner_of_checkpoint(saved)
+    if owner is not None and checkpoint_run is not None and checkpoint_run != owner:
+        raise ConfigError(f"checkpoint {str(path)!r} is of run {checkpoint_run}, not of run {owner} that owns "
+                          f"{str(run.out)!r} (run.json; an --overwrite started it): resume from one of its checkpoints "
+                          "or start again")
     check_fingerprint(saved.get("fingerprint", {}), run.fingerprint, config.allow_batch_change, path)
-    loaded = ckpt.load_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler, path)
+    loaded = ckpt.load_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler, path,
+                                  require_rng=not config.resume_without_rng)
+    if not (path / f"rng-rank{run.accelerator.process_index}.safetensors").is_file():
+        print(f"note: {path} has no RNG state for rank {run.accelerator.process_index}: resuming without it "
+              "(--resume-without-rng); the run is not bit-identical to an uninterrupted one", file=sys.stderr)
+    state.run_id = checkpoint_run or owner
     try:
         state.load_state_dict(loaded)
     except (KeyError, TypeError, ValueError) as exc:

@@ -27,6 +27,7 @@ from tests.helpers.fault_common import (
     in_child,
     kill_self,
     run_main,
+    tree,
     weights,
 )
 
@@ -333,6 +334,44 @@ def test_a_write_failing_mid_checkpoint_loses_nothing_earlier(tmp_path, monkeypa
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
     monkeypatch.undo()
     resume_and_compare(out, reference)
+
+
+# ----------------------------------------------------------------------------- one run per directory
+
+
+def test_overwrite_moves_the_old_run_aside_and_latest_never_resumes_it(tmp_path, reference):
+    """The issue's case: a finished 6-step run, then --overwrite for 3 steps keeping 2. Before, rotation
+    kept the old step-5 and step-6, deleted the new run's, and `latest` resumed the old run."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)  # a finished run: 10 steps, a checkpoint after each
+    old_files = tree(out)
+    code, err = run_main(TINY + ["--output-dir", str(out), "--overwrite", "--max-steps", "3", "--save-every", "1",
+                                 "--keep-checkpoints", "2"])
+    assert code == 0, err
+    aside = next(out.glob(".overwritten-*"))
+    moved = {path.replace(str(out), str(aside), 1): value for path, value in old_files.items() if path != str(out)}
+    assert {p: v for p, v in tree(aside).items() if p != str(aside)} == moved  # every old file, untouched
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-00000002", "step-00000003"]
+    assert logged_steps(out) == [1, 2, 3]
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    assert ckpt.read_state(ckpt.list_checkpoints(out)[-1])["run_id"] == run_id
+    # another run's checkpoint put into the directory by hand: never rotated away, never `latest`
+    foreign = out / "checkpoints" / "step-00000010"
+    shutil.copytree(aside / "checkpoints" / "step-00000010", foreign)
+    (out / "metrics.json").unlink()
+    code, err = run_main(TINY + ["--output-dir", str(out), "--max-steps", "5", "--save-every", "1",
+                                 "--keep-checkpoints", "2", "--resume-from-checkpoint", "latest"])
+    assert code == 0, err
+    assert logged_steps(out) == [1, 2, 3, 4, 5]  # resumed at the new run's step 3, not the old run's 10
+    assert ckpt.read_state(out / "checkpoints" / "step-00000005")["run_id"] == run_id
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000005",
+                                                                        "step-00000010"]
+    assert identical(weights(foreign), at_step(reference, 10))
+    code, err = run_main(TINY + ["--output-dir", str(out), "--max-steps", "11", "--resume-from-checkpoint",
+                                 str(foreign)])
+    assert code == 2 and len(err) == 1 and "not of run" in err[0] and "an --overwrite started it" in err[0], err
 
 
 # ----------------------------------------------------------------------------- safety
