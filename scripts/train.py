@@ -465,8 +465,18 @@ def train_window(run: Run, state: TrainingState, indices: list[int]) -> WindowRe
     try:
         result = run.accumulator.step(Subset(run.train_data, indices))
     except NonFiniteError as exc:
-        path = save_last_good(run, state)
-        raise FloatingPointError(f"{exc}; the state before it is saved as {path}") from None
+        # refused before the step: the weights are the last step's, verified finite then; saved with this
+        # window's counters rolled back. Made non-finite by the step: nothing in memory is worth saving.
+        saved = None if exc.weights_changed else save_last_good(run, state)
+        good = last_finite_checkpoint(run, state)
+        if good is not None and good == saved:
+            where, resume = f"the state before it is saved as {good}", "then --resume-from-checkpoint latest"
+        elif good is not None:
+            where, resume = (f"the last checkpoint verified finite is {good}",
+                             f"then --resume-from-checkpoint {good}")
+        else:
+            where, resume = "no checkpoint of this run is verified finite", "then start again"
+        raise FloatingPointError(f"{exc}; {where}. Lower --lr, or pass --skip-nonfinite, {resume}") from None
     except OutOfMemoryError as exc:
         if not saved:
             raise
@@ -748,6 +758,15 @@ def save_last_good(run: Run, state: TrainingState) -> Path:
     return save(run, state, payload, rng=start["rng"])
 
 
+def last_finite_checkpoint(run: Run, state: TrainingState) -> Path | None:
+    """The newest checkpoint of this run whose weights and optimizer state are read back and are all
+    finite (each is checked before it is named), or None."""
+    for path in reversed(ckpt.list_checkpoints(run.out, state.run_id)):
+        if ckpt.verified_finite(path):
+            return path
+    return None
+
+
 def resume_if_asked(run: Run, state: TrainingState) -> int | None:
     """Load the checkpoint named by --resume-from-checkpoint; return its optimizer step (None: fresh start)."""
     config = run.config
@@ -819,9 +838,8 @@ def exit_status_of(exc: BaseException) -> tuple[ExitStatus, str | None]:
         return ExitStatus.BAD_INPUT, flags_in(str(exc))
     if isinstance(exc, OutOfMemoryError):
         return ExitStatus.OUT_OF_MEMORY, flags_in(str(exc))
-    if isinstance(exc, FloatingPointError):
-        return ExitStatus.NONFINITE, (f"{exc}. Lower --lr, or pass --skip-nonfinite, then "
-                                      "--resume-from-checkpoint latest")
+    if isinstance(exc, FloatingPointError):  # train_window says what to resume from
+        return ExitStatus.NONFINITE, flags_in(str(exc))
     if isinstance(exc, Interrupted):
         return ExitStatus(exc.exit_code), flags_in(str(exc))
     if isinstance(exc, OSError):  # disk full, read-only, quota: the complete checkpoints are untouched

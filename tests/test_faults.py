@@ -263,7 +263,82 @@ class InfiniteGradient(torch.autograd.Function):
         return grad * math.inf
 
 
+class HugeGradient(torch.autograd.Function):
+    """Identity forward (the loss stays finite), a gradient 1e16 times too large but finite backward."""
+
+    @staticmethod
+    def forward(ctx, value):
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1e16
+
+
 NONFINITE = {"nan loss": lambda loss: loss * math.nan, "inf gradient": InfiniteGradient.apply}
+
+
+def poison_optimizer_step(monkeypatch, nth: int) -> None:
+    """AdamW's n-th step writes inf into a weight, as a huge but finite LR or weight decay would."""
+    real, count = torch.optim.AdamW.step, [0]
+
+    def step(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        count[0] += 1
+        if count[0] == nth:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].mul_(math.inf)
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+def no_checkpoint_holds_nonfinite_values(out: Path) -> None:
+    for path in ckpt.list_checkpoints(out):
+        assert ckpt.verified_finite(path), path
+
+
+def test_finite_loss_and_gradients_that_make_weights_infinite_stop_without_saving_them(tmp_path, monkeypatch):
+    """SGD at a huge but finite LR with a huge but finite gradient: the update overflows. Before, NaN/inf
+    went into every weight and the run named a checkpoint that was all NaN."""
+    out = tmp_path / "run"
+    on_call(monkeypatch, {1, 2}, HugeGradient.apply)  # the first window
+    code, err = run_main(TINY + ["--output-dir", str(out), "--optimizer", "sgd", "--lr", "1e23",
+                                 "--max-grad-norm", "0"])
+    assert code == 3, err
+    assert len(err) == 1 and "a weight became NaN/inf in the optimizer step at optimizer step 1" in err[0], err
+    assert "no checkpoint of this run is verified finite" in err[0]
+    assert ckpt.list_checkpoints(out) == [] and not (out / "metrics.json").exists()
+
+
+def test_a_step_that_makes_a_weight_infinite_stops_naming_the_last_checkpoint_verified_finite(
+        tmp_path, monkeypatch, reference):
+    out = tmp_path / "run"
+    poison_optimizer_step(monkeypatch, 5)
+    code, err = run_main(TINY + ["--output-dir", str(out), *SAVE])
+    assert code == 3, err
+    named = out / "checkpoints" / "step-00000003"
+    assert len(err) == 1 and "at optimizer step 5" in err[0] and f"verified finite is {named}" in err[0], err
+    assert [check_complete(p) for p in ckpt.list_checkpoints(out)] == [3]  # nothing after it was saved
+    no_checkpoint_holds_nonfinite_values(out)
+    monkeypatch.undo()
+    resume_and_compare(out, reference)
+
+
+def test_skip_nonfinite_undoes_a_step_that_made_a_weight_infinite(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    poison_optimizer_step(monkeypatch, 5)
+    code, err = run_main(TINY + ["--output-dir", str(out), "--skip-nonfinite", "--save-every", "1",
+                                 "--keep-checkpoints", "20"])
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["skipped_steps"] == 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["optimizer_step"] for r in records if r["skipped"]] == [5]
+    step = lambda n: out / "checkpoints" / f"step-{n:08d}"  # noqa: E731
+    assert identical(weights(step(5)), weights(step(4)))  # weights and optimizer state as before the step
+    before, after = (torch.load(step(n) / "optimizer.pt", weights_only=True)["state"] for n in (4, 5))
+    assert all(torch.equal(before[k][name], after[k][name]) for k in before for name in before[k])
+    no_checkpoint_holds_nonfinite_values(out)
 
 
 def test_nonfinite_loss_stops_naming_the_step_after_saving_the_last_good_state(tmp_path, monkeypatch, reference):
@@ -372,6 +447,68 @@ def test_overwrite_moves_the_old_run_aside_and_latest_never_resumes_it(tmp_path,
     code, err = run_main(TINY + ["--output-dir", str(out), "--max-steps", "11", "--resume-from-checkpoint",
                                  str(foreign)])
     assert code == 2 and len(err) == 1 and "not of run" in err[0] and "an --overwrite started it" in err[0], err
+
+
+# ----------------------------------------------------------------------------- a real full disk
+
+
+def size_of(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a chosen size (root only): `mount(size_bytes)` mounts it, or remounts it at a new
+    size with its files kept; the test is skipped where no tmpfs can be mounted."""
+    import subprocess
+
+    where = tmp_path / "disk"
+    where.mkdir()
+    mounted = []
+
+    def mount(size: int) -> Path:
+        options = f"{'remount,' if mounted else ''}size={size}"
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            pytest.skip(f"no tmpfs can be mounted here ({done.stderr.strip()[:120]}): a real full disk needs one")
+        mounted.append(size)
+        return where
+
+    yield mount
+    if mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+MIB = 2**20
+
+
+@pytest.mark.parametrize("full_at", ["model file", "optimizer file"])
+def test_a_real_full_disk_is_one_line_exit_5_leaves_no_temporary_and_resume_works_once_freed(
+        reference, small_disk, full_at):
+    """Checkpoints at 3 and 6 fit, the one at 9 does not: safetensors (model file) and torch.save
+    (optimizer file) fail there without an OSError; before, that was a traceback, exit 1, and a
+    .tmp-step directory that kept the disk full so that the resume failed too."""
+    checkpoint = size_of(reference / "checkpoints" / "step-00000001")
+    model = (reference / "checkpoints" / "step-00000001" / "model.safetensors").stat().st_size
+    room = MIB // 2 if full_at == "model file" else model + MIB  # what is left after two checkpoints
+    out = small_disk(2 * checkpoint + room) / "run"
+    code, err = run_main(TINY + ["--output-dir", str(out), *SAVE])
+    assert code == 5, err
+    assert len(err) == 1 and "No space left on device" in err[0] and "resume-from-checkpoint latest" in err[0], err
+    assert f"{'model.safetensors' if full_at == 'model file' else 'optimizer.pt'}:" in err[0], err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+    for step in (3, 6):
+        assert check_complete(out / "checkpoints" / f"step-{step:08d}") == step
+        assert identical(weights(out / "checkpoints" / f"step-{step:08d}"), at_step(reference, step))
+    small_disk(3 * checkpoint + MIB)  # space freed: room for one more checkpoint and 1 MiB
+    # a writer killed mid-save (SIGKILL: nothing of ours runs) leaves its temporary; this one takes more
+    # than the 1 MiB to spare, so the resume saves its checkpoints only if it removes it first
+    leftover = out / "checkpoints" / ".tmp-step-00000009"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"\0" * (MIB + MIB // 2))
+    resume_and_compare(out, reference)
+    assert not any(p.name.startswith((".tmp-", ".trash-")) for p in (out / "checkpoints").iterdir())
 
 
 # ----------------------------------------------------------------------------- safety
