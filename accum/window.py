@@ -201,7 +201,9 @@ class Accumulator:
     max_grad_norm: clip to this norm (None: measure only). recovery: OOM recovery (True, or an
     `AdaptiveBatch` for memory pressure and regrowth; then `memory_budget` in bytes is the peak
     that pressure is measured against). noise_scale: measure B_simple. nonfinite: 'raise'
-    (NonFiniteError, nothing stepped) or 'skip' (the window is dropped and counted).
+    (NonFiniteError: before the step nothing changed; a step that made a weight NaN/inf has changed
+    them, `weights_changed`) or 'skip' (the window is dropped, or its step undone from a copy of the
+    weights and optimizer state kept before it, and counted).
     on_give_up: called before OutOfMemoryError is raised at micro-batch 1 (save a checkpoint).
 
     `notes` lists one line per feature that this layout turned off, and why. `state_dict()` holds
@@ -500,25 +502,33 @@ def _halve(size: int) -> int | None:
 
 @torch.no_grad()
 def evaluate(accelerator: Any, model: torch.nn.Module, samples: Sequence[Any], collate: Any, loss: Any,
-             batch_size: int, *, recovery: bool = True, on_batch: Any = None, on_shrink: Any = None) -> EvalResult:
+             batch_size: int, *, recovery: bool = True, on_batch: Any = None, on_shrink: Any = None,
+             should_stop: Any = None) -> EvalResult:
     """Loss over `samples` (the whole evaluation set, the same on every rank; each rank takes its
     contiguous share, so nothing is counted twice), forward only, in eval mode.
 
     `on_batch(batch, outputs)` may return something per batch (predictions for a metric); they come
     back in `outputs`, this rank's only. With `recovery`, an out-of-memory error on any rank halves
     the batch on every rank and starts the evaluation again (`on_shrink(old, new)` is told), through
-    the same code as training windows (accum/recovery.py). Raises OutOfMemoryError at batch 1.
+    the same code as training windows (accum/recovery.py). `should_stop()` (local, e.g. whether this
+    process got SIGTERM) is asked before each batch on one process; with several, each rank finishes
+    its share and the answer rides on the final all-reduce, so that all ranks stop together. Raises
+    OutOfMemoryError at batch 1, accum.signals.Stopped when `should_stop()` said so.
     """
+    from accum.signals import Stopped
     from accum.windows import rank_share
 
-    start, stop = rank_share(len(samples), accelerator.num_processes, accelerator.process_index)
+    start, end = rank_share(len(samples), accelerator.num_processes, accelerator.process_index)
     was_training = model.training
+    alone = accelerator.num_processes == 1
 
     def attempt(size: int) -> tuple[torch.Tensor, int, list[Any]]:
         model.eval()
         loss_total, items, outputs = torch.zeros((), device=accelerator.device), 0, []
-        for first in range(start, stop, size):
-            batch = collate([samples[i] for i in range(first, min(first + size, stop))])
+        for first in range(start, end, size):
+            if alone and should_stop is not None and should_stop():
+                raise Stopped(f"stopped before evaluating sample {first}")
+            batch = collate([samples[i] for i in range(first, min(first + size, end))])
             items += loss.count(batch)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             loss_sum, logits = loss.forward(model, batch)
@@ -535,7 +545,12 @@ def evaluate(accelerator: Any, model: torch.nn.Module, samples: Sequence[Any], c
             loss_total, items, outputs = attempt(batch_size)
     finally:
         model.train(was_training)
+    stop_here = float(not alone and should_stop is not None and bool(should_stop()))
     totals = accelerator.reduce(torch.stack([loss_total.double(), torch.tensor(float(items), dtype=torch.float64,
-                                                                               device=accelerator.device)]), "sum")
-    loss_value, items_total = totals.tolist()
+                                                                               device=accelerator.device),
+                                             torch.tensor(stop_here, dtype=torch.float64, device=accelerator.device)]),
+                                "sum")
+    loss_value, items_total, stop_anywhere = totals.tolist()
+    if stop_anywhere > 0:
+        raise Stopped("stopped after evaluating")
     return EvalResult(loss_value / max(items_total, 1), int(items_total), batch_size, outputs)

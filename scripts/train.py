@@ -12,6 +12,7 @@ schedule, evaluate and save. Nothing of the window's arithmetic lives here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -27,6 +28,19 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make `scripts` and `accum` importable from the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+    def _stop_at_once(signum, frame):  # noqa: ARG001 - a signal handler's signature
+        """Until train() installs its own handling (importing torch alone takes seconds): one line and
+        128 + the signal, never a traceback; nothing of ours is half-written (every write is atomic)."""
+        import signal
+
+        os.write(2, f"error: stopped by {signal.Signals(signum).name}\n".encode())
+        os._exit(128 + signum)
+
+    import signal as _signal
+
+    for _signum in (_signal.SIGINT, _signal.SIGTERM):
+        _signal.signal(_signum, _stop_at_once)
+
 import torch
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
@@ -35,7 +49,8 @@ from accum.accelerator import build_accelerator
 from accum.cache import PlanCache
 from accum.cli import data as data_lib
 from accum.cli import rundir
-from accum.cli.config import ConfigError, RunConfig, config_to_json, flags_in, parse_config
+from accum.cli import status as status_lib
+from accum.cli.config import ConfigError, RunConfig, config_to_json, parse_config, show_library_warnings
 from accum.cli.lock import OutputLock
 from accum.cli.planning import (
     build_optimizer,
@@ -57,7 +72,7 @@ from accum.plan import Plan, plan_batch, plan_from_accumulation
 from accum.recovery import AdaptiveBatch, OutOfMemoryError
 from accum.scaling import ScaledLR, scale_lr
 from accum.schedule import BatchSchedule, Change, Progress, SampleLR, schedule_from_config
-from accum.signals import Interrupted, StopRequest
+from accum.signals import Interrupted, Stopped, StopRequest
 from accum.window import Accumulator, Callback, NonFiniteError, WindowResult, evaluate
 from accum.windows import WindowSampler, windows_per_epoch
 from scripts import checkpoint as ckpt
@@ -259,10 +274,40 @@ class TrainingState:
             self.schedule.load_state_dict(state["schedule"])
 
 
+@contextlib.contextmanager
+def stopping_in(stop: StopRequest | None, phase: str, accelerator=None):
+    """While a phase before training runs: a signal is reported as stopping this phase, and the library's
+    Stopped (its `should_stop()` said so) becomes Interrupted naming it (nothing trained or saved). With
+    `accelerator`, every rank raised Stopped together and learns which signal it was (one all-reduce)."""
+    if stop is not None:
+        stop.phase = phase
+    try:
+        yield
+    except Stopped:
+        raise Interrupted(agreed_signal(stop, accelerator), phase=phase) from None
+
+
+def agreed_signal(stop: StopRequest, accelerator=None) -> int:
+    """The signal that stopped a library loop: this rank's, or any rank's (a collective) with `accelerator`."""
+    import signal
+
+    signum = stop.agreed(accelerator) if accelerator is not None else stop.signum
+    return signum or signal.SIGTERM  # a loop stops only when some rank got one
+
+
+def stop_point(stop: StopRequest | None, accelerator, phase: str) -> None:
+    """A point every rank passes: stop here if any rank got SIGTERM/SIGINT (one all-reduce with several)."""
+    signum = stop.agreed(accelerator) if stop is not None else None
+    if signum is not None:
+        raise Interrupted(signum, phase=phase)
+
+
 def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data,
-          callbacks: tuple[Callback, ...] = ()) -> tuple[Run, TrainingState, str]:
+          callbacks: tuple[Callback, ...] = (), stop: StopRequest | None = None) -> tuple[Run, TrainingState, str]:
     """Everything before the loop: output dir, data, model, plan, accelerator, optimizer, schedule,
-    accumulator. Returns the run, its starting state and the banner text. Raises ConfigError."""
+    accumulator. Returns the run, its starting state and the banner text. Raises ConfigError, and
+    Interrupted when `stop` got a signal (data preparation and planning stop at their next safe point:
+    between stages, before each probe; with several processes where all ranks agree)."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
@@ -279,7 +324,9 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data,
     torch.manual_seed(config.seed)
     resolved = resolve_batch_flags(config, cli_keys, state.num_processes)
     out = check_output_dir(config)
-    inputs = load_run_inputs(config, model, train_data, eval_data)
+    alone, local_stop = state.num_processes == 1, stop.requested if stop is not None else None
+    with stopping_in(stop, "data preparation"):  # with several ranks only at the agreed point below
+        inputs = load_run_inputs(config, model, train_data, eval_data, should_stop=local_stop if alone else None)
     model, train_data, eval_data, collate, loss = (inputs.model, inputs.train_data, inputs.eval_data, inputs.collate,
                                                    inputs.loss)
     check_batch_within_data(config, resolved[0], len(train_data))
@@ -287,7 +334,10 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data,
     # before the plan: the planner then probes on the run's device and process count
     accelerator = build_accelerator(plan_from_accumulation(1, 1), mixed_precision=resolve_precision(config),
                                     log_with=config.report_to, project_dir=str(out))
-    plan, note = make_plan(config, resolved, accelerator, inputs, verify_command=verify_command(config, inputs))
+    stop_point(stop, accelerator, "data preparation")
+    with stopping_in(stop, "planning", accelerator):
+        plan, note = make_plan(config, resolved, accelerator, inputs, verify_command=verify_command(config, inputs),
+                               should_stop=local_stop)
     lr = scale_lr(config.lr, lr_base_batch(config), plan.effective_batch_size, config.lr_scaling)
     optimizer = build_optimizer(config, model, lr.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -296,7 +346,10 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data,
         schedule.bind(plan.micro_batch_size, plan.num_processes)
     length = resolve_length(config, len(train_data), plan, schedule)
     scheduler, schedule_note = build_lr_schedule(config, optimizer, length, schedule)
-    eval_batch = plan_eval_batch_size(config, model, train_data, eval_data, collate, plan, accelerator)
+    with stopping_in(stop, "planning", accelerator):
+        eval_batch = plan_eval_batch_size(config, model, train_data, eval_data, collate, plan, accelerator,
+                                          should_stop=local_stop)
+    stop_point(stop, accelerator, "planning")
     accumulator = build_accumulator(config, accelerator, model, optimizer, scheduler, plan, loss, collate, callbacks)
     if config.adaptive_batch == "noise" and accumulator.noise.unavailable:
         raise ConfigError(f"adaptive batch noise needs the noise scale, which this layout cannot measure "
@@ -308,6 +361,8 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data,
     sampler = WindowSampler(len(train_data), plan.effective_batch_size, seed=config.seed)
     note = "\n".join(filter(None, [note, *accumulator.notes, schedule_note]))
     text = banner(config, model, accelerator, plan, lr, length.total_steps, eval_batch, note)
+    if stop is not None:
+        stop.phase = "training"
     return run, TrainingState(sampler, accumulator, schedule, eval_batch), text
 
 
@@ -343,7 +398,7 @@ def train(config: RunConfig, model=None, train_data=None, eval_data=None, cli_ke
     and is saved first).
     """
     with StopRequest() as stop:
-        run, state, text = setup(config, cli_keys or set(), model, train_data, eval_data, tuple(callbacks))
+        run, state, text = setup(config, cli_keys or set(), model, train_data, eval_data, tuple(callbacks), stop)
         lock = OutputLock(run.out)
         resumed_step = resume_if_asked(run, state)  # a checkpoint that cannot be used touches nothing
         on_main_process(run, lock.acquire)  # before anything is written
@@ -430,21 +485,24 @@ def train_until_done(run: Run, state: TrainingState, text: str, stop: StopReques
     progress = tqdm(total=run.length.total_steps, initial=state.optimizer_step, desc="optimizer steps",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     started = time.perf_counter()
-    while not run_finished(run, state):
-        at_step_boundary(run, state, stop)
-        indices = state.sampler.next_window(next_window_size(run, state))
-        result = train_window(run, state, indices)
-        record = step_record(run, state, result)
-        follow_schedule(run, state, result)
-        log_step(run, record, log, progress)
-        if config.eval_every and state.optimizer_step % config.eval_every == 0 and run.eval_data:
-            accelerator.print(f"eval at step {state.optimizer_step}: {run_eval(run, state, callbacks)}")
-        if config.save_every and state.optimizer_step % config.save_every == 0:
-            save(run, state)
-    progress.close()
+    with contextlib.closing(progress):  # closed before an error line is printed, not after it
+        while not run_finished(run, state):
+            at_step_boundary(run, state, stop)
+            indices = state.sampler.next_window(next_window_size(run, state))
+            result = train_window(run, state, indices)
+            record = step_record(run, state, result)
+            follow_schedule(run, state, result)
+            log_step(run, record, log, progress)
+            if config.eval_every and state.optimizer_step % config.eval_every == 0 and run.eval_data:
+                accelerator.print(f"eval at step {state.optimizer_step}: {run_eval(run, state, callbacks, stop)}")
+            if config.save_every and state.optimizer_step % config.save_every == 0:
+                save(run, state)
     train_seconds = time.perf_counter() - started
-    save(run, state)
-    eval_metrics = run_eval(run, state, callbacks) if run.eval_data else {}
+    path = save(run, state)
+    eval_metrics = run_eval(run, state, callbacks, stop) if run.eval_data else {}
+    signum = stop.agreed(accelerator)  # after the last evaluation: the run is whole but not reported finished
+    if signum is not None:
+        raise Interrupted(signum, state.optimizer_step, path, phase="evaluation")
     metrics = final_metrics(run, state, eval_metrics, train_seconds)
     if run.accumulator.noise is not None:
         metrics.update(noise_summary(run))
@@ -590,9 +648,10 @@ def release_collectives(accelerator) -> None:
         time.sleep(0.2)
 
 
-def run_eval(run: Run, state: TrainingState, callbacks=()) -> dict[str, float]:
+def run_eval(run: Run, state: TrainingState, callbacks=(), stop: StopRequest | None = None) -> dict[str, float]:
     """Loss and task metric on the eval set, shared across ranks without duplicated samples; with OOM
-    recovery an OOM halves the eval batch alone (training's plan is untouched)."""
+    recovery an OOM halves the eval batch alone (training's plan is untouched). A signal stops it at the
+    next batch (on several ranks at its end): the state is saved first, then Interrupted is raised."""
     from accelerate.utils import gather_object
 
     for callback in callbacks:
@@ -608,9 +667,18 @@ def run_eval(run: Run, state: TrainingState, callbacks=()) -> dict[str, float]:
         run.accelerator.print(f"adjusted at optimizer step {stats.optimizer_step}: eval batch {old} -> {new} "
                               "(out of memory in evaluation; training's micro-batch unchanged)")
 
-    result = evaluate(run.accelerator, run.model, run.eval_data, run.collate, run.loss, state.eval_batch,
-                      recovery=run.config.oom_recovery, on_batch=predictions if classification else None,
-                      on_shrink=shrunk)
+    try:
+        if stop is not None:
+            stop.phase = "evaluation"
+        result = evaluate(run.accelerator, run.model, run.eval_data, run.collate, run.loss, state.eval_batch,
+                          recovery=run.config.oom_recovery, on_batch=predictions if classification else None,
+                          on_shrink=shrunk, should_stop=stop.requested if stop is not None else None)
+    except Stopped:
+        signum = agreed_signal(stop, run.accelerator)
+        raise Interrupted(signum, state.optimizer_step, save(run, state), phase="evaluation") from None
+    finally:
+        if stop is not None:
+            stop.phase = "training"
     state.eval_batch = result.batch_size
     preds = [p for batch_preds, _ in result.outputs for p in batch_preds]
     refs = [r for _, batch_refs in result.outputs for r in batch_refs]
@@ -830,52 +898,26 @@ def check_fingerprint(saved: dict, current: dict, allow_batch_change: bool, path
 # ----------------------------------------------------------------------------- command line
 
 
-def exit_status_of(exc: BaseException) -> tuple[ExitStatus, str | None]:
+IO_FIX = "free space or choose another --output-dir, then --resume-from-checkpoint latest (complete checkpoints are kept)"
+
+
+def exit_status_of(exc: BaseException) -> tuple[ExitStatus, str]:
     """How an exception ends a run: its exit status and one line saying what happened and what to do
-    (None for a crash: its traceback is the message). Library messages name parameters; here they
-    become this script's flags."""
-    if isinstance(exc, ConfigError):
-        return ExitStatus.BAD_INPUT, flags_in(str(exc))
-    if isinstance(exc, OutOfMemoryError):
-        return ExitStatus.OUT_OF_MEMORY, flags_in(str(exc))
-    if isinstance(exc, FloatingPointError):  # train_window says what to resume from
-        return ExitStatus.NONFINITE, flags_in(str(exc))
-    if isinstance(exc, Interrupted):
-        return ExitStatus(exc.exit_code), flags_in(str(exc))
-    if isinstance(exc, OSError):  # disk full, read-only, quota: the complete checkpoints are untouched
-        where = f" {exc.filename}" if exc.filename else ""
-        return ExitStatus.IO_ERROR, (f"I/O failed{where}: {exc.strerror or exc}; free space or choose another "
-                                     "--output-dir, then --resume-from-checkpoint latest (complete checkpoints are kept)")
-    if isinstance(exc, RuntimeError) and lost_another_rank(exc):
-        return ExitStatus.LOST_RANK, (f"lost contact with another rank ({str(exc).splitlines()[0][:200]}); every rank "
-                                      "stopped. Resume with --resume-from-checkpoint latest; --dist-timeout-s bounds "
-                                      "this wait")
-    return ExitStatus.CRASHED, None
+    (accum.cli.status.exit_status_of, with this script's advice for a failed write)."""
+    return status_lib.exit_status_of(exc, io_fix=IO_FIX)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: every failure is one `error:` line on stderr and a documented exit code
-    (accum.cli.status.ExitStatus), never a traceback for a user mistake."""
+    (accum.cli.status.ExitStatus), never a traceback unless --debug asks for it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    show_library_warnings()
     try:
         config, cli_keys = parse_config(argv)
         train(config, cli_keys=cli_keys)
-    except Exception as exc:  # noqa: BLE001 - mapped to an exit status; an unexplained one re-raises
-        code, reason = exit_status_of(exc)
-        if reason is None:
-            raise
-        print(f"error: {reason}", file=sys.stderr)
-        return int(code)
+    except BaseException as exc:  # noqa: BLE001 - every failure is one line and an exit code
+        return status_lib.report_failure(exc, status_lib.DEBUG_FLAG in argv, io_fix=IO_FIX)
     return ExitStatus.OK
-
-
-def lost_another_rank(exc: RuntimeError) -> bool:
-    """A collective failed because a peer died or timed out (gloo/NCCL raise RuntimeError subclasses)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
-    if isinstance(exc, torch.distributed.DistError):
-        return True
-    text = str(exc).lower()
-    return any(word in text for word in ("gloo", "nccl", "timed out", "connection closed", "connection reset"))
 
 
 if __name__ == "__main__":

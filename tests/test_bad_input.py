@@ -308,3 +308,140 @@ def test_a_checkpoint_holding_non_finite_weights_is_refused(trained, tmp_path):
 def test_an_unfinished_run_is_not_replaced_by_a_fresh_one(trained, tmp_path):
     refused(TINY + ["--output-dir", str(trained), "--max-steps", "3"], trained,
             "holds an earlier run's checkpoints and metrics.jsonl: pass --resume-from-checkpoint latest")
+
+
+# ----------------------------------------------------------------------------- one line, whatever fails
+
+
+def test_a_crash_is_one_line_exit_1_and_its_line_is_in_status_json(tmp_path, monkeypatch):
+    import json
+
+    from accum.loss import TaskLoss
+
+    def broken(self, model, batch):
+        raise ValueError("boom in the loss")
+
+    monkeypatch.setattr(TaskLoss, "forward", broken)
+    out = tmp_path / "run"
+    code, err = run_main(TINY + ["--output-dir", str(out)])
+    assert code == 1 and err == ["error: crashed with ValueError: boom in the loss (a bug: run again with --debug for "
+                                 "the traceback, and report it)"], err
+    assert json.loads((out / "status.json").read_text())["reason"] == err[0].removeprefix("error: ")
+
+
+def test_debug_prints_the_traceback_before_the_line(tmp_path, monkeypatch):
+    import contextlib
+    import io
+
+    from accum.loss import TaskLoss
+    from scripts.train import main
+
+    monkeypatch.setattr(TaskLoss, "forward", lambda self, model, batch: 1 / 0)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        assert main(TINY + ["--output-dir", str(tmp_path / "run"), "--debug"]) == 1
+    text = stderr.getvalue()
+    assert "Traceback (most recent call last)" in text
+    assert text.rstrip().splitlines()[-1].startswith("error: crashed with ZeroDivisionError"), text[-500:]
+
+
+ACCUM_COMMANDS = {  # python -m accum: every failure one line and its exit code, never a traceback
+    "recommend on a run without metrics.jsonl": (["recommend", "--run", "{nojsonl}"], 2, "metrics.jsonl not found"),
+    "recommend on a run without metrics.json": (["recommend", "--run", "{run}"], 2, "metrics.json not found"),
+    "recommend on no run": (["recommend", "--run", "{tmp}/nothing"], 2, "config.json not found"),
+    "plan with fp16 on the CPU": (["plan", "--model", "gpt2-tiny", "--seq-len", "8", "--batch-size", "4",
+                                   "--mixed-precision", "fp16"], 2, "fp16 (from --mixed-precision) on the CPU"),
+    "plan of a model that cannot build": (["plan", "--model", '{"model_type": "gpt2", "n_embd": 0}', "--seq-len", "8",
+                                           "--batch-size", "4"], 2, "cannot build a clm model (ZeroDivisionError"),
+    "plan of a config with a key twice": (["plan", "--config", "{dup}"], 2, "key 'batch_size' is given twice"),
+    "plan with a NaN margin": (["plan", "--model", "gpt2-tiny", "--seq-len", "8", "--batch-size", "4",
+                                "--safety-margin", "nan"], 2, "safety_margin: Input should be a finite number"),
+    "plan with a negative seed": (["plan", "--model", "gpt2-tiny", "--seq-len", "8", "--batch-size", "4", "--seed",
+                                   "-1"], 2, "seed: Input should be greater than or equal to 0"),
+    "estimate with an infinite memory": (["estimate", "--model", "gpt2-tiny", "--seq-len", "8", "--batch-size", "8",
+                                          "--device-memory", "1e400"], 2, "must be a positive, finite size"),
+    "estimate past the model's positions": (["estimate", "--model", "gpt2-tiny", "--seq-len", str(10**12),
+                                             "--batch-size", "8", "--device-memory", "1GiB", "--method", "analytic"],
+                                            2, "exceeds the model's 1024 positions"),
+    "a mistyped command": (["plam"], 2, "invalid choice: 'plam'"),
+    "launch with no accelerate config": (["launch", "--config_file", "{tmp}/none.yaml", "x.py"], 2, "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(ACCUM_COMMANDS))
+def test_every_accum_command_failure_is_one_line(trained, tmp_path, capsys, case):
+    from accum.cli.main import main
+
+    argv, expected_code, expected = ACCUM_COMMANDS[case]
+    dup = write(tmp_path / "dup.yaml", "model: gpt2-tiny\nbatch_size: 4\nbatch_size: 8\n")
+    nojsonl = tmp_path / "nojsonl"  # a finished run whose metrics.jsonl is gone
+    nojsonl.mkdir()
+    for name in ("config.json", "plan.json"):
+        write(nojsonl / name, (trained / name).read_text())
+    write(nojsonl / "metrics.json", '{"tokens_seen": 10, "samples_seen": 2}')
+    names = {"{run}": trained, "{tmp}": tmp_path, "{dup}": dup, "{nojsonl}": nojsonl}
+    for name, value in names.items():
+        argv = [arg.replace(name, str(value)) for arg in argv]
+    assert main(argv) == expected_code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+
+
+def test_a_crash_of_accum_plan_is_one_line_exit_1_and_debug_shows_where(monkeypatch, capsys):
+    import accum.probe
+    from accum.cli.main import main
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(accum.probe, "plan_for", broken)
+    argv = ["plan", "--model", "gpt2-tiny", "--seq-len", "8", "--batch-size", "4", "--no-cache"]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: crashed with KeyError: 'a bug' (a bug: run again with --debug for the traceback, and report it)"]
+    assert main(argv + ["--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in broken" in err
+
+
+SWEEPS = {
+    "output dir that is a file": ({"output_dir": "{tmp}/file"}, "is not a directory"),
+    "output dir under a file": ({"output_dir": "{tmp}/file/sub"}, "is not a directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(SWEEPS))
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_sweep_into_a_file_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, case, dry_run):
+    import yaml
+
+    from scripts.sweep import main
+    from tests.helpers.fault_common import ROOT
+
+    monkeypatch.chdir(ROOT)
+    write(tmp_path / "file", "not a directory")
+    keys, expected = SWEEPS[case]
+    sweep = {"kind": "grid", "axes": {"seed": [1]}, "base": {"overrides": {"model": "gpt2"}},
+             **{key: value.format(tmp=tmp_path) for key, value in keys.items()}}
+    path = write(tmp_path / "sweep.yaml", yaml.safe_dump(sweep))
+    assert main(["--config", str(path), *(["--dry-run"] if dry_run else [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
+def test_a_sweep_run_name_longer_than_the_file_system_allows_is_recorded_not_launched(tmp_path, monkeypatch):
+    import yaml
+
+    from scripts import sweep as sweep_lib
+    from tests.helpers.fault_common import ROOT
+
+    monkeypatch.chdir(ROOT)
+    # each value is cut to 40 characters in a run name, but names join every axis: these make 6 x 51 bytes
+    axes = {name: [name * 40] for name in ("tokenizer", "text_column", "label_column", "model", "dataset", "objective")}
+    values = {"kind": "grid", "axes": axes, "output_dir": str(tmp_path / "out"),
+              "base": {"overrides": {"model": "gpt2"}}}
+    path = write(tmp_path / "sweep.yaml", yaml.safe_dump(values))
+    (spec,) = sweep_lib.plan_runs(sweep_lib.load_sweep(path))
+    assert spec.error and "longer than the 255 the file system allows" in spec.error, spec.error
+    records = sweep_lib.run_sweep(sweep_lib.load_sweep(path))
+    assert [r["status"] for r in records] == ["invalid"] and "longer than" in records[0]["error"]

@@ -120,11 +120,108 @@ def test_one_signal_delivered_twice_at_once_is_one_request(tmp_path, monkeypatch
 def test_a_second_signal_stops_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(StopRequest, "duplicate_window_s", 0.0)  # the second one counts as a second request
     on_call(monkeypatch, {3}, twice(signal.SIGINT))
-    with pytest.raises(KeyboardInterrupt):
-        run_main(TINY + ["--output-dir", str(tmp_path / "int")])
+    code, err = run_main(TINY + ["--output-dir", str(tmp_path / "int")])
+    assert code == 130 and len(err) == 1 and "stopped by SIGINT at once (asked twice)" in err[0], err
     on_call(monkeypatch, {3}, twice(signal.SIGTERM))
     assert in_child(run_main, TINY + ["--output-dir", str(tmp_path / "term")]) == -signal.SIGTERM
     assert ckpt.list_checkpoints(tmp_path / "term") == []
+
+
+def send_then(signum, original):
+    """`original`, but this process gets `signum` first (the phase it belongs to is running)."""
+    def wrapped(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return original(*args, **kwargs)
+    return wrapped
+
+
+def test_sigterm_while_preparing_data_stops_before_planning_and_writes_nothing(tmp_path, monkeypatch):
+    from accum.cli import data
+
+    monkeypatch.setattr(data, "tokenize_splits", send_then(signal.SIGTERM, data.tokenize_splits))
+    code, err = run_main(TINY + ["--output-dir", str(tmp_path / "run")])
+    assert code == 143 and len(err) == 1 and "stopped by SIGTERM during data preparation;" in err[0], err
+    assert "run the same command again" in err[0] and not (tmp_path / "run").exists()
+
+
+def test_sigterm_while_planning_stops_after_the_probe_in_flight_and_caches_nothing(tmp_path, monkeypatch):
+    """Before, planning went on for 17 more probes after SIGTERM (224 s, up to 11 GiB)."""
+    forwards = []
+    original = TaskLoss.forward
+
+    def forward(self, model, batch):
+        forwards.append(len(batch["input_ids"]))
+        if len(forwards) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # in the unmeasured warm-up step, before the first probe
+        return original(self, model, batch)
+
+    monkeypatch.setattr(TaskLoss, "forward", forward)
+    cache = tmp_path / "plans.json"
+    code, err = run_main(TINY + ["--output-dir", str(tmp_path / "run"), "--micro-batch-size", "auto",
+                                 "--grad-accum-steps", "auto", "--plan-cache", str(cache)])
+    assert code == 143 and len(err) == 1 and "stopped by SIGTERM during planning;" in err[0], err
+    assert forwards == [1, 1]  # the warm-up's two steps at micro-batch 1: no probe ran after the signal
+    assert not cache.exists() and not (tmp_path / "run").exists()
+
+
+def test_sigterm_during_the_final_evaluation_saves_stops_and_resume_only_evaluates(tmp_path, monkeypatch, reference):
+    """Before, the signal was acknowledged and the run exited 0."""
+    out = tmp_path / "run"
+    original = TaskLoss.forward
+
+    def forward(self, model, batch):
+        if not torch.is_grad_enabled():
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, model, batch)
+
+    monkeypatch.setattr(TaskLoss, "forward", forward)
+    code, err = run_main(TINY + ["--output-dir", str(out), *SAVE])
+    assert code == 143 and len(err) == 1, err
+    assert "stopped by SIGTERM during evaluation (after optimizer step 10); checkpoint" in err[0], err
+    assert not (out / "metrics.json").exists() and check_complete(ckpt.list_checkpoints(out)[-1]) == 10
+    monkeypatch.undo()
+    resume_and_compare(out, reference)  # nothing trained again: only the evaluation, then metrics.json
+    assert (out / "metrics.json").exists()
+
+
+def test_sigterm_while_saving_finishes_the_checkpoint_then_stops(tmp_path, monkeypatch, reference):
+    out = tmp_path / "run"
+    monkeypatch.setattr(ckpt, "save_model", send_then(signal.SIGTERM, ckpt.save_model))  # the step-3 save
+    code, err = run_main(TINY + ["--output-dir", str(out), *SAVE])
+    assert code == 143 and len(err) == 1 and "after optimizer step 3;" in err[0], err
+    assert [check_complete(p) for p in ckpt.list_checkpoints(out)] == [3]
+    monkeypatch.undo()
+    resume_and_compare(out, reference)
+
+
+@pytest.mark.slow
+def test_sigint_to_accum_plan_stops_after_the_probe_in_flight_in_one_line(tmp_path):
+    """A real process and a real Ctrl-C: before, `python -m accum plan` printed a traceback."""
+    import subprocess
+    import sys
+
+    from tests.helpers.fault_common import ROOT
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), ACCUM_CACHE_DIR=str(tmp_path))
+    process = subprocess.Popen([sys.executable, "-m", "accum", "plan", "--model", "gpt2-tiny", "--seq-len", "128",
+                                "--batch-size", "4096", "--max-memory", "8GiB"], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in process.stderr:  # wait for the first probe: the planner is running
+        lines.append(line)
+        if line.startswith("probe "):
+            process.send_signal(signal.SIGINT)
+            break
+    rest, stdout = process.stderr.read(), process.stdout.read()
+    process.wait(timeout=120)
+    stderr = "".join(lines) + rest
+    probes_after = [line for line in rest.splitlines() if line.startswith("probe ")]
+    assert process.returncode == 130, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: stopped by SIGINT during planning; nothing was cached: run the same command again"], \
+        stderr[-3000:]
+    assert "Traceback" not in stderr and len(probes_after) <= 1 and "Effective batch size" not in stdout
+    assert not (tmp_path / "plans.json").exists()
 
 
 # ----------------------------------------------------------------------------- SIGKILL
@@ -509,6 +606,97 @@ def test_a_real_full_disk_is_one_line_exit_5_leaves_no_temporary_and_resume_work
     (leftover / "model.safetensors").write_bytes(b"\0" * (MIB + MIB // 2))
     resume_and_compare(out, reference)
     assert not any(p.name.startswith((".tmp-", ".trash-")) for p in (out / "checkpoints").iterdir())
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+def run_main_all_stderr(argv: list[str]) -> tuple[int, list[str]]:
+    import contextlib
+    import io
+
+    from scripts.train import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, [line for line in err.getvalue().splitlines() if line.startswith(("error:", "note:"))]
+
+
+def owned_by(out: Path, pid: int, host: str | None = None) -> None:
+    import socket
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").write_text('{"optimizer_step": 1}\n')  # the owner's files
+    (out / ".accum.lock").write_text(json.dumps({"pid": pid, "host": host or socket.gethostname()}))
+
+
+def test_a_live_owner_refuses_a_second_run_which_writes_nothing_there(tmp_path):
+    import subprocess
+
+    out = tmp_path / "run"
+    owner = subprocess.Popen(["sleep", "60"])  # a real, live process holds the directory
+    try:
+        owned_by(out, owner.pid)
+        before = tree(out)
+        code, err = run_main_all_stderr(TINY + ["--output-dir", str(out)])
+    finally:
+        owner.kill()
+        owner.wait()
+    assert code == 2 and len(err) == 1 and f"is in use by a running process (pid {owner.pid})" in err[0], err
+    assert tree(out) == before  # no status.json, no metrics, no lock change
+
+
+def test_a_lock_of_a_dead_process_is_taken_over_with_one_line(tmp_path):
+    import subprocess
+
+    out = tmp_path / "run"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    owned_by(out, dead.pid)
+    (out / "metrics.jsonl").unlink()  # a run killed before its first step
+    code, err = run_main_all_stderr(TINY + ["--output-dir", str(out), "--max-steps", "2"])
+    assert code == 0, err
+    assert err == [f"note: output dir {out}: taking over the lock of pid {dead.pid}, which has ended"], err
+    assert not (out / ".accum.lock").exists()  # released at the end
+
+
+def test_a_lock_of_another_host_is_never_taken_over(tmp_path):
+    out = tmp_path / "run"
+    owned_by(out, os.getpid() + 1, host="another-host")
+    before = tree(out)
+    code, err = run_main_all_stderr(TINY + ["--output-dir", str(out)])
+    assert code == 2 and len(err) == 1 and "on host 'another-host'" in err[0], err
+    assert tree(out) == before
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_on_one_directory_the_second_is_refused_and_the_first_is_whole(tmp_path):
+    """Before, one crashed and the other's metrics.jsonl mixed both runs."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers.fault_common import ROOT
+
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    first = subprocess.Popen([sys.executable, "scripts/train.py", *TINY, "--output-dir", str(out),
+                              "--max-steps", "40", "--max-train-samples", "160"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / ".accum.lock").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, first.communicate()[1][-2000:]
+    code, err = run_main_all_stderr(TINY + ["--output-dir", str(out), "--max-steps", "40",
+                                            "--max-train-samples", "160"])
+    assert first.poll() is None, "the first run ended before the second was refused: make it longer"
+    assert code == 2 and len(err) == 1 and f"in use by a running process (pid {first.pid})" in err[0], err
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-2000:]
+    assert logged_steps(out) == list(range(1, 41))  # the first run's steps, once each
+    status = json.loads((out / "status.json").read_text())
+    assert status["exit_code"] == 0 and status["pid"] == first.pid
 
 
 # ----------------------------------------------------------------------------- safety

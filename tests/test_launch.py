@@ -152,6 +152,20 @@ def test_bad_input_to_the_script_is_its_one_line_and_its_exit_code(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_crash_of_the_script_is_its_one_line_and_exit_1_with_no_launcher_report(tmp_path):
+    """Before, train.py's traceback came through as exit 1 plus a line of the launcher's."""
+    crashing = tmp_path / "crashing_train.py"  # train.py with a bug in its loss
+    crashing.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom accum.loss import TaskLoss\n"
+                        "TaskLoss.forward = lambda self, model, batch: 1 / 0\nfrom scripts.train import main\n"
+                        "sys.exit(main(sys.argv[1:]))\n")
+    code, lines = finished(["--config_file", "accelerate_configs/cpu.yaml", str(crashing), *TINY,
+                            "--output-dir", str(tmp_path / "out")])
+    errors = [line for line in lines if "error:" in line]
+    assert code == 1 and len(errors) == 1 and "crashed with ZeroDivisionError" in errors[0], lines
+    assert not any("Traceback" in line or "CalledProcessError" in line for line in lines), lines
+
+
+@pytest.mark.slow
 def test_two_ranks_refusing_the_same_input_print_one_line(tmp_path):
     code, lines = finished(["--config_file", "accelerate_configs/multi_cpu_2proc.yaml", "scripts/train.py", *TINY,
                             "--micro-batch-size", "3", "--grad-accum-steps", "1", "--output-dir", str(tmp_path / "out")])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
 import os
 import re
 import types
@@ -272,10 +273,28 @@ def flags_in(message: str) -> str:
                   message)
 
 
+class _FlagsFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {flags_in(record.getMessage())}"
+
+
+def show_library_warnings() -> None:
+    """The library's warnings (accum's loggers: a plan cache entry that is invalid, a batch rounded) on
+    stderr, one line each, with parameter names turned into this command line's flags. Idempotent."""
+    logger = logging.getLogger("accum")
+    if not any(isinstance(handler.formatter, _FlagsFormatter) for handler in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(_FlagsFormatter())
+        logger.addHandler(handler)
+
+
 def build_arg_parser(description: str = "") -> argparse.ArgumentParser:
     """A parser with --config and one flag per RunConfig field (help text from the schema)."""
     parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", help="run config YAML; flags override its keys")
+    parser.add_argument("--debug", action="store_true",
+                        help="on a failure, print the traceback before its one line (not a config key)")
     for name, field in RunConfig.model_fields.items():
         flags = [_flag(name)] + [_flag(alias) for alias, target in ALIASES.items() if target == name and alias != name]
         if field.annotation is bool:

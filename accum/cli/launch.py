@@ -11,7 +11,8 @@ Every argument is `accelerate launch`'s, parsed by accelerate's own parser. Thre
 - The script's own exit code comes back (2 bad input, 3 non-finite loss, 4 out of memory, 5 I/O,
   130/143 interrupted, ...) with no launcher traceback after the script's one-line error:
   `accelerate launch` turns every failure into 1 and appends CalledProcessError or torch elastic's
-  ChildFailedError report. An exit the script did not explain (a crash, a kill) gets one line.
+  ChildFailedError report. An exit the script did not explain with an `error:` line of its own (a
+  kill, a crash of a script without one) gets one line.
   Every rank prints the same `error: ` line; it is shown once. Ctrl-C or SIGTERM to this process
   reaches the script, which finishes its step and saves.
 - `use_cpu: true` in the config reaches the ranks (ACCELERATE_USE_CPU=1): on its own, accelerate
@@ -306,6 +307,11 @@ class RepeatedErrorFilter:
             self._write(self._partial[self._sent:safe])
             self._sent = safe
 
+    @property
+    def error_shown(self) -> bool:
+        """Whether an `error: ` line has passed (the script explained its exit itself)."""
+        return bool(self._errors_seen)
+
     def close(self) -> None:
         if self._partial:
             self._line(self._partial, self._sent)
@@ -356,7 +362,7 @@ def stderr_without_repeated_errors():
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     try:
-        yield
+        yield errors
     finally:
         sys.stderr.flush()
         os.dup2(real, 2)  # the pipe's last writer here: EOF once the ranks have exited too
@@ -372,7 +378,7 @@ def run_launcher(args: Any) -> int:
     from accelerate.commands.launch import launch_command
 
     failure: BaseException | None = None
-    with stderr_without_repeated_errors(), signals_passed_to_children(), quiet_elastic_failure_logs():
+    with stderr_without_repeated_errors() as errors, signals_passed_to_children(), quiet_elastic_failure_logs():
         try:
             launch_command(args)
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the launcher's traceback is what we replace
@@ -384,7 +390,7 @@ def run_launcher(args: Any) -> int:
     if failure is None:
         return 0
     code, rank = script_exit(failure)
-    line = describe_exit(code, rank)
+    line = describe_exit(code, rank) if not errors.error_shown else None  # its own line said why (a crash too)
     if line:
         print(line, file=sys.stderr, flush=True)
     return shell_code(code)

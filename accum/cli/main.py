@@ -10,19 +10,23 @@
                                       (`accelerate launch`, configs checked first, exit codes kept)
 
 Every failure prints one line on stderr and exits with a documented code (accum.cli.status.ExitStatus:
-2 bad input, 4 a plan that does not fit).
+2 bad input, 4 a plan that does not fit, 5 a write failed, 130/143 interrupted, 1 a bug); --debug
+prints the traceback first. SIGINT or SIGTERM while planning stops after the probe in flight, with
+the model restored and nothing cached.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from accum.cli.config import OneLineParser, flags_in
+from accum.cli.config import OneLineParser
 from accum.cli.status import ExitStatus
 from accum.errors import ConfigError
 
@@ -156,9 +160,9 @@ def run_config_of(args: argparse.Namespace):
     return make_config(values)
 
 
-def build_workload(args: argparse.Namespace):
+def build_workload(args: argparse.Namespace, should_stop: Any = None):
     """(Workload, RunConfig) for `plan` and `verify`. Raises ConfigError before anything loads when a
-    setting is bad."""
+    setting is bad; accum.signals.Stopped when `should_stop()` says so between the stages of loading."""
     import torch
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
@@ -182,7 +186,7 @@ def build_workload(args: argparse.Namespace):
     memory_budget(config.max_memory, config.safety_margin, accelerator.device)  # bad input before the model loads
     torch.manual_seed(config.seed)
     if args.config is not None:
-        return _config_workload(config, accelerator), config
+        return _config_workload(config, accelerator, should_stop), config
     from accum.cli.models import model_from_spec
 
     model, task = model_from_spec(args.model, args.task)
@@ -199,10 +203,10 @@ def build_workload(args: argparse.Namespace):
     return Workload(accelerator, model, optimizer, make_batch, loss_fn, config, config.max_seq_len, describe), config
 
 
-def _config_workload(config, accelerator) -> Workload:
+def _config_workload(config, accelerator, should_stop: Any = None) -> Workload:
     from accum.cli.planning import build_optimizer, load_run_inputs, probe_batch_maker, probe_length
 
-    inputs = load_run_inputs(config)
+    inputs = load_run_inputs(config, should_stop=should_stop)
     model = inputs.model.to(accelerator.device)
     loss = inputs.loss
 
@@ -231,19 +235,37 @@ def _token_batches(vocab_size: int, seq_len: int, seed: int, task: str = "clm", 
 # -- plan and verify -----------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def stoppable(phase: str):
+    """SIGINT/SIGTERM become a request that the command's loops poll (`stop.requested`); a loop that
+    stops (accum.signals.Stopped) ends the command as Interrupted: one line, 130 or 143."""
+    from accum.signals import Interrupted, Stopped, StopRequest
+
+    with StopRequest() as stop:
+        stop.phase = phase
+        try:
+            yield stop
+        except Stopped:
+            raise Interrupted(stop.signum or signal.SIGTERM, phase=phase,
+                              then="nothing was cached: run the same command again") from None
+        if stop.signum is not None:  # asked after the last poll: the answer is complete, and it is kept
+            print(f"note: {signal.Signals(stop.signum).name} came after {phase} was done", file=sys.stderr)
+
+
 def run_plan(args: argparse.Namespace) -> int:
     from accum.cli.planning import verify_plan
     from accum.probe import plan_for
 
-    work, config = build_workload(args)
-    plan = plan_for(work.accelerator, work.model, work.make_batch, config.batch_size, work.optimizer,
-                    loss_fn=work.loss_fn, max_memory=config.max_memory, safety_margin=config.safety_margin,
-                    objective=config.objective, cache_path=False if args.no_cache else config.plan_cache,
-                    replan=config.replan, allow_rounding=config.allow_batch_rounding, progress=not args.json,
-                    num_processes=args.num_processes)
-    if config.verify_plan and plan.verified_steps < config.verify_plan:
-        plan = verify_plan(plan, config, work.accelerator, work.model, verify_command(args),
-                           cache_path=False if args.no_cache else config.plan_cache)
+    with stoppable("planning") as stop:
+        work, config = build_workload(args, should_stop=stop.requested)
+        plan = plan_for(work.accelerator, work.model, work.make_batch, config.batch_size, work.optimizer,
+                        loss_fn=work.loss_fn, max_memory=config.max_memory, safety_margin=config.safety_margin,
+                        objective=config.objective, cache_path=False if args.no_cache else config.plan_cache,
+                        replan=config.replan, allow_rounding=config.allow_batch_rounding, progress=not args.json,
+                        num_processes=args.num_processes, should_stop=stop.requested)
+        if config.verify_plan and plan.verified_steps < config.verify_plan:
+            plan = verify_plan(plan, config, work.accelerator, work.model, verify_command(args),
+                               cache_path=False if args.no_cache else config.plan_cache, should_stop=stop.requested)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return 0
@@ -279,13 +301,39 @@ def run_verify(args: argparse.Namespace) -> int:
     return ExitStatus.OK if result["fit"] else ExitStatus.OUT_OF_MEMORY
 
 
+MAX_RUN_FILE_BYTES = 64 << 20  # config.json, plan.json, metrics.json: a few KiB each; bounded reads
+
+
 def _read_json(path: Path, what: str) -> Any:
+    from accum.files import read_bounded
+
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_bounded(path, MAX_RUN_FILE_BYTES))
     except FileNotFoundError:
         raise ConfigError(f"{path} not found: --run must be the output dir of a finished scripts/train.py run") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{what} {path} cannot be read ({exc})") from None
+
+
+def _noise_measurements(path: Path) -> list[float]:
+    """B_simple of each step in a metrics.jsonl, read line by line (it has one line per optimizer step
+    and no bound on its size); torn or foreign lines are skipped."""
+    measured = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                try:
+                    value = json.loads(line).get("noise_b_simple")
+                except (ValueError, AttributeError):
+                    continue
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                    measured.append(float(value))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: --run must be the output dir of a scripts/train.py run made with "
+                          "--noise-scale") from None
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    return measured
 
 
 def recommend_from_run(run_dir: str | Path, lr_scaling: str | None = None, rounding: str = "multiple") -> dict[str, Any]:
@@ -302,19 +350,26 @@ def recommend_from_run(run_dir: str | Path, lr_scaling: str | None = None, round
     config = _read_json(run_dir / "config.json", "run config")
     plan = Plan.from_dict(_read_json(run_dir / "plan.json", "plan"))
     metrics = _read_json(run_dir / "metrics.json", "metrics")
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    measured = [step["noise_b_simple"] for step in steps if step.get("noise_b_simple")]
+    measured = _noise_measurements(run_dir / "metrics.jsonl")
+    if not all(isinstance(value, dict) for value in (config, metrics)):
+        raise ConfigError(f"run {str(run_dir)!r}: config.json and metrics.json must hold mappings; is it a "
+                          "scripts/train.py output dir?")
     if not measured:
         raise ConfigError(f"run {str(run_dir)!r} has no noise scale: train with --noise-scale and accumulation >= 2 "
                           "(or 2+ processes) for at least 10 optimizer steps")
     b_simple = float(measured[-1])
     tokens = config.get("task") == "clm" and config.get("loss_normalization") in ("auto", "tokens")
-    items_per_sample = metrics["tokens_seen"] / max(metrics["samples_seen"], 1) if tokens else 1.0
+    try:
+        items_per_sample = float(metrics["tokens_seen"]) / max(float(metrics["samples_seen"]), 1) if tokens else 1.0
+        base_lr = float(metrics.get("lr") or config["lr"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"run {str(run_dir)!r}: metrics.json or config.json lacks {exc}: is it a finished "
+                          "scripts/train.py run?") from None
     batch = recommend_batch(b_simple, plan.micro_batch_size, plan.num_processes,
                             items_per_sample=items_per_sample, rounding=rounding)
     new_plan = plan_batch(batch, plan.micro_batch_size, plan.num_processes, allow_rounding=True, source="recommend")
     rule = lr_scaling or (config.get("lr_scaling") if config.get("lr_scaling") != "none" else "sqrt")
-    lr = scale_lr(metrics.get("lr") or config["lr"], plan.effective_batch_size, new_plan.effective_batch_size, rule)
+    lr = scale_lr(base_lr, plan.effective_batch_size, new_plan.effective_batch_size, rule)
     return {"b_simple_items": b_simple, "items": "tokens" if tokens else "samples",
             "b_simple_samples": b_simple / items_per_sample, "current_batch": plan.effective_batch_size,
             "recommended_batch": new_plan.effective_batch_size, "plan": new_plan.to_dict(), "banner": new_plan.banner(),
@@ -343,15 +398,22 @@ def run_estimate(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m accum`. Returns the exit code (accum.cli.status.ExitStatus)."""
-    from accum.recovery import OutOfMemoryError
-    from accum.signals import Interrupted
+    """Entry point of `python -m accum`. Returns the exit code (accum.cli.status.ExitStatus): every
+    failure is one `error:` line on stderr, with the traceback before it only under --debug (given
+    before `launch`'s own arguments, which are the script's)."""
+    from accum.cli.config import show_library_warnings
+    from accum.cli.status import DEBUG_FLAG, report_failure
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    show_library_warnings()
+    launching = bool(argv) and argv[0] == "launch"
+    debug = DEBUG_FLAG in argv and not launching
+    if debug:
+        argv = [arg for arg in argv if arg != DEBUG_FLAG]
     try:
         if argv and argv[0] == "estimate":
             return run_estimate(argv[1:])
-        if argv and argv[0] == "launch":
+        if launching:
             from accum.cli.launch import launch_main
 
             return launch_main(argv[1:])
@@ -361,18 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         handler = {"plan": run_plan, "verify": run_verify, "recommend": run_recommend}[args.command]
         return handler(args)
-    except ConfigError as exc:
-        print(f"error: {flags_in(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__}", file=sys.stderr)
-        return ExitStatus.BAD_INPUT
-    except OutOfMemoryError as exc:
-        print(f"error: {flags_in(str(exc))}", file=sys.stderr)
-        return ExitStatus.OUT_OF_MEMORY
-    except KeyboardInterrupt:
-        print("error: interrupted (SIGINT); nothing was cached", file=sys.stderr)
-        return ExitStatus.INTERRUPTED_INT
-    except Interrupted as exc:
-        print(f"error: {flags_in(str(exc))}", file=sys.stderr)
-        return exc.exit_code
+    except BaseException as exc:  # noqa: BLE001 - every failure is one line and an exit code
+        return report_failure(exc, debug)
 
 
 if __name__ == "__main__":

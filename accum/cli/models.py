@@ -215,5 +215,6 @@ def model_from_spec(spec: str, task: str | None = None, num_labels: int = 2):
         if directory is not None and directory.is_dir() and any((directory / f).exists() for f in _WEIGHT_FILES):
             return auto.from_pretrained(str(directory), config=config), task
         return auto.from_config(config), task
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"`model` {spec!r}: cannot build a {task} model: {first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - sizes that do not fit together fail in many ways inside transformers
+        raise ConfigError(f"`model` {spec!r}: cannot build a {task} model ({type(exc).__name__}: {first_line(exc)}): "
+                          "check its sizes") from None

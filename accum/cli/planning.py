@@ -15,6 +15,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,7 +134,8 @@ def probe_batch_maker(config: RunConfig, model, train_ds, collate, device):
     return make_batch
 
 
-def plan_eval_batch_size(config: RunConfig, model, train_ds, eval_ds, collate, plan: Plan, accelerator) -> int:
+def plan_eval_batch_size(config: RunConfig, model, train_ds, eval_ds, collate, plan: Plan, accelerator,
+                         should_stop: Callable[[], bool] | None = None) -> int:
     """--eval-batch-size, or the largest forward-only batch that fits, probed from the training
     micro-batch up to 8 times it (no gradients or optimizer state, so it is larger)."""
     from accum.probe import plan_eval_batch
@@ -147,7 +149,7 @@ def plan_eval_batch_size(config: RunConfig, model, train_ds, eval_ds, collate, p
     start = min(plan.micro_batch_size, limit)
     result = plan_eval_batch(model, probe_batch_maker(config, model, train_ds, collate, accelerator.device),
                              accelerator, limit=limit, start=start, max_memory=config.max_memory,
-                             safety_margin=config.safety_margin, progress=False)
+                             safety_margin=config.safety_margin, progress=False, should_stop=should_stop)
     return result.size
 
 
@@ -165,17 +167,27 @@ class RunInputs:
     from_config: bool
 
 
-def load_run_inputs(config: RunConfig, model=None, train_data=None, eval_data=None) -> RunInputs:
+def load_run_inputs(config: RunConfig, model=None, train_data=None, eval_data=None,
+                    should_stop: Callable[[], bool] | None = None) -> RunInputs:
     """Tokenizer, data and model from `config`, unless given (tokenised samples: indexable of dicts with
     input_ids and, for classification, labels). Seed torch first: the weights of a model built from a
-    config come from its RNG. Raises ConfigError."""
+    config come from its RNG. `should_stop()` is asked between the stages (tokenizer, files, tokenising,
+    model). Raises ConfigError, accum.signals.Stopped."""
     from accum.cli import data, models
+    from accum.signals import Stopped
+
+    def stage_done(what: str) -> None:
+        if should_stop is not None and should_stop():
+            raise Stopped(f"stopped after {what}")
 
     tokenizer, label_info, from_config = None, None, model is None and train_data is None
     if train_data is None:
         tokenizer = models.build_tokenizer(config)
+        stage_done("loading the tokenizer")
         train_raw, eval_raw = data.load_splits(config)
+        stage_done("reading the data")
         train_data, eval_data, label_info = data.tokenize_splits(config, tokenizer, train_raw, eval_raw)
+        stage_done("tokenising")
     if model is None:
         model = models.build_model(config, label_info.num_labels if label_info else 0, tokenizer=tokenizer,
                                    id2label=label_info.id2label if label_info else None)
@@ -188,9 +200,11 @@ def load_run_inputs(config: RunConfig, model=None, train_data=None, eval_data=No
 
 
 def make_plan(config: RunConfig, resolved, accelerator, inputs: RunInputs,
-              verify_command: list[str] | None = None) -> tuple[Plan, str | None]:
+              verify_command: list[str] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> tuple[Plan, str | None]:
     """Micro-batch x accumulation x processes for the target batch: from flags, or by probing memory
-    (then, with --verify-plan, checked in a fresh process). Returns (plan, banner note)."""
+    (then, with --verify-plan, checked in a fresh process). `should_stop()` is asked before each probe
+    and while a verification child runs. Returns (plan, banner note); raises accum.signals.Stopped."""
     from accum.probe import plan_for
 
     target, micro, accum, note = resolved
@@ -206,13 +220,14 @@ def make_plan(config: RunConfig, resolved, accelerator, inputs: RunInputs,
     plan = plan_for(accelerator, model, make_batch, target, optimizer, loss_fn=loss_fn, max_memory=config.max_memory,
                     safety_margin=config.safety_margin, objective=config.objective, cache_path=config.plan_cache,
                     replan=config.replan, allow_rounding=config.allow_batch_rounding,
-                    progress=accelerator.is_main_process)
+                    progress=accelerator.is_main_process, should_stop=should_stop)
     del optimizer
     if config.verify_plan and not plan.verified_steps >= config.verify_plan:
         if verify_command is None:
             raise ConfigError("`verify_plan` rebuilds the model and data in a fresh process: give them by the "
                               "config (model and data files), not as objects")
-        plan = verify_plan(plan, config, accelerator, model, verify_command, cache_path=config.plan_cache)
+        plan = verify_plan(plan, config, accelerator, model, verify_command, cache_path=config.plan_cache,
+                           should_stop=should_stop)
     return plan, note
 
 
@@ -280,23 +295,43 @@ def _child_env(device: torch.device) -> dict[str, str]:
     return env
 
 
-def _fits_in_fresh_process(command: list[str], size: int, steps: int, device: torch.device) -> dict[str, Any]:
+def _fits_in_fresh_process(command: list[str], size: int, steps: int, device: torch.device,
+                           should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
+    """Run the verification child and return its verdict; `should_stop()` is polled while it runs: the
+    child is then stopped and None returned (the caller makes the ranks agree on stopping)."""
+    import time
+
     full = [*command, "--micro-batch-size", str(size), "--steps", str(steps)]
-    done = subprocess.run(full, capture_output=True, text=True, env=_child_env(device), timeout=3600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode not in (0, 4) or not lines:
-        reason = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:300]
+    with subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(device),
+                          start_new_session=True) as child:  # its own group: our Ctrl-C is ours to pass on
+        deadline = time.monotonic() + 3600
+        while True:
+            try:
+                stdout, stderr = child.communicate(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if (should_stop is not None and should_stop()) or time.monotonic() > deadline:
+                    child.terminate()
+                    child.communicate()
+                    if time.monotonic() > deadline:
+                        raise ConfigError("plan verification ran for an hour: run `python -m accum verify` by "
+                                          "hand to see why") from None
+                    return None
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if child.returncode not in (0, 4) or not lines:
+        reason = (stderr.strip().splitlines() or [f"exit {child.returncode}"])[-1][:300]
         raise ConfigError(f"plan verification could not run ({reason}): run `python -m accum verify` by hand to see why")
     return json.loads(lines[-1])
 
 
 def verify_plan(plan: Plan, config: RunConfig, accelerator, model, command: list[str],
-                cache_path: Any = None) -> Plan:
+                cache_path: Any = None, should_stop: Callable[[], bool] | None = None) -> Plan:
     """Check `plan` by `config.verify_plan` training steps back to back in a fresh process (`command` is
     `python -m accum verify ...` for this workload), stepping the micro-batch down (about 5% at a time)
     until they fit; all ranks agree after each check. The model moves to the CPU meanwhile, so the
     child has the device to itself. Returns the verified plan (also written to the plan cache);
-    raises NothingFitsError when micro-batch 1 does not fit."""
+    raises NothingFitsError when micro-batch 1 does not fit, accum.signals.Stopped when `should_stop()`
+    said so on any rank (the child is stopped)."""
     import dataclasses
 
     from accum.cache import PlanCache
@@ -304,6 +339,7 @@ def verify_plan(plan: Plan, config: RunConfig, accelerator, model, command: list
     from accum.plan import plan_batch
     from accum.probe import NothingFitsError
     from accum.recovery import agree_max
+    from accum.signals import Stopped
 
     steps, device = config.verify_plan, torch.device(accelerator.device)
     checks, current = [], plan
@@ -311,8 +347,11 @@ def verify_plan(plan: Plan, config: RunConfig, accelerator, model, command: list
     free_memory()
     try:
         for _attempt in range(12):
-            result = _fits_in_fresh_process(command, current.micro_batch_size, steps, device)
-            failed = agree_max([0.0 if result["fit"] else 1.0], device)[0] > 0
+            result = _fits_in_fresh_process(command, current.micro_batch_size, steps, device, should_stop)
+            failed, stopped = (value > 0 for value in agree_max([0.0 if result and result["fit"] else 1.0,
+                                                                  float(result is None)], device))
+            if stopped:
+                raise Stopped("stopped while verifying the plan")
             checks.append({**result, "fit": not failed, "verify": True})
             if accelerator.is_main_process:
                 verdict = "fits" if not failed else f"does not fit ({result.get('error') or 'another rank'})"
