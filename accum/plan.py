@@ -46,7 +46,15 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
-        """The inverse of `to_dict`. Raises ConfigError on a dict that is not a consistent plan."""
+        """The inverse of `to_dict`. Raises ConfigError on a dict that is not a consistent plan (sizes
+        that are not positive whole numbers, or that do not multiply out)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"plan {data!r:.200} is not a mapping")
+        for key in ("micro_batch_size", "accumulation_steps", "num_processes", "effective_batch_size",
+                    "target_batch_size"):
+            value = data.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"plan {key} {value!r} is not a positive whole number")
         try:
             plan = cls(
                 micro_batch_size=int(data["micro_batch_size"]),
