@@ -50,7 +50,14 @@ from accum.cache import PlanCache
 from accum.cli import data as data_lib
 from accum.cli import rundir
 from accum.cli import status as status_lib
-from accum.cli.config import ConfigError, RunConfig, config_to_json, parse_config, show_library_warnings
+from accum.cli.config import (
+    INT64_MAX,
+    ConfigError,
+    RunConfig,
+    config_to_json,
+    parse_config,
+    show_library_warnings,
+)
 from accum.cli.lock import OutputLock
 from accum.cli.planning import (
     build_optimizer,
@@ -157,7 +164,11 @@ def resolve_length(config: RunConfig, num_samples: int, plan: Plan, schedule: Ba
         if config.max_steps is not None:
             return Length(config.max_steps)
         per_epoch = windows_per_epoch(num_samples, plan.effective_batch_size)
-        return Length(max(1, math.ceil((config.epochs or 1.0) * per_epoch)))
+        steps = (config.epochs or 1.0) * per_epoch
+        if not steps < INT64_MAX:  # 1e308 epochs overflow to inf: no schedule or counter can hold them
+            raise ConfigError(f"`epochs` {config.epochs:g} x {per_epoch} windows per epoch is more optimizer steps "
+                              "than fit in 64 bits: lower `epochs`, or give `max_steps`")
+        return Length(max(1, math.ceil(steps)))
     if schedule is None:  # a fixed batch with a sample budget: the LR schedule stays in optimizer steps
         steps = min(config.max_steps or math.inf, math.ceil(config.max_samples / plan.effective_batch_size))
         return Length(steps, config.max_samples, f"Length: {config.max_samples} samples")

@@ -74,6 +74,8 @@ CASES = {
     "seed past 32 bits": (["--seed", str(2**32)], "seed: Input should be less than or equal to 4294967295"),
     "infinite epochs": (["--epochs", "inf", "--max-steps", "null"], "epochs: Input should be a finite number"),
     "infinite timeout": (["--dist-timeout-s", "inf"], "dist_timeout_s: Input should be a finite number"),
+    "epochs past 64 bits of steps": (["--epochs", "1e308", "--max-steps", "null"],
+                                     "--epochs 1e+308 x 8 windows per epoch is more optimizer steps than fit in 64 bits"),
     "timeout past the clock": (["--dist-timeout-s", "1e300"], "dist_timeout_s: Input should be less than or equal"),
     "memory past a float": (["--max-memory", "1e400"], "max_memory"),
     "steps past 64 bits": (["--max-steps", str(2**64)], "max_steps: does not fit in 64 bits"),
