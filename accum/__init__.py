@@ -1,50 +1,32 @@
-"""accum: exact, automatic gradient accumulation for Hugging Face Accelerate."""
+"""accum: exact, automatic gradient accumulation for Hugging Face Accelerate.
+
+Every name below is importable from `accum`; each module is imported when one of its names is first
+used (PEP 562), so that `import accum` and `python -m accum` start in milliseconds, not the seconds
+torch takes: the command line installs its signal handling before anything heavy is imported.
+"""
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from accum.accelerator import begin_window, build_accelerator
-from accum.cache import PlanCache
-from accum.errors import ConfigError
-from accum.estimate import MemoryEstimate, estimate_analytic, estimate_traced, max_micro_batch_for
-from accum.loss import (
-    TaskLoss,
-    backward_scale,
-    count_loss_items,
-    mean_of_means_loss,
-    pad_collate,
-    sum_item_losses,
-)
-from accum.noise import (
-    LocalGradientNormHook,
-    MicroGradientNorms,
-    NoiseMeter,
-    NoiseScaleTracker,
-    estimate_noise,
-    recommend_batch,
-)
-from accum.oom import (
-    device_memory_bytes,
-    free_memory,
-    is_oom,
-    parse_memory,
-    peak_memory_bytes,
-    reset_peak_memory,
-)
-from accum.plan import Plan, plan_batch, plan_from_accumulation, resolve_batch
-from accum.probe import NothingFitsError, Probe, ProbeResult, find_max_micro_batch, plan_eval_batch, plan_for
-from accum.recovery import AdaptiveBatch, Decision, OutOfMemoryError, agree_max, run_with_recovery
-from accum.scaling import ScaledLR, scale_lr
-from accum.stats import AccumulationStats, peak_memory
-from accum.window import Accumulator, Callback, EvalResult, NonFiniteError, WindowResult, evaluate
-from accum.windows import (
-    Balanced,
-    FixedSize,
-    TokenBudget,
-    WindowSampler,
-    epoch_order,
-    layout_window,
-    windows_per_epoch,
-)
+_MODULES = {
+    "accum.accelerator": ("begin_window", "build_accelerator"),
+    "accum.cache": ("PlanCache",),
+    "accum.errors": ("ConfigError",),
+    "accum.estimate": ("MemoryEstimate", "estimate_analytic", "estimate_traced", "max_micro_batch_for"),
+    "accum.loss": ("TaskLoss", "backward_scale", "count_loss_items", "mean_of_means_loss", "pad_collate", "sum_item_losses"),
+    "accum.noise": ("LocalGradientNormHook", "MicroGradientNorms", "NoiseMeter", "NoiseScaleTracker", "estimate_noise", "recommend_batch"),
+    "accum.oom": ("device_memory_bytes", "free_memory", "is_oom", "parse_memory", "peak_memory_bytes", "reset_peak_memory"),
+    "accum.plan": ("Plan", "plan_batch", "plan_from_accumulation", "resolve_batch"),
+    "accum.probe": ("NothingFitsError", "Probe", "ProbeResult", "find_max_micro_batch", "plan_eval_batch", "plan_for"),
+    "accum.recovery": ("AdaptiveBatch", "Decision", "OutOfMemoryError", "agree_max", "run_with_recovery"),
+    "accum.scaling": ("ScaledLR", "scale_lr"),
+    "accum.stats": ("AccumulationStats", "peak_memory"),
+    "accum.window": ("Accumulator", "Callback", "EvalResult", "NonFiniteError", "WindowResult", "evaluate"),
+    "accum.windows": ("Balanced", "FixedSize", "TokenBudget", "WindowSampler", "epoch_order", "layout_window", "windows_per_epoch"),
+}
+_WHERE = {name: module for module, names in _MODULES.items() for name in names}
 
 __all__ = [
     "AccumulationStats", "Accumulator", "AdaptiveBatch", "Balanced", "Callback", "ConfigError", "Decision", "EvalResult",
@@ -58,3 +40,16 @@ __all__ = [
     "recommend_batch", "reset_peak_memory", "resolve_batch", "run_with_recovery", "scale_lr", "sum_item_losses",
     "windows_per_epoch",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'accum' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -13,9 +13,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from accum.files import remove_stale_temporaries, write_text_atomic
+from accum.files import read_bounded, remove_stale_temporaries, write_text_atomic
 
 logger = logging.getLogger(__name__)
+# A plan entry is about 2 KiB with its probes: tens of thousands of plans fit. A larger file is not a
+# cache this code wrote (or a FIFO, or /dev/zero), and is not read whole into memory.
+MAX_CACHE_BYTES = 64 << 20
 
 
 def default_cache_path() -> Path:
@@ -42,15 +45,15 @@ class PlanCache:
 
     def _load(self) -> dict[str, Any]:
         try:
-            text = self.path.read_text()
+            text = read_bounded(self.path, MAX_CACHE_BYTES).decode()
         except FileNotFoundError:
             return {}
-        except OSError as exc:
-            logger.warning("plan cache %s unreadable (%s): ignored", self.path, exc)
+        except (OSError, UnicodeDecodeError) as exc:
+            logger.warning("plan cache %s unreadable (%s): ignored, it will be rewritten", self.path, exc)
             return {}
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except json.JSONDecodeError as exc:
             logger.warning("plan cache %s is corrupt (%s): ignored, it will be rewritten", self.path, exc)
             return {}
         if not isinstance(data, dict):

@@ -1,4 +1,6 @@
-"""Atomic writes: a file is either its old contents or its new ones, never half of either.
+"""Atomic writes: a file is either its old contents or its new ones, never half of either; and
+bounded reads, so that a file of unknown size (a FIFO, /dev/zero, a hand-made bomb) cannot take all
+memory.
 
 The one implementation for the plan cache, run files (config, plan, metrics, status) and
 checkpoint state: write a temporary file beside the target, flush it to disk, keep the target's
@@ -12,6 +14,7 @@ files (the final model export), and `make_readable` gives files that a library w
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -40,7 +43,29 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             os.unlink(tmp)
         if isinstance(exc, OSError) or not isinstance(exc, Exception):
             raise
-        raise OSError(f"writing {path} failed: {exc}") from exc
+        raise as_os_error(exc, path) from exc
+
+
+def as_os_error(exc: BaseException, path: str | Path) -> OSError:
+    """A failed write as the OSError it is: safetensors raises SafetensorError ('... (os error 28)') and
+    torch.save RuntimeError ('unexpected pos 576 vs 534') on a full disk. The errno is the one the
+    message names, else ENOSPC when the file system has no space left, else EIO."""
+    if isinstance(exc, OSError):
+        return exc
+    import re
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    named = re.search(r"os error (\d+)", text)
+    if named:
+        code = int(named.group(1))
+    else:
+        code = errno.EIO
+        with contextlib.suppress(OSError):
+            if os.statvfs(Path(path).parent).f_bavail == 0:
+                code = errno.ENOSPC
+    error = OSError(code, os.strerror(code), str(path))
+    error.__cause__ = exc if isinstance(exc, Exception) else None
+    return error
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -130,3 +155,20 @@ def remove_stale_temporaries(directory: str | Path, name: str, older_than_s: flo
                 with contextlib.suppress(OSError):
                     if now - item.stat().st_mtime > older_than_s:
                         item.unlink()
+
+
+def read_bounded(path: str | Path, limit: int) -> bytes:
+    """At most `limit` bytes of `path`, read in chunks. Raises FileTooLarge (an OSError, errno EFBIG)
+    when there is more: the size a stat reports is not trusted (a FIFO or a /proc file says 0)."""
+    chunks, size = [], 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(min(1 << 20, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise FileTooLarge(errno.EFBIG, f"larger than {limit} bytes", str(path))
+    return b"".join(chunks)
+
+
+class FileTooLarge(OSError):
+    """A file read with `read_bounded` holds more than its limit."""

@@ -73,7 +73,15 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
-        """The inverse of `to_dict`. Raises ConfigError on a dict that is not a consistent plan."""
+        """The inverse of `to_dict`. Raises ConfigError on a dict that is not a consistent plan (sizes
+        that are not positive whole numbers, or that do not multiply out)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"plan {data!r:.200} is not a mapping")
+        for key in ("micro_batch_size", "accumulation_steps", "num_processes", "effective_batch_size",
+                    "target_batch_size"):
+            value = data.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"plan {key} {value!r} is not a positive whole number")
         try:
             plan = cls(
                 micro_batch_size=int(data["micro_batch_size"]),
@@ -98,6 +106,19 @@ class Plan:
                 and plan.effective_batch_size % plan.num_processes == 0):
             raise ConfigError(f"plan is inconsistent: {plan.banner()} does not multiply out")
         return plan
+
+
+def divisors(n: int) -> list[int]:
+    """The divisors of n > 0, ascending, in O(sqrt(n)) steps (a batch of 2**40 stays instant)."""
+    check_positive_int("n", n)
+    small, large, d = [], [], 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
 
 
 def nearest_valid_targets(target: int, multiple_of: int) -> list[int]:

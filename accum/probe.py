@@ -37,6 +37,7 @@ from accum.oom import (
 )
 from accum.plan import Plan, per_process_limit, plan_batch
 from accum.recovery import agree_max
+from accum.signals import Stopped
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ def find_max_micro_batch(
     steps: int = 1,
     reset: Callable[[], None] | None = None,
     progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ProbeResult:
     """Search the largest n for which `try_step(n)` runs without an out-of-memory error and within
     the memory budget: double from `start` until the first failure or `limit`, then binary-search
@@ -161,10 +163,13 @@ def find_max_micro_batch(
     the time per step). `reset()` runs before each probe, before its memory baseline is read, so that
     every probe starts from what a run starts from (plan_for drops the optimizer state an earlier
     probe created: a run allocates it in its first step, and so must each probe). For objective 'throughput' each fitting size runs once more, warm, and that
-    run is timed.
+    run is timed. `should_stop()` (local and cheap, e.g. whether this process got SIGTERM) is asked
+    before each probe; with `agree` its answer joins the values the ranks agree on after each probe
+    (a third value, [failed, seconds, stop]), so every rank stops after the same one.
 
     Returns a ProbeResult (sizes in samples per process). Raises ConfigError for start < 1, a limit
-    below start or an unknown objective, and NothingFitsError when size 1 does not fit.
+    below start or an unknown objective, NothingFitsError when size 1 does not fit, and
+    accum.signals.Stopped when `should_stop()` said so (the search is abandoned, nothing returned).
     """
     check_positive_int("start", start)
     if limit is not None and limit < start:
@@ -200,14 +205,22 @@ def find_max_micro_batch(
             error = f"over budget: peak {format_bytes(peak)} > {format_bytes(budget)}"
         return error is None, seconds, peak, error
 
+    def stop_requested() -> bool:
+        return should_stop is not None and bool(should_stop())
+
     def probe(size: int) -> bool:
         for _attempt in range(retries + 1):
+            if agree is None and stop_requested():
+                raise Stopped(f"stopped before probing micro-batch {size}")
             fit, seconds, peak, error = run_once(size)
             if fit and objective == "throughput":
                 fit, seconds, warm_peak, error = run_once(size)
                 peak = max(peak or 0, warm_peak or 0) or None
             if agree is not None:
-                failed_anywhere, seconds = agree([0.0 if fit else 1.0, seconds])
+                values = [0.0 if fit else 1.0, seconds] + ([1.0 if stop_requested() else 0.0] if should_stop else [])
+                failed_anywhere, seconds, *stop_anywhere = agree(values)
+                if stop_anywhere and stop_anywhere[0] > 0:
+                    raise Stopped(f"stopped after probing micro-batch {size}")
                 if fit and failed_anywhere > 0:
                     error = "failed on another rank"
                 fit = failed_anywhere == 0
@@ -575,6 +588,7 @@ def plan_for(
     steps_per_probe: int = 2,
     cut: str = "samples",
     sequence_length: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Plan:
     """Probe `model` with real training steps on `accelerator`'s device and return the Plan that
     reaches `target_batch_size` exactly, over `accelerator.num_processes` processes, with the largest
@@ -596,8 +610,12 @@ def plan_for(
     is split (accum.plan.plan_batch: "samples", "balanced", or "tokens" with `sequence_length`, the
     tokens per sample `make_batch` builds: the plan's token budget is the largest fit x that length).
 
+    `should_stop()` is asked before the warm-up step and each probe (`find_max_micro_batch`): a
+    SIGTERM during planning stops it after the probe in flight, with everything restored and nothing cached.
+
     Returns a Plan (source 'probe' or 'cache'). Raises ConfigError for bad sizes, objective or
-    budget, NothingFitsError when micro-batch 1 does not fit.
+    budget, NothingFitsError when micro-batch 1 does not fit, accum.signals.Stopped when
+    `should_stop()` said so.
     """
     if accelerator is None:
         from accelerate import Accelerator
@@ -640,6 +658,8 @@ def plan_for(
     is_main = accelerator is None or accelerator.is_main_process
     with _leave_no_trace(model, raw_optimizer) as snapshot:
         step = make_train_step(model, make_batch, accelerator, optimizer, loss_fn, steps=steps_per_probe)
+        if rank_agreement(device) is None and should_stop is not None and should_stop():
+            raise Stopped("stopped before the warm-up step")
         _warm_up(step)
         result = find_max_micro_batch(
             step,
@@ -654,6 +674,7 @@ def plan_for(
             steps=steps_per_probe,
             reset=lambda: snapshot.start_over(model, raw_optimizer),
             progress=progress and is_main,
+            should_stop=should_stop,
         )
     plan = plan_batch(
         target_batch_size,
@@ -681,6 +702,7 @@ def plan_eval_batch(
     safety_margin: float = 0.1,
     start: int = 1,
     progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ProbeResult:
     """The largest evaluation batch per process (forward only, no_grad, eval mode) that fits, up to
     `limit`. Leaves the model, its mode and the RNG as they were. Returns a ProbeResult; raises as
@@ -697,4 +719,5 @@ def plan_eval_batch(
             device=device,
             agree=rank_agreement(device),
             progress=progress and is_main,
+            should_stop=should_stop,
         )

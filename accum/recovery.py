@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import torch
 
 from accum.oom import free_memory, is_oom
-from accum.plan import Plan, replan
+from accum.plan import Plan, divisors, replan
 
 __all__ = [
     "AdaptiveBatch",
@@ -77,17 +77,7 @@ def advice(where: str, optimizer_step: int | None = None, micro_batch_size: int 
             f"{micro_batch_size}, the smallest there is: {ADVICE}")
 
 
-def _divisors(n: int) -> list[int]:
-    """Every divisor of n, ascending, in O(sqrt(n)) steps (a share may be large: 2**40 is refused
-    elsewhere, but a million is a real batch)."""
-    small, large, d = [], [], 1
-    while d * d <= n:
-        if n % d == 0:
-            small.append(d)
-            if d != n // d:
-                large.append(n // d)
-        d += 1
-    return small + large[::-1]
+_divisors = divisors  # O(sqrt(n)): a per-process batch of 2**40 stays instant
 
 
 def smaller_micro_batch(micro_batch_size: int, per_process: int) -> int | None:

@@ -23,14 +23,33 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Interrupted(Exception):
-    """Training stopped on a signal after a whole optimizer step; `exit_code` is 128 + the signal number."""
+    """Stopped on a signal at a safe point; `exit_code` is 128 + the signal number.
 
-    def __init__(self, signum: int, optimizer_step: int, checkpoint: Any):
-        self.signum, self.optimizer_step, self.checkpoint = signum, optimizer_step, checkpoint
+    `phase` None: training, after a whole optimizer step (`optimizer_step`), its state saved as
+    `checkpoint`. Otherwise the phase it stopped in ('data preparation', 'planning', 'evaluation'),
+    with `checkpoint` the state saved before it, if any."""
+
+    def __init__(self, signum: int, optimizer_step: int | None = None, checkpoint: Any = None,
+                 phase: str | None = None, then: str | None = None):
+        self.signum, self.optimizer_step, self.checkpoint, self.phase = signum, optimizer_step, checkpoint, phase
         self.exit_code = 128 + signum
-        where = f"checkpoint {checkpoint}" if checkpoint else "nothing new to save"
-        super().__init__(f"stopped by {signal.Signals(signum).name} after optimizer step {optimizer_step}; "
-                         f"{where}; continue with `resume_from_checkpoint` latest")
+        name = signal.Signals(signum).name
+        if checkpoint:
+            default_then = f"checkpoint {checkpoint}; continue with `resume_from_checkpoint` latest"
+        elif phase is None:
+            default_then = "nothing new to save; continue with `resume_from_checkpoint` latest"
+        else:
+            default_then = "nothing was trained or saved: run the same command again"
+        then = then or default_then
+        where = f"after optimizer step {optimizer_step}" if phase is None else f"during {phase}"
+        if phase is not None and optimizer_step:
+            where += f" (after optimizer step {optimizer_step})"
+        super().__init__(f"stopped by {name} {where}; {then}")
+
+
+class Stopped(Exception):
+    """Raised by a library loop (probing, evaluation, data preparation) when its `should_stop()`
+    callable returned True; the caller knows which signal asked and turns it into Interrupted."""
 
 
 class StopRequest:
@@ -45,6 +64,8 @@ class StopRequest:
     def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
         self.signals = signals
         self.signum: int | None = None
+        # what the run does now, for the line printed when a signal comes ('training' stops after the step)
+        self.phase = "training"
         self._received_at = 0.0
         self._previous: dict[int, Any] = {}
 
@@ -70,8 +91,14 @@ class StopRequest:
             signal.raise_signal(signum)
             return
         self.signum, self._received_at = signum, time.monotonic()
-        print(f"received {signal.Signals(signum).name}: stopping after this optimizer step and saving a checkpoint "
+        when = ("after this optimizer step and saving a checkpoint" if self.phase == "training"
+                else f"{self.phase} at the next safe point")
+        print(f"received {signal.Signals(signum).name}: stopping {when} "
               "(send it again, a second or more later, to stop at once)", file=sys.stderr, flush=True)
+
+    def requested(self) -> bool:
+        """Whether this process received a stop signal (no collective: a `should_stop` for library loops)."""
+        return self.signum is not None
 
     def agreed(self, accelerator) -> int | None:
         """The signal any rank received (the same answer on every rank), or None to go on.

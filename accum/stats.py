@@ -243,9 +243,14 @@ class AccumulationStats:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from `state_dict()`; raises ValueError for a state from an unknown version."""
+        """Restore from `state_dict()`; raises ValueError for a state from an unknown version, or counters
+        that are not whole numbers >= 0."""
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"stats state version {state.get('version')!r}: expected {_STATE_VERSION}")
+        for key in ("micro_step", "optimizer_step", "samples_seen", "tokens_seen", "skipped_steps", "ema_count"):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"stats state {key}={value!r}: must be a whole number >= 0")
         self.ema_beta = float(state["ema_beta"])
         self.micro_step = int(state["micro_step"])
         self.optimizer_step = int(state["optimizer_step"])

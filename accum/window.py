@@ -13,7 +13,9 @@ same list on every rank, e.g. from `WindowSampler`), and in this order (docs/arc
    micro-batch at the same effective batch and replays the window (accum/recovery.py); on several
    DDP ranks the gradient all-reduce then waits until every rank's backward passes succeeded;
 5. measures the gradient noise scale (before clipping), refuses a non-finite loss or gradient,
-   clips, steps the optimizer and the scheduler once, and zeroes the gradients.
+   clips, steps the optimizer, checks in one fused pass that no weight became NaN/inf (a huge but
+   finite LR, weight decay or gradient can do it; with nonfinite 'skip' such a step is undone from a
+   copy kept before it), steps the scheduler once, and zeroes the gradients.
 
 Loss, counts and norms stay on the device until the window ends; then one transfer. What happened
 comes back as a `WindowResult`; events go to the callbacks (`Callback`), never to patched code.
@@ -46,11 +48,14 @@ NONFINITE_POLICIES = ("raise", "skip")
 
 
 class NonFiniteError(FloatingPointError):
-    """A window's loss or gradient was NaN/inf; no weight was changed. `optimizer_step` is the step
-    that was refused (1-based)."""
+    """A window's loss or gradient was NaN/inf, or its optimizer step made a weight NaN/inf.
+    `optimizer_step` is the step that was refused (1-based). `weights_changed`: False when the refusal
+    came before the optimizer step (no weight was changed), True when the step itself produced a
+    non-finite weight (nonfinite 'raise' keeps no copy to undo it: the model in memory is lost, the
+    last checkpoint is what is left)."""
 
-    def __init__(self, what: str, optimizer_step: int):
-        self.what, self.optimizer_step = what, optimizer_step
+    def __init__(self, what: str, optimizer_step: int, weights_changed: bool = False):
+        self.what, self.optimizer_step, self.weights_changed = what, optimizer_step, weights_changed
         super().__init__(f"{what} at optimizer step {optimizer_step}")
 
 
@@ -134,6 +139,62 @@ def _count_all(loss: Any, batches: list[dict[str, torch.Tensor]]) -> list[tuple[
     return [tuple(row) for row in values.tolist()]
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (a DTensor's local shard under FSDP2), detached."""
+    return getattr(tensor, "_local_tensor", tensor).detach()
+
+
+class _UndoCopy:
+    """The weights and optimizer state as they were before an optimizer step, in buffers allocated once
+    and reused every window, so that a step which made a weight non-finite is undone exactly. The
+    optimizer state is kept too: a step that leaves the weights finite may still leave an infinite
+    second moment, and undoing the weights alone would keep it."""
+
+    def __init__(self) -> None:
+        self.weights: list[torch.Tensor] | None = None
+        self.state: dict[int, dict[str, Any]] = {}
+
+    def take(self, params: list[torch.Tensor], optimizer_state: Any) -> None:
+        if self.weights is None or len(self.weights) != len(params):
+            self.weights = [torch.empty_like(_local(p)) for p in params]
+        torch._foreach_copy_(self.weights, [_local(p) for p in params])
+        taken = {}
+        for index, param in enumerate(params):
+            entry = optimizer_state.get(param)
+            if not entry:
+                continue
+            kept, copy = self.state.get(index, {}), {}
+            for key, value in entry.items():
+                if torch.is_tensor(value):
+                    buffer = kept.get(key)
+                    if not (torch.is_tensor(buffer) and buffer.shape == value.shape and buffer.dtype == value.dtype
+                            and buffer.device == value.device):
+                        buffer = torch.empty_like(value)
+                    copy[key] = buffer.copy_(value)
+                else:
+                    copy[key] = value
+            taken[index] = copy
+        self.state = taken
+
+    @torch.no_grad()
+    def restore(self, params: list[torch.Tensor], optimizer_state: Any) -> None:
+        torch._foreach_copy_([_local(p) for p in params], self.weights)
+        for index, param in enumerate(params):
+            if index not in self.state:  # the bad step was this parameter's first: no state before it
+                optimizer_state.pop(param, None)
+                continue
+            entry = optimizer_state.setdefault(param, {})
+            for key in list(entry):
+                if key not in self.state[index]:
+                    del entry[key]
+            for key, value in self.state[index].items():
+                current = entry.get(key)
+                if torch.is_tensor(value) and torch.is_tensor(current) and current.shape == value.shape:
+                    current.copy_(value)
+                else:
+                    entry[key] = value.clone() if torch.is_tensor(value) else value
+
+
 def all_reduce_gradients(model: torch.nn.Module, num_processes: int, bucket_bytes: int = 25 * 2**20) -> None:
     """Average the gradients over ranks, as DDP's sync backward would, in flat buckets of ~25 MiB.
     A parameter without a gradient on this rank (no data reached it) joins with zeros."""
@@ -170,7 +231,9 @@ class Accumulator:
     max_grad_norm: clip to this norm (None: measure only). recovery: OOM recovery (True, or an
     `AdaptiveBatch` for memory pressure and regrowth; then `memory_budget` in bytes is the peak
     that pressure is measured against). noise_scale: measure B_simple. nonfinite: 'raise'
-    (NonFiniteError, nothing stepped) or 'skip' (the window is dropped and counted).
+    (NonFiniteError: before the step nothing changed; a step that made a weight NaN/inf has changed
+    them, `weights_changed`) or 'skip' (the window is dropped, or its step undone from a copy of the
+    weights and optimizer state kept before it, and counted).
     on_give_up: called before OutOfMemoryError is raised at micro-batch 1 (save a checkpoint).
 
     `notes` lists one line per feature that this layout turned off, and why. `state_dict()` holds
@@ -202,6 +265,7 @@ class Accumulator:
         # leave the others waiting; the gradients are averaged once every rank has succeeded
         self.defer_sync = self.adaptive is not None and accelerator.num_processes > 1
         self.noise = self._setup_noise(noise_scale, plan)
+        self._undo = _UndoCopy() if nonfinite == "skip" else None
 
     # -- setup --------------------------------------------------------------------------------------
 
@@ -406,6 +470,10 @@ class Accumulator:
         if accelerator.scaler is None and not math.isfinite(grad_norm):  # fp16's scaler skips on its own
             return grad_norm, lr, True, self._refuse(f"gradient norm is {grad_norm}"), window_loss, padded_tokens
         self._emit("on_before_optimizer_step")
+        raw = getattr(optimizer, "optimizer", optimizer)
+        params = [p for group in raw.param_groups for p in group["params"] if p.requires_grad]
+        if self._undo is not None:
+            self._undo.take(params, raw.state)
         failed = False
         try:
             optimizer.step()
@@ -416,11 +484,43 @@ class Accumulator:
         if failed:  # a partial update cannot be replayed exactly, and a smaller micro-batch would not help
             raise OutOfMemoryError(advice("optimizer step", self.stats.optimizer_step + 1))
         skipped = bool(accelerator.optimizer_step_was_skipped)  # fp16: the scaler found inf/nan gradients
+        if not skipped and not self._all_finite(params, raw.state if self._undo is not None else None):
+            optimizer.zero_grad(set_to_none=True)
+            if self._undo is None:
+                raise NonFiniteError("a weight became NaN/inf in the optimizer step", self.stats.optimizer_step + 1,
+                                     weights_changed=True)
+            self._undo.restore(params, raw.state)
+            return grad_norm, lr, True, "a weight became NaN/inf in the optimizer step (undone)", window_loss, padded_tokens
         if not skipped and self.scheduler is not None:
             self.scheduler.step()
         self._emit("on_after_optimizer_step")
         optimizer.zero_grad(set_to_none=True)
         return grad_norm, lr, skipped, "fp16 overflow" if skipped else None, window_loss, padded_tokens
+
+    def _all_finite(self, params: list[torch.Tensor], optimizer_state: Any = None) -> bool:
+        """Whether no weight (and, given `optimizer_state`, no floating-point optimizer state) holds a NaN
+        or an infinity, agreed over ranks (FSDP shards differ). One fused norm over all of them and one
+        host sync per window (one all-reduce of one number with several processes); a norm can overflow
+        for huge finite values, so a flagged window is confirmed tensor by tensor before it is refused."""
+        tensors = [_local(p) for p in params]
+        if optimizer_state is not None:
+            tensors += [_local(v) for p in params for v in optimizer_state.get(p, {}).values()
+                        if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
+        tensors = [t for t in tensors if t.numel()]
+        device = self.accelerator.device
+        if tensors:
+            largest = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).max()
+            flag = (~torch.isfinite(largest)).float().reshape(1).to(device)
+        else:
+            flag = torch.zeros(1, device=device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, "max")
+        if flag.item() == 0:
+            return True
+        local = float(any(not bool(torch.isfinite(t).all()) for t in tensors))
+        if self.accelerator.num_processes > 1:
+            local = self.accelerator.reduce(torch.tensor([local], device=device), "max").item()
+        return local == 0
 
     def _refuse(self, what: str) -> str:
         """A NaN/inf window never updates the weights: drop its gradients, then skip or raise."""
@@ -469,7 +569,7 @@ def _halve(size: int) -> int | None:
 @torch.no_grad()
 def evaluate(accelerator: Any, model: torch.nn.Module, samples: Sequence[Any], collate: Any, loss: Any,
              batch_size: int, *, recovery: bool = True, on_batch: Any = None, on_shrink: Any = None,
-             cut: Any = None) -> EvalResult:
+             cut: Any = None, should_stop: Any = None) -> EvalResult:
     """Loss over `samples` (the whole evaluation set, the same on every rank; each rank takes its
     contiguous share, so nothing is counted twice), forward only, in eval mode.
 
@@ -478,19 +578,26 @@ def evaluate(accelerator: Any, model: torch.nn.Module, samples: Sequence[Any], c
     outputs)` may return something per batch (predictions for a metric); they come back in
     `outputs`, this rank's only. With `recovery`, an out-of-memory error on any rank halves the limit
     on every rank and starts the evaluation again (`on_shrink(old, new)` is told), through the same
-    code as training windows (accum/recovery.py). Raises OutOfMemoryError at a limit of 1.
+    code as training windows (accum/recovery.py). `should_stop()` (local, e.g. whether this process
+    got SIGTERM) is asked before each batch on one process; with several, each rank finishes its
+    share and the answer rides on the final all-reduce, so that all ranks stop together. Raises
+    OutOfMemoryError at a limit of 1, accum.signals.Stopped when `should_stop()` said so.
     """
+    from accum.signals import Stopped
     from accum.windows import FixedSize, _Slice, rank_share
 
     cut = cut if cut is not None else FixedSize()
     start, stop = rank_share(len(samples), accelerator.num_processes, accelerator.process_index)
     share = _Slice(samples, start, stop)
     was_training = model.training
+    alone = accelerator.num_processes == 1
 
     def attempt(limit: int) -> tuple[torch.Tensor, int, list[Any]]:
         model.eval()
         loss_total, items, outputs = torch.zeros((), device=accelerator.device), 0, []
-        for part in cut(share, limit) if len(share) else []:
+        for number, part in enumerate(cut(share, limit) if len(share) else []):
+            if alone and should_stop is not None and should_stop():
+                raise Stopped(f"stopped before evaluation batch {number}")
             batch = collate(part)
             items += loss.count(batch)
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
@@ -508,7 +615,12 @@ def evaluate(accelerator: Any, model: torch.nn.Module, samples: Sequence[Any], c
             loss_total, items, outputs = attempt(batch_size)
     finally:
         model.train(was_training)
+    stop_here = float(not alone and should_stop is not None and bool(should_stop()))
     totals = accelerator.reduce(torch.stack([loss_total.double(), torch.tensor(float(items), dtype=torch.float64,
-                                                                               device=accelerator.device)]), "sum")
-    loss_value, items_total = totals.tolist()
+                                                                               device=accelerator.device),
+                                             torch.tensor(stop_here, dtype=torch.float64, device=accelerator.device)]),
+                                "sum")
+    loss_value, items_total, stop_anywhere = totals.tolist()
+    if stop_anywhere > 0:
+        raise Stopped("stopped after evaluating")
     return EvalResult(loss_value / max(items_total, 1), int(items_total), batch_size, outputs)

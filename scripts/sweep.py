@@ -237,6 +237,7 @@ def plan_runs(sweep: SweepConfig) -> list[RunSpec]:
     """Every run of the sweep, in order, with its full config and derived batch/LR; invalid points
     carry their one-line error instead (they are recorded as failed, never launched)."""
     processes = num_processes_of(sweep.accelerate_config)
+    name_max = longest_name(Path(sweep.output_dir))
     base_values = load_yaml(sweep.base.config) if sweep.base.config else {}
     base_values.update(sweep.base.overrides)
     variants = sweep.variants or {"": {}}
@@ -248,12 +249,31 @@ def plan_runs(sweep: SweepConfig) -> list[RunSpec]:
         values = dict(base_values, **overrides, **extra)
         values.update(output_dir=str(Path(sweep.output_dir) / full_name), overwrite=True)
         derive_batch_and_lr(spec, values, sweep.budget_samples, processes)
+        if len(full_name.encode()) > name_max:  # its directory could not be made: recorded, never launched
+            spec.error = (f"run name is {len(full_name.encode())} bytes, longer than the {name_max} the file system "
+                          "allows for a directory name: shorten the axis values or the variant names")
         specs.append(spec)
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"two runs share a name ({sorted(n for n in names if names.count(n) > 1)[0]!r}): "
                           "give the variants or axis values distinct names")
     return specs
+
+
+def longest_name(directory: Path) -> int:
+    """The longest file name the file system under `directory` (or its nearest existing parent) allows."""
+    existing = next((p for p in (directory, *directory.absolute().parents) if p.exists()), Path("/"))
+    try:
+        return os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255  # POSIX file systems' usual limit (NAME_MAX), when the system does not say
+
+
+def check_output_dir(out: Path) -> None:
+    """The sweep's output_dir, or the nearest part of it that exists, must be a directory. Raises ConfigError."""
+    existing = next((p for p in (out, *out.absolute().parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"output_dir {str(out)!r}: {existing} is not a directory: choose another output_dir")
 
 
 def derive_batch_and_lr(spec: RunSpec, values: dict[str, Any], budget_samples: int | None, processes: int) -> None:
@@ -801,6 +821,7 @@ def run_sweep(sweep: SweepConfig, retry_failed: bool = False) -> list[dict[str, 
     specs = plan_runs(sweep)
     out = Path(sweep.output_dir)
     results = out / RESULTS
+    check_output_dir(out)
     with sweep_lock(out):
         done = latest_by_run(read_results(results))
         check_unchanged(specs, done, results)
@@ -835,7 +856,8 @@ def run_sweep(sweep: SweepConfig, retry_failed: bool = False) -> list[dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: bad input is one line on stderr and exit code 2, never a traceback."""
+    """Command-line entry: every failure is one line on stderr and a documented exit code (2 bad input,
+    5 a write failed, 130 interrupted, 1 a bug), never a traceback unless --debug asks for it."""
     parser = OneLineParser(prog="scripts/sweep.py", description="Sweep accumulation settings, one training process "
                                                                 "per run.",
                            epilog="Every flag also works with underscores (--output_dir).")
@@ -844,12 +866,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", metavar="PATH", help="override the sweep's output_dir")
     parser.add_argument("--retry-failed", action="store_true",
                         help="run again the runs recorded as failed/oom/timeout (a new line, attempt 2, ...)")
+    parser.add_argument("--debug", action="store_true", help="on a failure, print the traceback before its line")
+    debug, results = "--debug" in (sys.argv[1:] if argv is None else argv), RESULTS
     try:
         args = parser.parse_args(argv)
         sweep = load_sweep(args.config)
         if args.output_dir:
             sweep.output_dir = args.output_dir
+        results = Path(sweep.output_dir) / RESULTS
         if args.dry_run:
+            check_output_dir(Path(sweep.output_dir))
             specs = plan_runs(sweep)
             done = latest_by_run(read_results(Path(sweep.output_dir) / RESULTS))
             print(f"sweep {sweep.name} ({sweep.kind}), {len(specs)} runs with {sweep.accelerate_config} "
@@ -861,15 +887,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         started = time.perf_counter()
         records = run_sweep(sweep, retry_failed=args.retry_failed)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        out = Path(sweep.output_dir)
+        print(write_tables(out, sweep, records) if records else "no runs")
     except KeyboardInterrupt:
         print(f"\ninterrupted: the run in progress was stopped and not recorded; the same command resumes "
-              f"from {Path(sweep.output_dir) / RESULTS}", file=sys.stderr)
+              f"from {results}", file=sys.stderr)
         return 130
-    out = Path(sweep.output_dir)
-    print(write_tables(out, sweep, records) if records else "no runs")
+    except Exception as exc:  # noqa: BLE001 - every failure is one line and an exit code (accum.cli.status)
+        from accum.cli.status import report_failure
+
+        return report_failure(exc, debug, io_fix="free space or choose another output_dir, then run the same "
+                                                 "command: finished runs are kept in results.jsonl")
     failed = sum(r["status"] != "ok" for r in records)
     print(f"sweep {sweep.name}: {len(records) - failed} ok, {failed} not ok, {time.perf_counter() - started:.0f} s; "
           f"tables {out / 'results.md'}, {out / 'results.csv'}; plots in {out}")

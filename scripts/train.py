@@ -12,6 +12,7 @@ schedule, evaluate and save. Nothing of the window's arithmetic lives here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -28,6 +29,19 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make `scripts` and `accum` importable from the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+    def _stop_at_once(signum, frame):  # noqa: ARG001 - a signal handler's signature
+        """Until train() installs its own handling (importing torch alone takes seconds): one line and
+        128 + the signal, never a traceback; nothing of ours is half-written (every write is atomic)."""
+        import signal
+
+        os.write(2, f"error: stopped by {signal.Signals(signum).name}\n".encode())
+        os._exit(128 + signum)
+
+    import signal as _signal
+
+    for _signum in (_signal.SIGINT, _signal.SIGTERM):
+        _signal.signal(_signum, _stop_at_once)
+
 import torch
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
@@ -35,11 +49,22 @@ from tqdm.auto import tqdm
 from accum.accelerator import build_accelerator
 from accum.cache import PlanCache
 from accum.cli import data as data_lib
-from accum.cli.config import ConfigError, RunConfig, config_to_json, flags_in, parse_config
+from accum.cli import rundir
+from accum.cli import status as status_lib
+from accum.cli.config import (
+    INT64_MAX,
+    ConfigError,
+    RunConfig,
+    config_to_json,
+    parse_config,
+    show_library_warnings,
+)
 from accum.cli.lock import OutputLock
 from accum.cli.models import quiet_loading
 from accum.cli.planning import (
     build_optimizer,
+    check_launch_environment,
+    check_precision,
     load_run_inputs,
     lr_base_batch,
     make_plan,
@@ -50,13 +75,13 @@ from accum.cli.planning import (
     verify_command,
 )
 from accum.cli.status import STATUS_FILE, ExitStatus, write_status
-from accum.files import atomic_directory, write_json_atomic
+from accum.files import atomic_directory, write_json_atomic, write_text_atomic
 from accum.loss import TaskLoss
 from accum.plan import Plan, plan_from_accumulation, replan
 from accum.recovery import AdaptiveBatch, OutOfMemoryError
 from accum.scaling import ScaledLR, scale_lr
 from accum.schedule import BatchSchedule, Change, Progress, SampleLR, schedule_from_config
-from accum.signals import Interrupted, StopRequest
+from accum.signals import Interrupted, Stopped, StopRequest
 from accum.window import Accumulator, Callback, NonFiniteError, WindowResult, evaluate
 from accum.windows import TokenBudget, WindowSampler, windows_per_epoch
 from scripts import checkpoint as ckpt
@@ -65,15 +90,22 @@ from scripts import checkpoint as ckpt
 
 
 def check_output_dir(config: RunConfig) -> Path:
-    """Refuse to write over a finished run unless asked, or where nothing can be written. Creates
-    nothing (train creates the directory once every input is checked): bad input touches no file."""
+    """Refuse a directory another live run owns (its lock), one holding an earlier run's results unless
+    asked to continue or overwrite it, one where the run could write only after training, and one
+    where nothing can be written. Creates nothing (train creates the directory once every input is
+    checked): bad input touches no file."""
     out = Path(config.output_dir)
-    finished = (out / "metrics.json").exists()
-    if finished and not config.overwrite and not config.resume_from_checkpoint:
-        raise ConfigError(f"output dir {str(out)!r} holds a finished run: pass --overwrite, "
-                          "--resume-from-checkpoint latest, or another --output-dir")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output dir {str(out)!r} exists and is not a directory: choose another --output-dir")
+    OutputLock(out).check()  # reads only
+    rundir.check_layout(out)
+    results = rundir.results_in(out) if out.is_dir() else []
+    if results and not config.overwrite and not config.resume_from_checkpoint:
+        what = "a finished run" if "metrics.json" in results else f"an earlier run's {', '.join(results[:-1])} and {results[-1]}" if len(results) > 1 \
+            else f"an earlier run's {results[0]}"
+        raise ConfigError(f"output dir {str(out)!r} holds {what}: pass --resume-from-checkpoint latest to continue "
+                          f"it, --overwrite to start again (its files move to {rundir.OVERWRITTEN_PREFIX}<time>/ "
+                          "inside it), or another --output-dir")
     existing = next(parent for parent in (out, *out.absolute().parents) if parent.exists())
     try:
         if not existing.is_dir():
@@ -83,6 +115,23 @@ def check_output_dir(config: RunConfig) -> Path:
     except OSError as exc:
         raise ConfigError(f"output dir {str(out)!r} cannot be written ({exc.strerror}): choose another --output-dir") from None
     return out
+
+
+def check_batch_within_data(config: RunConfig, target: int, num_samples: int) -> None:
+    """A window never holds more samples than the data: a larger batch would be claimed in the banner
+    and the metrics while each step trained only the data's samples. Raises ConfigError."""
+    schedule = schedule_from_config(config)
+    batches = [("batch_size", target)]
+    if schedule is not None and schedule.kind == "steps":
+        batches = [("accumulation_schedule", max(batch for _, batch in schedule.points))]
+    elif schedule is not None and schedule.kind == "ramp":
+        batches = [("batch_ramp", max(schedule.start, schedule.end))]
+    elif schedule is not None:  # noise-driven, up to adaptive_batch_max (default 8 x the minimum)
+        batches = [("adaptive_batch_min", schedule.minimum), ("adaptive_batch_max", schedule.maximum)]
+    for name, batch in batches:
+        if batch > num_samples:
+            raise ConfigError(f"`{name}` {batch} is larger than the {num_samples} training samples: every step "
+                              f"would train only {num_samples}; use at most {num_samples}, or more data")
 
 
 def data_fingerprint(dataset) -> str:
@@ -118,7 +167,11 @@ def resolve_length(config: RunConfig, num_samples: int, plan: Plan, schedule: Ba
         if config.max_steps is not None:
             return Length(config.max_steps)
         per_epoch = windows_per_epoch(num_samples, plan.effective_batch_size)
-        return Length(max(1, math.ceil((config.epochs or 1.0) * per_epoch)))
+        steps = (config.epochs or 1.0) * per_epoch
+        if not steps < INT64_MAX:  # 1e308 epochs overflow to inf: no schedule or counter can hold them
+            raise ConfigError(f"`epochs` {config.epochs:g} x {per_epoch} windows per epoch is more optimizer steps "
+                              "than fit in 64 bits: lower `epochs`, or give `max_steps`")
+        return Length(max(1, math.ceil(steps)))
     if schedule is None:  # a fixed batch with a sample budget: the LR schedule stays in optimizer steps
         steps = min(config.max_steps or math.inf, math.ceil(config.max_samples / plan.effective_batch_size))
         return Length(steps, config.max_samples, f"Length: {config.max_samples} samples")
@@ -208,6 +261,7 @@ class TrainingState:
     schedule: BatchSchedule | None
     eval_batch: int
     saved_step: int | None = None  # the optimizer step this process last checkpointed (or resumed from)
+    run_id: str | None = None  # the run that owns the output directory (accum/cli/rundir.py)
     window_start: dict | None = field(default=None, repr=False)  # the state before the window in flight
 
     @property
@@ -236,17 +290,49 @@ class TrainingState:
             self.schedule.load_state_dict(state["schedule"])
 
 
+@contextlib.contextmanager
+def stopping_in(stop: StopRequest | None, phase: str, accelerator=None):
+    """While a phase before training runs: a signal is reported as stopping this phase, and the library's
+    Stopped (its `should_stop()` said so) becomes Interrupted naming it (nothing trained or saved). With
+    `accelerator`, every rank raised Stopped together and learns which signal it was (one all-reduce)."""
+    if stop is not None:
+        stop.phase = phase
+    try:
+        yield
+    except Stopped:
+        raise Interrupted(agreed_signal(stop, accelerator), phase=phase) from None
+
+
+def agreed_signal(stop: StopRequest, accelerator=None) -> int:
+    """The signal that stopped a library loop: this rank's, or any rank's (a collective) with `accelerator`."""
+    import signal
+
+    signum = stop.agreed(accelerator) if accelerator is not None else stop.signum
+    return signum or signal.SIGTERM  # a loop stops only when some rank got one
+
+
+def stop_point(stop: StopRequest | None, accelerator, phase: str) -> None:
+    """A point every rank passes: stop here if any rank got SIGTERM/SIGINT (one all-reduce with several)."""
+    signum = stop.agreed(accelerator) if stop is not None else None
+    if signum is not None:
+        raise Interrupted(signum, phase=phase)
+
+
 def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data,
-          callbacks: tuple[Callback, ...] = ()) -> tuple[Run, TrainingState, str]:
+          callbacks: tuple[Callback, ...] = (), stop: StopRequest | None = None) -> tuple[Run, TrainingState, str]:
     """Everything before the loop: output dir, data, model, plan, accelerator, optimizer, schedule,
-    accumulator. Returns the run, its starting state and the banner text. Raises ConfigError."""
+    accumulator. Returns the run, its starting state and the banner text. Raises ConfigError, and
+    Interrupted when `stop` got a signal (data preparation and planning stop at their next safe point:
+    between stages, before each probe; with several processes where all ranks agree)."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
     # Accelerator() honours ACCELERATE_USE_CPU but PartialState() does not (accelerate 1.15): without
     # this, each CPU rank of `accelerate launch --multi_gpu` would train alone as a world of one.
     # a bounded wait: a rank whose peer died stops with an error instead of hanging (gloo's default is 30 min)
+    check_launch_environment()
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(seconds=config.dist_timeout_s))
+    check_precision(config, state.device)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > state.num_processes:
         raise ConfigError(f"{launched} processes were launched but each sees a world of {state.num_processes}: "
@@ -254,17 +340,23 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data,
     torch.manual_seed(config.seed)
     resolved = resolve_batch_flags(config, cli_keys, state.num_processes)
     out = check_output_dir(config)
-    inputs = load_run_inputs(config, model, train_data, eval_data)
+    alone, local_stop = state.num_processes == 1, stop.requested if stop is not None else None
+    with stopping_in(stop, "data preparation"):  # with several ranks only at the agreed point below
+        inputs = load_run_inputs(config, model, train_data, eval_data, should_stop=local_stop if alone else None)
     if config.compile:  # before planning: the planner then probes the compiled steps the run will take
         inputs = dataclasses.replace(inputs, model=compile_model(inputs.model))
     model, train_data, eval_data, collate, loss = (inputs.model, inputs.train_data, inputs.eval_data, inputs.collate,
                                                    inputs.loss)
+    check_batch_within_data(config, resolved[0], len(train_data))
     # the accumulation steps of this Accelerator are set per window (begin_window), so it can exist
     # before the plan: the planner then probes on the run's device and process count
     accelerator = build_accelerator(plan_from_accumulation(1, 1), mixed_precision=resolve_precision(config),
                                     log_with=config.report_to, project_dir=str(out))
-    plan, note = make_plan(config, resolved, accelerator, inputs, verify_command=verify_command(config, inputs),
-                           resumed=ckpt.plan_to_resume(config.output_dir, config.resume_from_checkpoint))
+    stop_point(stop, accelerator, "data preparation")
+    with stopping_in(stop, "planning", accelerator):
+        plan, note = make_plan(config, resolved, accelerator, inputs, verify_command=verify_command(config, inputs),
+                               resumed=ckpt.plan_to_resume(config.output_dir, config.resume_from_checkpoint),
+                               should_stop=local_stop)
     lr = scale_lr(config.lr, lr_base_batch(config), plan.effective_batch_size, config.lr_scaling)
     optimizer = build_optimizer(config, model, lr.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -274,7 +366,10 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data,
         schedule.bind(plan.micro_batch_size if plan.cut == "samples" else 1, plan.num_processes)
     length = resolve_length(config, len(train_data), plan, schedule)
     scheduler, schedule_note = build_lr_schedule(config, optimizer, length, schedule)
-    eval_batch = plan_eval_batch_size(config, model, train_data, eval_data, collate, plan, accelerator)
+    with stopping_in(stop, "planning", accelerator):
+        eval_batch = plan_eval_batch_size(config, model, train_data, eval_data, collate, plan, accelerator,
+                                          should_stop=local_stop)
+    stop_point(stop, accelerator, "planning")
     accumulator = build_accumulator(config, accelerator, model, optimizer, scheduler, plan, loss, collate, callbacks)
     if config.adaptive_batch == "noise" and accumulator.noise.unavailable:
         raise ConfigError(f"adaptive batch noise needs the noise scale, which this layout cannot measure "
@@ -286,6 +381,8 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data,
     sampler = WindowSampler(len(train_data), plan.effective_batch_size, seed=config.seed)
     note = "\n".join(filter(None, [*inputs.notes, note, *accumulator.notes, schedule_note]))
     text = banner(config, model, accelerator, plan, lr, length.total_steps, eval_batch, note)
+    if stop is not None:
+        stop.phase = "training"
     return run, TrainingState(sampler, accumulator, schedule, eval_batch), text
 
 
@@ -329,12 +426,12 @@ def train(config: RunConfig, model=None, train_data=None, eval_data=None, cli_ke
     and is saved first).
     """
     with StopRequest() as stop:
-        run, state, text = setup(config, cli_keys or set(), model, train_data, eval_data, tuple(callbacks))
+        run, state, text = setup(config, cli_keys or set(), model, train_data, eval_data, tuple(callbacks), stop)
         lock = OutputLock(run.out)
-        on_main_process(run, lock.check)  # another live run's directory: refused before anything is read
         resumed_step = resume_if_asked(run, state)  # a checkpoint that cannot be used touches nothing
         on_main_process(run, lock.acquire)  # before anything is written
         try:
+            claim_output_dir(run, state, resumed_step)
             metrics = train_until_done(run, state, text, stop, tuple(callbacks), resumed_step)
         except BaseException as exc:
             end_run(run, lock, exc)
@@ -358,6 +455,31 @@ def on_main_process(run: Run, action) -> None:
         broadcast_object_list(refusal)
     if refusal[0] is not None:
         raise ConfigError(refusal[0])
+
+
+def claim_output_dir(run: Run, state: TrainingState, resumed_step: int | None) -> None:
+    """Once the lock is held, before anything is written: a fresh run gets a new id (the same on every
+    rank) and, under --overwrite, the earlier run's files move aside first; leftovers of writers killed
+    mid-write are removed (they may hold the space a full disk needs); run.json names the owner."""
+    from accelerate.utils import broadcast_object_list
+
+    from accum.files import remove_stale_temporaries
+
+    if state.run_id is None:
+        agreed = [rundir.new_run_id()]
+        if run.accelerator.num_processes > 1:
+            broadcast_object_list(agreed)
+        state.run_id = agreed[0]
+    if not run.accelerator.is_main_process:
+        return
+    if resumed_step is None and run.config.overwrite:
+        moved = rundir.move_aside(run.out)
+        if moved is not None:
+            print(f"note: --overwrite: the earlier run's files moved to {moved}", file=sys.stderr, flush=True)
+    ckpt.remove_leftovers(run.out)
+    for name in rundir.RUN_OUTPUTS:  # this run holds the lock: a temporary beside its files is a dead writer's
+        remove_stale_temporaries(run.out, name, older_than_s=0)
+    rundir.write_run_file(run.out, state.run_id)
 
 
 def end_run(run: Run, lock: OutputLock, failure: BaseException | None, metrics: dict | None = None) -> None:
@@ -393,21 +515,24 @@ def train_until_done(run: Run, state: TrainingState, text: str, stop: StopReques
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     started = time.perf_counter()
     prefetch = Prefetcher(run, config.num_workers if run.schedule is None else 0)
-    try:
-        while not run_finished(run, state):
-            at_step_boundary(run, state, stop)
-            indices = state.sampler.next_window(next_window_size(run, state))
-            window = prefetch.take(indices)
-            if not run_finished_after(run, state, len(indices)):
-                prefetch.ahead(state.sampler.peek_window(next_window_size(run, state, len(indices))))
-            result = train_window(run, state, window)
-            step_done(run, state, result, log, progress, callbacks)
-    finally:
-        prefetch.close()
-    progress.close()
+    with contextlib.closing(progress):  # closed before an error line is printed, not after it
+        try:
+            while not run_finished(run, state):
+                at_step_boundary(run, state, stop)
+                indices = state.sampler.next_window(next_window_size(run, state))
+                window = prefetch.take(indices)
+                if not run_finished_after(run, state, len(indices)):
+                    prefetch.ahead(state.sampler.peek_window(next_window_size(run, state, len(indices))))
+                result = train_window(run, state, window)
+                step_done(run, state, result, log, progress, callbacks, stop)
+        finally:
+            prefetch.close()
     train_seconds = time.perf_counter() - started
-    save(run, state)
-    eval_metrics = run_eval(run, state, callbacks) if run.eval_data else {}
+    path = save(run, state)
+    eval_metrics = run_eval(run, state, callbacks, stop) if run.eval_data else {}
+    signum = stop.agreed(accelerator)  # after the last evaluation: the run is whole but not reported finished
+    if signum is not None:
+        raise Interrupted(signum, state.optimizer_step, path, phase="evaluation")
     metrics = final_metrics(run, state, eval_metrics, train_seconds)
     metrics.update(data_wait_seconds=round(prefetch.waited, 4),
                    data_wait_fraction=round(prefetch.waited / train_seconds, 4) if train_seconds > 0 else None)
@@ -424,14 +549,15 @@ def train_until_done(run: Run, state: TrainingState, text: str, stop: StopReques
     return metrics
 
 
-def step_done(run: Run, state: TrainingState, result: WindowResult, log, progress, callbacks) -> None:
+def step_done(run: Run, state: TrainingState, result: WindowResult, log, progress, callbacks,
+              stop: StopRequest | None = None) -> None:
     """After a window: log it, follow the batch schedule, evaluate and save when due."""
     config = run.config
     record = step_record(run, state, result)
     follow_schedule(run, state, result)
     log_step(run, record, log, progress)
     if config.eval_every and state.optimizer_step % config.eval_every == 0 and run.eval_data:
-        run.accelerator.print(f"eval at step {state.optimizer_step}: {run_eval(run, state, callbacks)}")
+        run.accelerator.print(f"eval at step {state.optimizer_step}: {run_eval(run, state, callbacks, stop)}")
     if config.save_every and state.optimizer_step % config.save_every == 0:
         save(run, state)
 
@@ -478,8 +604,18 @@ def train_window(run: Run, state: TrainingState, window) -> WindowResult:
     try:
         result = run.accumulator.step(window)
     except NonFiniteError as exc:
-        path = save_last_good(run, state)
-        raise FloatingPointError(f"{exc}; the state before it is saved as {path}") from None
+        # refused before the step: the weights are the last step's, verified finite then; saved with this
+        # window's counters rolled back. Made non-finite by the step: nothing in memory is worth saving.
+        saved = None if exc.weights_changed else save_last_good(run, state)
+        good = last_finite_checkpoint(run, state)
+        if good is not None and good == saved:
+            where, resume = f"the state before it is saved as {good}", "then --resume-from-checkpoint latest"
+        elif good is not None:
+            where, resume = (f"the last checkpoint verified finite is {good}",
+                             f"then --resume-from-checkpoint {good}")
+        else:
+            where, resume = "no checkpoint of this run is verified finite", "then start again"
+        raise FloatingPointError(f"{exc}; {where}. Lower --lr, or pass --skip-nonfinite, {resume}") from None
     except OutOfMemoryError as exc:
         if not saved:
             raise
@@ -612,9 +748,10 @@ def release_collectives(accelerator) -> None:
         time.sleep(0.2)
 
 
-def run_eval(run: Run, state: TrainingState, callbacks=()) -> dict[str, float]:
+def run_eval(run: Run, state: TrainingState, callbacks=(), stop: StopRequest | None = None) -> dict[str, float]:
     """Loss and task metric on the eval set, shared across ranks without duplicated samples; with OOM
-    recovery an OOM halves the eval batch alone (training's plan is untouched)."""
+    recovery an OOM halves the eval batch alone (training's plan is untouched). A signal stops it at the
+    next batch (on several ranks at its end): the state is saved first, then Interrupted is raised."""
     from accelerate.utils import gather_object
 
     for callback in callbacks:
@@ -630,10 +767,19 @@ def run_eval(run: Run, state: TrainingState, callbacks=()) -> dict[str, float]:
         run.accelerator.print(f"adjusted at optimizer step {stats.optimizer_step}: eval batch {old} -> {new} "
                               "(out of memory in evaluation; training's micro-batch unchanged)")
 
-    result = evaluate(run.accelerator, run.model, run.eval_data, run.collate, run.loss, state.eval_batch,
-                      cut=TokenBudget() if run.plan.cut == "tokens" else None,
-                      recovery=run.config.oom_recovery, on_batch=predictions if classification else None,
-                      on_shrink=shrunk)
+    try:
+        if stop is not None:
+            stop.phase = "evaluation"
+        result = evaluate(run.accelerator, run.model, run.eval_data, run.collate, run.loss, state.eval_batch,
+                          cut=TokenBudget() if run.plan.cut == "tokens" else None,
+                          recovery=run.config.oom_recovery, on_batch=predictions if classification else None,
+                          on_shrink=shrunk, should_stop=stop.requested if stop is not None else None)
+    except Stopped:
+        signum = agreed_signal(stop, run.accelerator)
+        raise Interrupted(signum, state.optimizer_step, save(run, state), phase="evaluation") from None
+    finally:
+        if stop is not None:
+            stop.phase = "training"
     state.eval_batch = result.batch_size
     preds = [p for batch_preds, _ in result.outputs for p in batch_preds]
     refs = [r for _, batch_refs in result.outputs for r in batch_refs]
@@ -651,9 +797,11 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool, keep_until_step: int | None):
         self.path, self.enabled = path, enabled
         if enabled and keep_until_step is not None and path.exists():
-            # resume: drop lines of steps after the checkpoint, which will be run again
-            kept = [line for line in path.read_text().splitlines() if 0 < _logged_step(line) <= keep_until_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            # resume: drop lines of steps after the checkpoint, which will be run again (atomically: a
+            # kill here must not lose the lines kept)
+            with open(path) as handle:
+                kept = [line.rstrip("\n") for line in handle if 0 < _logged_step(line) <= keep_until_step]
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
         elif enabled and path.exists():
             path.unlink()
 
@@ -747,7 +895,6 @@ def describe_noise(metrics: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------- the final model
 
-FINAL_DIR = "final"
 AUTO_CLASSES = {"classification": "AutoModelForSequenceClassification", "clm": "AutoModelForCausalLM"}
 
 
@@ -763,7 +910,7 @@ def export_final(run: Run, metrics: dict[str, Any]) -> Path | None:
     accelerator = run.accelerator
     if not hasattr(accelerator.unwrap_model(run.model), "save_pretrained"):
         return None
-    path = run.out / FINAL_DIR
+    path = run.out / rundir.FINAL_DIR
     # sharded weights are gathered on every rank; otherwise the unwrapped model's own state dict is whole
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     state_dict = accelerator.get_state_dict(run.model) if sharded else None
@@ -807,7 +954,7 @@ def model_card(run: Run, metrics: dict[str, Any]) -> str:
     tokenizer = ("AutoTokenizer.from_pretrained(path)" if run.tokenizer is not None
                  else "None  # the data was handed to train() tokenised: no tokenizer was saved")
     lines += ["", "## Load", "", "```python", f"from transformers import AutoTokenizer, {auto}", "",
-              f'path = "{run.out / FINAL_DIR}"', f"model = {auto}.from_pretrained(path)", f"tokenizer = {tokenizer}",
+              f'path = "{run.out / rundir.FINAL_DIR}"', f"model = {auto}.from_pretrained(path)", f"tokenizer = {tokenizer}",
               "```", "", "The run's resolved config, plan and metrics are in the directory above this one "
               "(config.json, plan.json, metrics.json, metrics.jsonl).", ""]
     return "\n".join(lines)
@@ -824,7 +971,7 @@ def checkpoint_state(run: Run, state: TrainingState, counters: dict | None = Non
     if sampler is not None:
         payload.update({key: sampler[key] for key in ("epoch", "window_in_epoch", "sample_in_epoch")})
     payload.update(fingerprint=run.fingerprint, plan=run.accumulator.plan.to_dict(),
-                   config=json.loads(config_to_json(run.config)))
+                   config=json.loads(config_to_json(run.config)), run_id=state.run_id)
     return payload
 
 
@@ -862,15 +1009,35 @@ def save_last_good(run: Run, state: TrainingState) -> Path:
     return save(run, state, payload, rng=start["rng"])
 
 
+def last_finite_checkpoint(run: Run, state: TrainingState) -> Path | None:
+    """The newest checkpoint of this run whose weights and optimizer state are read back and are all
+    finite (each is checked before it is named), or None."""
+    for path in reversed(ckpt.list_checkpoints(run.out, state.run_id)):
+        if ckpt.verified_finite(path):
+            return path
+    return None
+
+
 def resume_if_asked(run: Run, state: TrainingState) -> int | None:
     """Load the checkpoint named by --resume-from-checkpoint; return its optimizer step (None: fresh start)."""
     config = run.config
     if not config.resume_from_checkpoint:
         return None
-    path = ckpt.resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    owner = rundir.read_run_id(run.out)
+    path = ckpt.resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, owner)
     saved = ckpt.read_state(path)
+    checkpoint_run = rundir.owner_of_checkpoint(saved)
+    if owner is not None and checkpoint_run is not None and checkpoint_run != owner:
+        raise ConfigError(f"checkpoint {str(path)!r} is of run {checkpoint_run}, not of run {owner} that owns "
+                          f"{str(run.out)!r} (run.json; an --overwrite started it): resume from one of its checkpoints "
+                          "or start again")
     check_fingerprint(saved.get("fingerprint", {}), run.fingerprint, config.allow_batch_change, path)
-    loaded = ckpt.load_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler, path)
+    loaded = ckpt.load_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler, path,
+                                  require_rng=not config.resume_without_rng)
+    if not (path / f"rng-rank{run.accelerator.process_index}.safetensors").is_file():
+        print(f"note: {path} has no RNG state for rank {run.accelerator.process_index}: resuming without it "
+              "(--resume-without-rng); the run is not bit-identical to an uninterrupted one", file=sys.stderr)
+    state.run_id = checkpoint_run or owner
     try:
         state.load_state_dict(loaded)
     except (KeyError, TypeError, ValueError) as exc:
@@ -914,53 +1081,26 @@ def check_fingerprint(saved: dict, current: dict, allow_batch_change: bool, path
 # ----------------------------------------------------------------------------- command line
 
 
-def exit_status_of(exc: BaseException) -> tuple[ExitStatus, str | None]:
+IO_FIX = "free space or choose another --output-dir, then --resume-from-checkpoint latest (complete checkpoints are kept)"
+
+
+def exit_status_of(exc: BaseException) -> tuple[ExitStatus, str]:
     """How an exception ends a run: its exit status and one line saying what happened and what to do
-    (None for a crash: its traceback is the message). Library messages name parameters; here they
-    become this script's flags."""
-    if isinstance(exc, ConfigError):
-        return ExitStatus.BAD_INPUT, flags_in(str(exc))
-    if isinstance(exc, OutOfMemoryError):
-        return ExitStatus.OUT_OF_MEMORY, flags_in(str(exc))
-    if isinstance(exc, FloatingPointError):
-        return ExitStatus.NONFINITE, (f"{exc}. Lower --lr, or pass --skip-nonfinite, then "
-                                      "--resume-from-checkpoint latest")
-    if isinstance(exc, Interrupted):
-        return ExitStatus(exc.exit_code), flags_in(str(exc))
-    if isinstance(exc, OSError):  # disk full, read-only, quota: the complete checkpoints are untouched
-        where = f" {exc.filename}" if exc.filename else ""
-        return ExitStatus.IO_ERROR, (f"I/O failed{where}: {exc.strerror or exc}; free space or choose another "
-                                     "--output-dir, then --resume-from-checkpoint latest (complete checkpoints are kept)")
-    if isinstance(exc, RuntimeError) and lost_another_rank(exc):
-        return ExitStatus.LOST_RANK, (f"lost contact with another rank ({str(exc).splitlines()[0][:200]}); every rank "
-                                      "stopped. Resume with --resume-from-checkpoint latest; --dist-timeout-s bounds "
-                                      "this wait")
-    return ExitStatus.CRASHED, None
+    (accum.cli.status.exit_status_of, with this script's advice for a failed write)."""
+    return status_lib.exit_status_of(exc, io_fix=IO_FIX)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: every failure is one `error:` line on stderr and a documented exit code
-    (accum.cli.status.ExitStatus), never a traceback for a user mistake."""
+    (accum.cli.status.ExitStatus), never a traceback unless --debug asks for it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    show_library_warnings()
     try:
         config, cli_keys = parse_config(argv)
         train(config, cli_keys=cli_keys)
-    except Exception as exc:  # noqa: BLE001 - mapped to an exit status; an unexplained one re-raises
-        code, reason = exit_status_of(exc)
-        if reason is None:
-            raise
-        print(f"error: {reason}", file=sys.stderr)
-        return int(code)
+    except BaseException as exc:  # noqa: BLE001 - every failure is one line and an exit code
+        return status_lib.report_failure(exc, status_lib.DEBUG_FLAG in argv, io_fix=IO_FIX)
     return ExitStatus.OK
-
-
-def lost_another_rank(exc: RuntimeError) -> bool:
-    """A collective failed because a peer died or timed out (gloo/NCCL raise RuntimeError subclasses)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
-    if isinstance(exc, torch.distributed.DistError):
-        return True
-    text = str(exc).lower()
-    return any(word in text for word in ("gloo", "nccl", "timed out", "connection closed", "connection reset"))
 
 
 if __name__ == "__main__":

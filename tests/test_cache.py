@@ -3,6 +3,8 @@
 import json
 import logging
 
+import pytest
+
 import accum
 from accum.cache import PlanCache, default_cache_path
 from accum.plan import plan_batch
@@ -57,3 +59,73 @@ def test_env_overrides_default_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("ACCUM_CACHE_DIR", str(tmp_path))
     assert default_cache_path() == tmp_path / "plans.json"
     assert PlanCache().path == tmp_path / "plans.json"
+
+
+def test_a_rewrite_keeps_the_files_mode_and_a_new_file_follows_the_umask(tmp_path):
+    import os
+    import stat
+
+    path = tmp_path / "plans.json"
+    cache = PlanCache(path)
+    umask = os.umask(0o022)
+    try:
+        cache.put("a", {"micro_batch_size": 1})
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's 0600
+        path.chmod(0o640)
+        cache.put("b", {"micro_batch_size": 2})
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    finally:
+        os.umask(umask)
+
+
+def test_temporaries_of_killed_writers_are_removed_and_a_live_writers_are_kept(tmp_path):
+    import os
+    import time
+
+    path = tmp_path / "plans.json"
+    stale, live = tmp_path / ".tmp-plans.json.killed", tmp_path / ".tmp-plans.json.writing"
+    for item in (stale, live):
+        item.write_text("{half")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    PlanCache(path).put("k", {"micro_batch_size": 1})
+    assert not stale.exists() and live.exists()
+
+
+POISONED = {  # entries a run must not train with
+    "negative sizes that multiply out": {"micro_batch_size": -1, "accumulation_steps": -4, "num_processes": 1,
+                                         "effective_batch_size": 4, "target_batch_size": 4},
+    "a size as text": {"micro_batch_size": "2", "accumulation_steps": 2, "num_processes": 1,
+                       "effective_batch_size": 4, "target_batch_size": 4},
+    "a fractional size": {"micro_batch_size": 2.5, "accumulation_steps": 2, "num_processes": 1,
+                          "effective_batch_size": 4, "target_batch_size": 4},
+    "not a mapping of sizes": {"micro_batch_size": [2]},
+    "not a mapping": [4, 2, 1],
+}
+
+
+@pytest.mark.parametrize("case", list(POISONED))
+def test_a_poisoned_entry_is_not_a_plan(case):
+    from accum.errors import ConfigError
+    from accum.plan import Plan
+
+    with pytest.raises(ConfigError):
+        Plan.from_dict(POISONED[case])
+
+
+def test_a_poisoned_entry_is_ignored_and_named_with_the_file_and_replan(tmp_path, capsys):
+    """Before, -1 x -4 multiplied out to 4 and reached training."""
+    from accum.cli.main import main
+
+    cache = tmp_path / "plans.json"
+    argv = ["plan", "--model", "gpt2-tiny", "--seq-len", "8", "--batch-size", "4", "--plan-cache", str(cache), "--json"]
+    assert main(argv) == 0
+    good = json.loads(capsys.readouterr().out)
+    (key,) = json.loads(cache.read_text())
+    cache.write_text(json.dumps({key: POISONED["negative sizes that multiply out"]}))
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(cache) in warnings[0] and "--replan" in warnings[0], captured.err
+    assert json.loads(captured.out)["micro_batch_size"] == good["micro_batch_size"]  # probed again
+    assert json.loads(cache.read_text())[key]["micro_batch_size"] == good["micro_batch_size"]  # and rewritten

@@ -93,3 +93,28 @@ def test_accelerate_config_check_raises_only_config_error(tmp_path_factory, raw)
         check_accelerate_config(path)
     except ConfigError as exc:
         one_line(exc)
+
+
+@FUZZ
+@given(st.integers(min_value=1, max_value=12), st.integers(min_value=1, max_value=12),
+       st.lists(st.sampled_from(["lr", "seed", "model", "max_steps"]), max_size=5))
+def test_aliases_and_repeated_keys_raise_only_config_error_and_fast(tmp_path_factory, depth, width, keys):
+    """A chain of anchors, each naming the one before `width` times, expands to width**depth values:
+    refused as soon as that passes the limit, without building it; a key given twice is refused."""
+    import time
+
+    from accum.cli.config import MAX_YAML_NODES
+
+    lines = ["a0: &a0 [1]"] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, depth + 1)]
+    lines += [f"{key}: 1" for key in keys]
+    path = tmp_path_factory.mktemp("fuzz") / "run.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    started = time.perf_counter()
+    try:
+        data = load_yaml(path)
+    except ConfigError as exc:
+        one_line(exc)
+        assert len(set(keys)) < len(keys) or width ** depth > MAX_YAML_NODES // 4, (depth, width, keys, str(exc))
+    else:
+        assert len(set(keys)) == len(keys) and set(keys) <= set(data)
+    assert time.perf_counter() - started < 5

@@ -29,6 +29,7 @@ from tests.helpers.fault_common import (
     in_child,
     kill_self,
     run_main,
+    tree,
     weights,
 )
 
@@ -121,11 +122,108 @@ def test_one_signal_delivered_twice_at_once_is_one_request(tmp_path, monkeypatch
 def test_a_second_signal_stops_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(StopRequest, "duplicate_window_s", 0.0)  # the second one counts as a second request
     on_call(monkeypatch, {3}, twice(signal.SIGINT))
-    with pytest.raises(KeyboardInterrupt):
-        run_main(TINY + ["--output-dir", str(tmp_path / "int")])
+    code, err = run_main(TINY + ["--output-dir", str(tmp_path / "int")])
+    assert code == 130 and len(err) == 1 and "stopped by SIGINT at once (asked twice)" in err[0], err
     on_call(monkeypatch, {3}, twice(signal.SIGTERM))
     assert in_child(run_main, TINY + ["--output-dir", str(tmp_path / "term")]) == -signal.SIGTERM
     assert ckpt.list_checkpoints(tmp_path / "term") == []
+
+
+def send_then(signum, original):
+    """`original`, but this process gets `signum` first (the phase it belongs to is running)."""
+    def wrapped(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return original(*args, **kwargs)
+    return wrapped
+
+
+def test_sigterm_while_preparing_data_stops_before_planning_and_writes_nothing(tmp_path, monkeypatch):
+    from accum.cli import data
+
+    monkeypatch.setattr(data, "tokenize_splits", send_then(signal.SIGTERM, data.tokenize_splits))
+    code, err = run_main(TINY + ["--output-dir", str(tmp_path / "run")])
+    assert code == 143 and len(err) == 1 and "stopped by SIGTERM during data preparation;" in err[0], err
+    assert "run the same command again" in err[0] and not (tmp_path / "run").exists()
+
+
+def test_sigterm_while_planning_stops_after_the_probe_in_flight_and_caches_nothing(tmp_path, monkeypatch):
+    """Before, planning went on for 17 more probes after SIGTERM (224 s, up to 11 GiB)."""
+    forwards = []
+    original = TaskLoss.forward
+
+    def forward(self, model, batch):
+        forwards.append(len(batch["input_ids"]))
+        if len(forwards) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # in the unmeasured warm-up step, before the first probe
+        return original(self, model, batch)
+
+    monkeypatch.setattr(TaskLoss, "forward", forward)
+    cache = tmp_path / "plans.json"
+    code, err = run_main(TINY + ["--output-dir", str(tmp_path / "run"), "--micro-batch-size", "auto",
+                                 "--grad-accum-steps", "auto", "--plan-cache", str(cache)])
+    assert code == 143 and len(err) == 1 and "stopped by SIGTERM during planning;" in err[0], err
+    assert forwards == [1, 1]  # the warm-up's two steps at micro-batch 1: no probe ran after the signal
+    assert not cache.exists() and not (tmp_path / "run").exists()
+
+
+def test_sigterm_during_the_final_evaluation_saves_stops_and_resume_only_evaluates(tmp_path, monkeypatch, reference):
+    """Before, the signal was acknowledged and the run exited 0."""
+    out = tmp_path / "run"
+    original = TaskLoss.forward
+
+    def forward(self, model, batch):
+        if not torch.is_grad_enabled():
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, model, batch)
+
+    monkeypatch.setattr(TaskLoss, "forward", forward)
+    code, err = run_main(TINY + ["--output-dir", str(out), *SAVE])
+    assert code == 143 and len(err) == 1, err
+    assert "stopped by SIGTERM during evaluation (after optimizer step 10); checkpoint" in err[0], err
+    assert not (out / "metrics.json").exists() and check_complete(ckpt.list_checkpoints(out)[-1]) == 10
+    monkeypatch.undo()
+    resume_and_compare(out, reference)  # nothing trained again: only the evaluation, then metrics.json
+    assert (out / "metrics.json").exists()
+
+
+def test_sigterm_while_saving_finishes_the_checkpoint_then_stops(tmp_path, monkeypatch, reference):
+    out = tmp_path / "run"
+    monkeypatch.setattr(ckpt, "save_model", send_then(signal.SIGTERM, ckpt.save_model))  # the step-3 save
+    code, err = run_main(TINY + ["--output-dir", str(out), *SAVE])
+    assert code == 143 and len(err) == 1 and "after optimizer step 3;" in err[0], err
+    assert [check_complete(p) for p in ckpt.list_checkpoints(out)] == [3]
+    monkeypatch.undo()
+    resume_and_compare(out, reference)
+
+
+@pytest.mark.slow
+def test_sigint_to_accum_plan_stops_after_the_probe_in_flight_in_one_line(tmp_path):
+    """A real process and a real Ctrl-C: before, `python -m accum plan` printed a traceback."""
+    import subprocess
+    import sys
+
+    from tests.helpers.fault_common import ROOT
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), ACCUM_CACHE_DIR=str(tmp_path))
+    process = subprocess.Popen([sys.executable, "-m", "accum", "plan", "--model", "gpt2-tiny", "--seq-len", "128",
+                                "--batch-size", "4096", "--max-memory", "8GiB"], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in process.stderr:  # wait for the first probe: the planner is running
+        lines.append(line)
+        if line.startswith("probe "):
+            process.send_signal(signal.SIGINT)
+            break
+    rest, stdout = process.stderr.read(), process.stdout.read()
+    process.wait(timeout=120)
+    stderr = "".join(lines) + rest
+    probes_after = [line for line in rest.splitlines() if line.startswith("probe ")]
+    assert process.returncode == 130, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: stopped by SIGINT during planning; nothing was cached: run the same command again"], \
+        stderr[-3000:]
+    assert "Traceback" not in stderr and len(probes_after) <= 1 and "Effective batch size" not in stdout
+    assert not (tmp_path / "plans.json").exists()
 
 
 # ----------------------------------------------------------------------------- SIGKILL
@@ -296,7 +394,82 @@ class InfiniteGradient(torch.autograd.Function):
         return grad * math.inf
 
 
+class HugeGradient(torch.autograd.Function):
+    """Identity forward (the loss stays finite), a gradient 1e16 times too large but finite backward."""
+
+    @staticmethod
+    def forward(ctx, value):
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1e16
+
+
 NONFINITE = {"nan loss": lambda loss: loss * math.nan, "inf gradient": InfiniteGradient.apply}
+
+
+def poison_optimizer_step(monkeypatch, nth: int) -> None:
+    """AdamW's n-th step writes inf into a weight, as a huge but finite LR or weight decay would."""
+    real, count = torch.optim.AdamW.step, [0]
+
+    def step(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        count[0] += 1
+        if count[0] == nth:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].mul_(math.inf)
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+def no_checkpoint_holds_nonfinite_values(out: Path) -> None:
+    for path in ckpt.list_checkpoints(out):
+        assert ckpt.verified_finite(path), path
+
+
+def test_finite_loss_and_gradients_that_make_weights_infinite_stop_without_saving_them(tmp_path, monkeypatch):
+    """SGD at a huge but finite LR with a huge but finite gradient: the update overflows. Before, NaN/inf
+    went into every weight and the run named a checkpoint that was all NaN."""
+    out = tmp_path / "run"
+    on_call(monkeypatch, {1, 2}, HugeGradient.apply)  # the first window
+    code, err = run_main(TINY + ["--output-dir", str(out), "--optimizer", "sgd", "--lr", "1e23",
+                                 "--max-grad-norm", "0"])
+    assert code == 3, err
+    assert len(err) == 1 and "a weight became NaN/inf in the optimizer step at optimizer step 1" in err[0], err
+    assert "no checkpoint of this run is verified finite" in err[0]
+    assert ckpt.list_checkpoints(out) == [] and not (out / "metrics.json").exists()
+
+
+def test_a_step_that_makes_a_weight_infinite_stops_naming_the_last_checkpoint_verified_finite(
+        tmp_path, monkeypatch, reference):
+    out = tmp_path / "run"
+    poison_optimizer_step(monkeypatch, 5)
+    code, err = run_main(TINY + ["--output-dir", str(out), *SAVE])
+    assert code == 3, err
+    named = out / "checkpoints" / "step-00000003"
+    assert len(err) == 1 and "at optimizer step 5" in err[0] and f"verified finite is {named}" in err[0], err
+    assert [check_complete(p) for p in ckpt.list_checkpoints(out)] == [3]  # nothing after it was saved
+    no_checkpoint_holds_nonfinite_values(out)
+    monkeypatch.undo()
+    resume_and_compare(out, reference)
+
+
+def test_skip_nonfinite_undoes_a_step_that_made_a_weight_infinite(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    poison_optimizer_step(monkeypatch, 5)
+    code, err = run_main(TINY + ["--output-dir", str(out), "--skip-nonfinite", "--save-every", "1",
+                                 "--keep-checkpoints", "20"])
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["skipped_steps"] == 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["optimizer_step"] for r in records if r["skipped"]] == [5]
+    step = lambda n: out / "checkpoints" / f"step-{n:08d}"  # noqa: E731
+    assert identical(weights(step(5)), weights(step(4)))  # weights and optimizer state as before the step
+    before, after = (torch.load(step(n) / "optimizer.pt", weights_only=True)["state"] for n in (4, 5))
+    assert all(torch.equal(before[k][name], after[k][name]) for k in before for name in before[k])
+    no_checkpoint_holds_nonfinite_values(out)
 
 
 def test_nonfinite_loss_stops_naming_the_step_after_saving_the_last_good_state(tmp_path, monkeypatch, reference):
@@ -367,6 +540,197 @@ def test_a_write_failing_mid_checkpoint_loses_nothing_earlier(tmp_path, monkeypa
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
     monkeypatch.undo()
     resume_and_compare(out, reference)
+
+
+# ----------------------------------------------------------------------------- one run per directory
+
+
+def test_overwrite_moves_the_old_run_aside_and_latest_never_resumes_it(tmp_path, reference):
+    """The issue's case: a finished 6-step run, then --overwrite for 3 steps keeping 2. Before, rotation
+    kept the old step-5 and step-6, deleted the new run's, and `latest` resumed the old run."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)  # a finished run: 10 steps, a checkpoint after each
+    old_files = tree(out)
+    code, err = run_main(TINY + ["--output-dir", str(out), "--overwrite", "--max-steps", "3", "--save-every", "1",
+                                 "--keep-checkpoints", "2"])
+    assert code == 0, err
+    aside = next(out.glob(".overwritten-*"))
+    moved = {path.replace(str(out), str(aside), 1): value for path, value in old_files.items() if path != str(out)}
+    assert {p: v for p, v in tree(aside).items() if p != str(aside)} == moved  # every old file, untouched
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-00000002", "step-00000003"]
+    assert logged_steps(out) == [1, 2, 3]
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    assert ckpt.read_state(ckpt.list_checkpoints(out)[-1])["run_id"] == run_id
+    # another run's checkpoint put into the directory by hand: never rotated away, never `latest`
+    foreign = out / "checkpoints" / "step-00000010"
+    shutil.copytree(aside / "checkpoints" / "step-00000010", foreign)
+    (out / "metrics.json").unlink()
+    code, err = run_main(TINY + ["--output-dir", str(out), "--max-steps", "5", "--save-every", "1",
+                                 "--keep-checkpoints", "2", "--resume-from-checkpoint", "latest"])
+    assert code == 0, err
+    assert logged_steps(out) == [1, 2, 3, 4, 5]  # resumed at the new run's step 3, not the old run's 10
+    assert ckpt.read_state(out / "checkpoints" / "step-00000005")["run_id"] == run_id
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000005",
+                                                                        "step-00000010"]
+    assert identical(weights(foreign), at_step(reference, 10))
+    code, err = run_main(TINY + ["--output-dir", str(out), "--max-steps", "11", "--resume-from-checkpoint",
+                                 str(foreign)])
+    assert code == 2 and len(err) == 1 and "not of run" in err[0] and "an --overwrite started it" in err[0], err
+
+
+# ----------------------------------------------------------------------------- a real full disk
+
+
+def size_of(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a chosen size (root only): `mount(size_bytes)` mounts it, or remounts it at a new
+    size with its files kept; the test is skipped where no tmpfs can be mounted."""
+    import subprocess
+
+    where = tmp_path / "disk"
+    where.mkdir()
+    mounted = []
+
+    def mount(size: int) -> Path:
+        options = f"{'remount,' if mounted else ''}size={size}"
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            pytest.skip(f"no tmpfs can be mounted here ({done.stderr.strip()[:120]}): a real full disk needs one")
+        mounted.append(size)
+        return where
+
+    yield mount
+    if mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+MIB = 2**20
+
+
+@pytest.mark.parametrize("full_at", ["model file", "optimizer file"])
+def test_a_real_full_disk_is_one_line_exit_5_leaves_no_temporary_and_resume_works_once_freed(
+        reference, small_disk, full_at):
+    """Checkpoints at 3 and 6 fit, the one at 9 does not: safetensors (model file) and torch.save
+    (optimizer file) fail there without an OSError; before, that was a traceback, exit 1, and a
+    .tmp-step directory that kept the disk full so that the resume failed too."""
+    checkpoint = size_of(reference / "checkpoints" / "step-00000001")
+    model = (reference / "checkpoints" / "step-00000001" / "model.safetensors").stat().st_size
+    room = MIB // 2 if full_at == "model file" else model + MIB  # what is left after two checkpoints
+    out = small_disk(2 * checkpoint + room) / "run"
+    code, err = run_main(TINY + ["--output-dir", str(out), *SAVE])
+    assert code == 5, err
+    assert len(err) == 1 and "No space left on device" in err[0] and "resume-from-checkpoint latest" in err[0], err
+    assert f"{'model.safetensors' if full_at == 'model file' else 'optimizer.pt'}:" in err[0], err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+    for step in (3, 6):
+        assert check_complete(out / "checkpoints" / f"step-{step:08d}") == step
+        assert identical(weights(out / "checkpoints" / f"step-{step:08d}"), at_step(reference, step))
+    small_disk(3 * checkpoint + MIB)  # space freed: room for one more checkpoint and 1 MiB
+    # a writer killed mid-save (SIGKILL: nothing of ours runs) leaves its temporary; this one takes more
+    # than the 1 MiB to spare, so the resume saves its checkpoints only if it removes it first
+    leftover = out / "checkpoints" / ".tmp-step-00000009"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"\0" * (MIB + MIB // 2))
+    resume_and_compare(out, reference)
+    assert not any(p.name.startswith((".tmp-", ".trash-")) for p in (out / "checkpoints").iterdir())
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+def run_main_all_stderr(argv: list[str]) -> tuple[int, list[str]]:
+    import contextlib
+    import io
+
+    from scripts.train import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, [line for line in err.getvalue().splitlines() if line.startswith(("error:", "note:"))]
+
+
+def owned_by(out: Path, pid: int, host: str | None = None) -> None:
+    import socket
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").write_text('{"optimizer_step": 1}\n')  # the owner's files
+    (out / ".accum.lock").write_text(json.dumps({"pid": pid, "host": host or socket.gethostname()}))
+
+
+def test_a_live_owner_refuses_a_second_run_which_writes_nothing_there(tmp_path):
+    import subprocess
+
+    out = tmp_path / "run"
+    owner = subprocess.Popen(["sleep", "60"])  # a real, live process holds the directory
+    try:
+        owned_by(out, owner.pid)
+        before = tree(out)
+        code, err = run_main_all_stderr(TINY + ["--output-dir", str(out)])
+    finally:
+        owner.kill()
+        owner.wait()
+    assert code == 2 and len(err) == 1 and f"is in use by a running process (pid {owner.pid})" in err[0], err
+    assert tree(out) == before  # no status.json, no metrics, no lock change
+
+
+def test_a_lock_of_a_dead_process_is_taken_over_with_one_line(tmp_path):
+    import subprocess
+
+    out = tmp_path / "run"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    owned_by(out, dead.pid)
+    (out / "metrics.jsonl").unlink()  # a run killed before its first step
+    code, err = run_main_all_stderr(TINY + ["--output-dir", str(out), "--max-steps", "2"])
+    assert code == 0, err
+    assert err == [f"note: output dir {out}: taking over the lock of pid {dead.pid}, which has ended"], err
+    assert not (out / ".accum.lock").exists()  # released at the end
+
+
+def test_a_lock_of_another_host_is_never_taken_over(tmp_path):
+    out = tmp_path / "run"
+    owned_by(out, os.getpid() + 1, host="another-host")
+    before = tree(out)
+    code, err = run_main_all_stderr(TINY + ["--output-dir", str(out)])
+    assert code == 2 and len(err) == 1 and "on host 'another-host'" in err[0], err
+    assert tree(out) == before
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_on_one_directory_the_second_is_refused_and_the_first_is_whole(tmp_path):
+    """Before, one crashed and the other's metrics.jsonl mixed both runs."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers.fault_common import ROOT
+
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    first = subprocess.Popen([sys.executable, "scripts/train.py", *TINY, "--output-dir", str(out),
+                              "--max-steps", "40", "--max-train-samples", "160"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / ".accum.lock").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, first.communicate()[1][-2000:]
+    code, err = run_main_all_stderr(TINY + ["--output-dir", str(out), "--max-steps", "40",
+                                            "--max-train-samples", "160"])
+    assert first.poll() is None, "the first run ended before the second was refused: make it longer"
+    assert code == 2 and len(err) == 1 and f"in use by a running process (pid {first.pid})" in err[0], err
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-2000:]
+    assert logged_steps(out) == list(range(1, 41))  # the first run's steps, once each
+    status = json.loads((out / "status.json").read_text())
+    assert status["exit_code"] == 0 and status["pid"] == first.pid
 
 
 # ----------------------------------------------------------------------------- safety

@@ -152,6 +152,17 @@ def test_bad_input_to_the_script_is_its_one_line_and_its_exit_code(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_script_that_explained_its_exit_gets_no_launcher_line_and_keeps_its_code(tmp_path):
+    """Before, a train.py crash came through as exit 1 plus a line of the launcher's. train.py now says
+    `error: crashed with ...` itself (tests/test_bad_input.py); the launcher adds nothing to it."""
+    script = tmp_path / "crashing.py"
+    script.write_text("import sys\nprint('error: crashed with ZeroDivisionError: division by zero (a bug)', "
+                      "file=sys.stderr)\nsys.exit(1)\n")
+    code, lines = finished(["--config_file", "accelerate_configs/cpu.yaml", str(script)])
+    assert code == 1 and lines == ["error: crashed with ZeroDivisionError: division by zero (a bug)"], lines
+
+
+@pytest.mark.slow
 def test_two_ranks_refusing_the_same_input_print_one_line(tmp_path):
     code, lines = finished(["--config_file", "accelerate_configs/multi_cpu_2proc.yaml", "scripts/train.py", *TINY,
                             "--micro-batch-size", "3", "--grad-accum-steps", "1", "--output-dir", str(tmp_path / "out")])

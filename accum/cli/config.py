@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
+import os
 import re
 import sys
 import types
@@ -21,18 +23,29 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from accum.errors import ConfigError
+from accum.files import FileTooLarge, read_bounded
 from accum.oom import parse_memory
 
 __all__ = ["ConfigError", "RunConfig", "build_arg_parser", "config_to_json", "load_yaml", "make_config", "parse_config"]
 
 
 Auto = Literal["auto"]
+# Counts pass through torch's int64 tensors (item counts, steps) and JSON readers of other languages.
+INT64_MAX = 2**63 - 1
+# numpy's seeding (datasets' train/eval split) takes 0 .. 2**32 - 1; torch and Python take more.
+SEED_MAX = 2**32 - 1
+# gloo and NCCL add the collective timeout to a steady clock counted in int64 nanoseconds.
+DIST_TIMEOUT_MAX_S = INT64_MAX / 1e9
+# Fields that name files or directories: `~` is expanded in them wherever they come from (a shell
+# expands it on the command line, YAML does not).
+PATH_FIELDS = ("model", "tokenizer", "train_file", "eval_file", "plan_cache", "output_dir", "resume_from_checkpoint")
 
 
 class RunConfig(BaseModel):
     """A whole training run. Sizes are in samples; steps are optimizer steps."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: a NaN or infinite number (`lr: .inf`, `--epochs inf`) is refused for every float
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
     # -- what to train ------------------------------------------------------
     task: Literal["classification", "clm"] = Field("classification", description="sequence classification or causal LM")
@@ -88,7 +101,7 @@ class RunConfig(BaseModel):
     warmup_steps: int = Field(0, ge=0, description="linear warmup, in optimizer steps")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
-    max_grad_norm: float | None = Field(1.0, description="clip to this global norm; null or 0 logs the norm only")
+    max_grad_norm: float | None = Field(1.0, ge=0, description="clip to this global norm; null or 0 logs the norm only")
     loss_normalization: Literal["auto", "tokens", "samples", "mean"] = Field(
         "auto", description="exact over tokens/samples of the window, or Accelerate's mean of means; auto picks by task"
     )
@@ -105,7 +118,7 @@ class RunConfig(BaseModel):
     compile: bool = Field(False, description="torch.compile the model before planning (dynamic shapes: windows cut by "
                           "length vary; inductor, or the backend the accelerate config names)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
-    seed: int = Field(42, description="seed for weights, data order and dropout")
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="seed for weights, data order and dropout")
     num_workers: int = Field(1, ge=0, le=64, description="threads that cut and collate the next window while this "
                              "one trains (0: in the training loop; the order and the result are the same)")
 
@@ -116,6 +129,8 @@ class RunConfig(BaseModel):
     keep_checkpoints: int = Field(2, gt=0, description="keep the last K checkpoints")
     resume_from_checkpoint: str | None = Field(None, description="'latest' or a checkpoint path")
     allow_batch_change: bool = Field(False, description="resume with another effective batch than the checkpoint's")
+    resume_without_rng: bool = Field(
+        False, description="resume from a checkpoint that lacks this rank's RNG state (the run is then not bit-exact)")
     log_every: int = Field(1, gt=0, description="console line every N optimizer steps")
     eval_every: int = Field(0, ge=0, description="evaluate every N optimizer steps (0: only at the end)")
     report_to: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="experiment tracker")
@@ -147,7 +162,7 @@ class RunConfig(BaseModel):
 
     # -- faults (scripts/train.py, accum/signals.py) ---------------------------------------------
     dist_timeout_s: float = Field(
-        1800, gt=0, description="seconds a rank waits for the others in a collective before it stops with an error"
+        1800, gt=0, le=DIST_TIMEOUT_MAX_S, description="seconds a rank waits for the others in a collective before it stops with an error"
     )
 
     @field_validator("micro_batch_size", "grad_accum_steps", "eval_batch_size")
@@ -163,11 +178,31 @@ class RunConfig(BaseModel):
         # TrainingArguments' name for what `constant` is here: constant after warmup_steps of linear warmup
         return "constant" if value == "constant_with_warmup" else value
 
+    @field_validator(*PATH_FIELDS)
+    @classmethod
+    def _home_expanded(cls, value: str | None) -> str | None:
+        return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_named(cls, value: str) -> str:
+        if not value.strip():  # '' would mean the current directory, by accident
+            raise ValueError("is empty: name a directory, e.g. runs/mine")
+        return value
+
     @field_validator("max_memory")
     @classmethod
     def _memory_parses(cls, value: str | float | None) -> str | float | None:
         if value is not None:
             parse_memory(value)
+        return value
+
+    @field_validator("*")
+    @classmethod
+    def _counts_fit_in_64_bits(cls, value: Any) -> Any:
+        numbers = [*value.keys(), *value.values()] if isinstance(value, dict) else [value]
+        if any(isinstance(n, int) and not isinstance(n, bool) and abs(n) > INT64_MAX for n in numbers):
+            raise ValueError("does not fit in 64 bits")
         return value
 
     @model_validator(mode="after")
@@ -206,10 +241,9 @@ def _parse_cli_value(raw: str, annotation: Any) -> Any:
         return None
     if dict in kinds:
         try:
-            return yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            detail = getattr(exc, "problem", None) or str(exc).splitlines()[0]  # ReaderError has no .problem
-            raise ConfigError(f"{raw!r} is not a YAML mapping: {detail}") from None
+            return parse_yaml(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{raw[:80]!r} is not a YAML mapping: {exc}") from None
     if bool in kinds and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
         return raw.lower() in ("true", "1", "yes")
     for kind in (int, float):
@@ -353,6 +387,22 @@ def field_help(name: str) -> str:
     return text.replace("%", "%%")
 
 
+class _FlagsFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {flags_in(record.getMessage())}"
+
+
+def show_library_warnings() -> None:
+    """The library's warnings (accum's loggers: a plan cache entry that is invalid, a batch rounded) on
+    stderr, one line each, with parameter names turned into this command line's flags. Idempotent."""
+    logger = logging.getLogger("accum")
+    if not any(isinstance(handler.formatter, _FlagsFormatter) for handler in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(_FlagsFormatter())
+        logger.addHandler(handler)
+
+
 def build_arg_parser(description: str = "") -> argparse.ArgumentParser:
     """A parser with --config and one flag per RunConfig field, help text, defaults and choices from the
     schema; the aliases above; `--bf16`/`--fp16`. Errors are one line (OneLineParser)."""
@@ -364,6 +414,8 @@ def build_arg_parser(description: str = "") -> argparse.ArgumentParser:
                "(--per_device_train_batch_size is the micro-batch); --bf16 / --fp16 are --mixed-precision "
                "bf16 / fp16.")
     parser.add_argument("--config", metavar="FILE", help="run config YAML; flags override its keys")
+    parser.add_argument("--debug", action="store_true",
+                        help="on a failure, print the traceback before its one line (not a config key)")
     for name, field in RunConfig.model_fields.items():
         aliases = {**ALIASES, **TRAINING_ARGUMENTS_ALIASES}
         flags = [_flag(name)] + ["--" + alias if alias in TRAINING_ARGUMENTS_ALIASES else _flag(alias)
@@ -401,15 +453,91 @@ def _closest_key(key: str) -> str | None:
     return matches[0] if matches else None
 
 
+# A run config is a few dozen keys (the largest file in configs/ has 64 YAML nodes), a sweep
+# grid or a batch schedule a few thousand at most. An alias bomb expands a few hundred bytes into
+# billions of nodes (and gigabytes once validated): the expanded size is counted before anything is built.
+MAX_YAML_NODES = 100_000
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few KiB; read in bounded chunks (a FIFO has no size)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML keeps the last silently)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _value in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then overriding a key is YAML's own idiom
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            if key in seen:
+                raise ConfigError(f"key {key!r} is given twice (lines {seen[key]} and "
+                                  f"{key_node.start_mark.line + 1}): keep one")
+        except TypeError:  # an unhashable key: the constructor below says so
+            continue
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int], open_nodes: set[int]) -> int:
+    """Nodes of the document once every alias is replaced by what it names (shared nodes counted
+    each time they are used). Raises ConfigError for an alias that contains itself."""
+    if id(node) in open_nodes:
+        raise ConfigError("an alias refers to a node that contains it: remove the recursive anchor")
+    if id(node) not in memo:
+        open_nodes.add(id(node))
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else [])
+        memo[id(node)] = 1 + sum(_expanded_nodes(child, memo, open_nodes) for child in children)
+        open_nodes.discard(id(node))
+    return memo[id(node)]
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> Python values, refusing (ConfigError, one line) malformed YAML, a key given twice
+    and documents that expand past MAX_YAML_NODES nodes (alias bombs)."""
+    loader = None
+    try:
+        loader = _StrictLoader(text)  # its reader refuses control characters here
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, {}, set()) > MAX_YAML_NODES:
+            raise ConfigError(f"expands to more than {MAX_YAML_NODES} values (aliases repeat what they name): "
+                              "write the values out, or split the file")
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        detail = getattr(exc, "problem", None) or str(exc).splitlines()[0]  # ReaderError has no .problem
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{detail}{where}") from None
+    except RecursionError:
+        raise ConfigError("nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a run config file into a dict. Raises ConfigError on a missing or malformed file."""
-    path = Path(path)
+    """Read a run config file into a dict. Raises ConfigError on a missing, oversized or malformed file
+    (bad YAML, a key given twice, an alias bomb)."""
+    path = Path(os.path.expanduser(str(path)))
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist: check the path given to --config")
     try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        text = read_bounded(path, MAX_CONFIG_BYTES).decode()
+        data = parse_yaml(text)
+    except FileTooLarge:
+        raise ConfigError(f"config file {str(path)!r} is larger than {MAX_CONFIG_BYTES // 1024} KiB: a run config "
+                          "is a few KiB; check the path given to --config") from None
+    except (ConfigError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({exc.strerror or exc})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

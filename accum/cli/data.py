@@ -199,6 +199,14 @@ def max_positions(tokenizer, model_config: Any = None, overrides: dict[str, Any]
     return min(limits) if limits else None
 
 
+def min_seq_len(task: str, tokenizer) -> int:
+    """The fewest tokens a sample can have and still train: the special tokens the tokenizer adds
+    ([CLS], [SEP], ...) plus one token of text, and at least two for clm, which predicts each token
+    from those before it."""
+    specials = tokenizer.num_special_tokens_to_add(pair=False) if hasattr(tokenizer, "num_special_tokens_to_add") else 0
+    return max(specials + 1, 2) if task == "clm" else specials + 1
+
+
 def _label_mapping(train_ds, eval_ds, column: str) -> tuple[LabelInfo, dict[Any, int] | None]:
     """LabelInfo and a value -> id map (None when labels already are ids). Raises ConfigError."""
     from datasets import ClassLabel
@@ -213,12 +221,17 @@ def _label_mapping(train_ds, eval_ds, column: str) -> tuple[LabelInfo, dict[Any,
         raise ConfigError(f"eval label {unseen[0]!r} never occurs in the training data: fix the labels or the split")
     if isinstance(feature, ClassLabel):
         return LabelInfo(feature.num_classes, dict(enumerate(feature.names))), None
-    if all(isinstance(value, int) and not isinstance(value, bool) for value in train_values):
-        if min(train_values) < 0:
-            raise ConfigError(f"label_column {column!r} has negative label {min(train_values)}: use ids from 0")
+    integers = all(isinstance(value, int) and not isinstance(value, bool) for value in train_values)
+    if integers and min(train_values) < 0:
+        raise ConfigError(f"label_column {column!r} has negative label {min(train_values)}: use ids from 0")
+    if integers and max(train_values) < len(train_ds):
+        # class ids: the head has one output per id up to the largest (an id missing from a small sample
+        # keeps its place). Ids beyond the number of training rows cannot be a set of classes the data
+        # covers (one label of 1e9 would mean a head and id2label of 1e9 entries): they are names instead,
+        # so the label space is never larger than the labels present.
         count = max(train_values) + 1
         return LabelInfo(count, {index: str(index) for index in range(count)}), None
-    names = sorted(train_values, key=str)
+    names = sorted(train_values, key=(lambda value: value) if integers else str)
     return LabelInfo(len(names), {index: str(name) for index, name in enumerate(names)}), {
         name: index for index, name in enumerate(names)}
 
@@ -235,6 +248,11 @@ def tokenize_splits(config: RunConfig, tokenizer, train_ds, eval_ds, model_confi
     if limit is not None and config.max_seq_len > limit:
         raise ConfigError(f"max_seq_len {config.max_seq_len} exceeds the model's limit of {limit} tokens: "
                           f"set max_seq_len <= {limit}")
+    needed = min_seq_len(config.task, tokenizer)
+    if config.max_seq_len < needed:
+        raise ConfigError(f"max_seq_len {config.max_seq_len} is below the {needed} tokens a {config.task} sample needs "
+                          f"(the tokenizer adds {tokenizer.num_special_tokens_to_add(pair=False)} special tokens): "
+                          f"set max_seq_len >= {needed}")
     text_column, label_column, max_len = config.text_column, config.label_column, config.max_seq_len
     label_info, to_id = LabelInfo(), None
     if config.task == "classification":

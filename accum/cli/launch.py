@@ -11,7 +11,8 @@ Every argument is `accelerate launch`'s, parsed by accelerate's own parser. Thre
 - The script's own exit code comes back (2 bad input, 3 non-finite loss, 4 out of memory, 5 I/O,
   130/143 interrupted, ...) with no launcher traceback after the script's one-line error:
   `accelerate launch` turns every failure into 1 and appends CalledProcessError or torch elastic's
-  ChildFailedError report. An exit the script did not explain (a crash, a kill) gets one line.
+  ChildFailedError report. An exit the script did not explain with an `error:` line of its own (a
+  kill, a crash of a script without one) gets one line.
   Every rank prints the same `error: ` line; it is shown once. Ctrl-C or SIGTERM to this process
   reaches the script, which finishes its step and saves.
 - `use_cpu: true` in the config reaches the ranks (ACCELERATE_USE_CPU=1): on its own, accelerate
@@ -33,8 +34,6 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from accum.cli.status import ExitStatus
 from accum.errors import ConfigError
@@ -80,16 +79,21 @@ def check_accelerate_config(path: str | Path | None) -> dict[str, Any]:
 
 
 def _read_mapping(name: str) -> dict[str, Any]:
+    from accum.cli.config import MAX_CONFIG_BYTES, parse_yaml
+    from accum.files import FileTooLarge, read_bounded
+
+    kind = "JSON" if name.endswith(".json") else "YAML"
     try:
-        with open(name, encoding="utf-8") as handle:
-            data = json.load(handle) if name.endswith(".json") else yaml.safe_load(handle)
-    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        text = read_bounded(name, MAX_CONFIG_BYTES).decode("utf-8")
+        data = json.loads(text) if kind == "JSON" else parse_yaml(text)
+    except FileTooLarge:
+        raise ConfigError(f"accelerate config {name!r} is larger than {MAX_CONFIG_BYTES // 1024} KiB: check "
+                          "--config_file") from None
+    except OSError as exc:
+        raise ConfigError(f"accelerate config {name!r} cannot be read ({exc.strerror or exc})") from None
+    except (ConfigError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None:  # YAML: say what and where, not only "while parsing a flow node"
-            first = f"{getattr(exc, 'problem', None) or first} at line {mark.line + 1}, column {mark.column + 1}"
-        raise ConfigError(f"accelerate config {name!r} is not valid {'JSON' if name.endswith('.json') else 'YAML'}: "
-                          f"{first}; {_CHOICES_FIX}") from None
+        raise ConfigError(f"accelerate config {name!r} is not valid {kind}: {first}; {_CHOICES_FIX}") from None
     if not isinstance(data, dict) or not data:
         raise ConfigError(f"accelerate config {name!r} must be a mapping of keys to values (it holds "
                           f"{type(data).__name__ if data is not None else 'nothing'}); {_CHOICES_FIX}")
@@ -303,6 +307,11 @@ class RepeatedErrorFilter:
             self._write(self._partial[self._sent:safe])
             self._sent = safe
 
+    @property
+    def error_shown(self) -> bool:
+        """Whether an `error: ` line has passed (the script explained its exit itself)."""
+        return bool(self._errors_seen)
+
     def close(self) -> None:
         if self._partial:
             self._line(self._partial, self._sent)
@@ -353,7 +362,7 @@ def stderr_without_repeated_errors():
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     try:
-        yield
+        yield errors
     finally:
         sys.stderr.flush()
         os.dup2(real, 2)  # the pipe's last writer here: EOF once the ranks have exited too
@@ -369,7 +378,7 @@ def run_launcher(args: Any) -> int:
     from accelerate.commands.launch import launch_command
 
     failure: BaseException | None = None
-    with stderr_without_repeated_errors(), signals_passed_to_children(), quiet_elastic_failure_logs():
+    with stderr_without_repeated_errors() as errors, signals_passed_to_children(), quiet_elastic_failure_logs():
         try:
             launch_command(args)
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the launcher's traceback is what we replace
@@ -381,7 +390,7 @@ def run_launcher(args: Any) -> int:
     if failure is None:
         return 0
     code, rank = script_exit(failure)
-    line = describe_exit(code, rank)
+    line = describe_exit(code, rank) if not errors.error_shown else None  # its own line said why (a crash too)
     if line:
         print(line, file=sys.stderr, flush=True)
     return shell_code(code)

@@ -79,8 +79,10 @@ class OutputLock:
         raise ConfigError(f"output dir {str(self.dir)!r}: could not take {self.path}; check who else writes there")
 
     def _owner(self) -> dict | None:
+        from accum.files import read_bounded
+
         try:
-            data = json.loads(self.path.read_text())
+            data = json.loads(read_bounded(self.path, 1 << 16))  # a pid and a host: a few dozen bytes
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) and isinstance(data.get("pid"), int) else None

@@ -11,7 +11,9 @@
                                       (`accelerate launch`, configs checked first, exit codes kept)
 
 Every failure prints one line on stderr and exits with a documented code (accum.cli.status.ExitStatus:
-2 bad input, 4 a plan that does not fit).
+2 bad input, 4 a plan that does not fit, 5 a write failed, 130/143 interrupted, 1 a bug); --debug
+prints the traceback first. SIGINT or SIGTERM while planning stops after the probe in flight, with
+the model restored and nothing cached.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from accum.cli.config import OneLineParser, flags_in
+from accum.cli.config import OneLineParser
 from accum.cli.status import ExitStatus
 from accum.errors import ConfigError
 
@@ -173,24 +177,33 @@ def run_config_of(args: argparse.Namespace):
     return make_config(values)
 
 
-def build_workload(args: argparse.Namespace):
+def build_workload(args: argparse.Namespace, should_stop: Any = None):
     """(Workload, RunConfig) for `plan` and `verify`. Raises ConfigError before anything loads when a
-    setting is bad."""
+    setting is bad; accum.signals.Stopped when `should_stop()` says so between the stages of loading."""
     import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from accum.accelerator import build_accelerator
-    from accum.cli.planning import build_optimizer, resolve_precision
+    from accum.cli.planning import (
+        build_optimizer,
+        check_launch_environment,
+        check_precision,
+        resolve_precision,
+    )
     from accum.plan import plan_from_accumulation
     from accum.probe import OBJECTIVES, memory_budget
 
     config = run_config_of(args)
     if config.objective not in OBJECTIVES:
         raise ConfigError(f"--objective {config.objective!r} is unknown: use one of {', '.join(OBJECTIVES)}")
+    check_launch_environment()
+    check_precision(config, PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device)
     accelerator = build_accelerator(plan_from_accumulation(1, 1), mixed_precision=resolve_precision(config))
     memory_budget(config.max_memory, config.safety_margin, accelerator.device)  # bad input before the model loads
     torch.manual_seed(config.seed)
     if args.config is not None:
-        return _config_workload(config, accelerator), config
+        return _config_workload(config, accelerator, should_stop), config
     from accum.cli.models import model_from_spec
 
     model, task = model_from_spec(args.model, args.task)
@@ -207,10 +220,10 @@ def build_workload(args: argparse.Namespace):
     return Workload(accelerator, model, optimizer, make_batch, loss_fn, config, config.max_seq_len, describe), config
 
 
-def _config_workload(config, accelerator) -> Workload:
+def _config_workload(config, accelerator, should_stop: Any = None) -> Workload:
     from accum.cli.planning import build_optimizer, load_run_inputs, probe_batch_maker, probe_length
 
-    inputs = load_run_inputs(config)
+    inputs = load_run_inputs(config, should_stop=should_stop)
     model = inputs.model.to(accelerator.device)
     loss = inputs.loss
 
@@ -239,20 +252,39 @@ def _token_batches(vocab_size: int, seq_len: int, seed: int, task: str = "clm", 
 # -- plan and verify -----------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def stoppable(phase: str):
+    """SIGINT/SIGTERM become a request that the command's loops poll (`stop.requested`); a loop that
+    stops (accum.signals.Stopped) ends the command as Interrupted: one line, 130 or 143."""
+    from accum.signals import Interrupted, Stopped, StopRequest
+
+    with StopRequest() as stop:
+        stop.phase = phase
+        try:
+            yield stop
+        except Stopped:
+            raise Interrupted(stop.signum or signal.SIGTERM, phase=phase,
+                              then="nothing was cached: run the same command again") from None
+        if stop.signum is not None:  # asked after the last poll: the answer is complete, and it is kept
+            print(f"note: {signal.Signals(stop.signum).name} came after {phase} was done", file=sys.stderr)
+
+
 def run_plan(args: argparse.Namespace) -> int:
     from accum.cli.planning import plan_cut, verify_plan
     from accum.probe import plan_for
 
-    work, config = build_workload(args)
-    cut = plan_cut(config, None)  # `plan` always probes: the micro-batch is what it finds
-    plan = plan_for(work.accelerator, work.model, work.make_batch, config.batch_size, work.optimizer,
-                    loss_fn=work.loss_fn, max_memory=config.max_memory, safety_margin=config.safety_margin,
-                    objective=config.objective, cache_path=False if args.no_cache else config.plan_cache,
-                    replan=config.replan, allow_rounding=config.allow_batch_rounding, progress=not args.json,
-                    num_processes=args.num_processes, cut=cut, sequence_length=work.seq_len)
-    if config.verify_plan and plan.verified_steps < config.verify_plan:
-        plan = verify_plan(plan, config, work.accelerator, work.model, verify_command(args),
-                           cache_path=False if args.no_cache else config.plan_cache)
+    with stoppable("planning") as stop:
+        work, config = build_workload(args, should_stop=stop.requested)
+        cut = plan_cut(config, None)  # `plan` always probes: the micro-batch is what it finds
+        plan = plan_for(work.accelerator, work.model, work.make_batch, config.batch_size, work.optimizer,
+                        loss_fn=work.loss_fn, max_memory=config.max_memory, safety_margin=config.safety_margin,
+                        objective=config.objective, cache_path=False if args.no_cache else config.plan_cache,
+                        replan=config.replan, allow_rounding=config.allow_batch_rounding, progress=not args.json,
+                        num_processes=args.num_processes, cut=cut, sequence_length=work.seq_len,
+                        should_stop=stop.requested)
+        if config.verify_plan and plan.verified_steps < config.verify_plan:
+            plan = verify_plan(plan, config, work.accelerator, work.model, verify_command(args),
+                               cache_path=False if args.no_cache else config.plan_cache, should_stop=stop.requested)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return 0
@@ -288,9 +320,14 @@ def run_verify(args: argparse.Namespace) -> int:
     return ExitStatus.OK if result["fit"] else ExitStatus.OUT_OF_MEMORY
 
 
+MAX_RUN_FILE_BYTES = 64 << 20  # config.json, plan.json, metrics.json: a few KiB each; bounded reads
+
+
 def _read_json(path: Path, what: str) -> Any:
+    from accum.files import read_bounded
+
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_bounded(path, MAX_RUN_FILE_BYTES))
     except FileNotFoundError:
         raise ConfigError(f"{path} not found: --run must be the output dir of a scripts/train.py run") from None
     except (OSError, ValueError) as exc:
@@ -309,16 +346,33 @@ def _run_files(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict
                           "--output-dir of a run made with --noise-scale")
     config = _read_json(run_dir / "config.json", "run config")
     plan = _read_json(run_dir / "plan.json", "plan")
+    metrics = _read_json(run_dir / "metrics.json", "metrics") if (run_dir / "metrics.json").is_file() else {}
+    if not all(isinstance(value, dict) for value in (config, plan, metrics)):
+        raise ConfigError(f"run {str(run_dir)!r}: config.json, plan.json and metrics.json must hold mappings; is it "
+                          "a scripts/train.py output dir?")
+    return config, plan, _metrics_lines(run_dir / "metrics.jsonl"), metrics
+
+
+def _metrics_lines(path: Path) -> list[dict[str, Any]]:
+    """The steps of a metrics.jsonl, read line by line (one line per optimizer step and no bound on its
+    size); lines torn by a kill mid-write or not holding a mapping are skipped."""
     steps = []
-    if (run_dir / "metrics.jsonl").is_file():
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            with contextlib.suppress(ValueError):  # a line torn by a kill mid-write
-                steps.append(json.loads(line))
     try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        metrics = {}  # the run goes on: its metrics.jsonl has what is needed
-    return config, plan, steps, metrics
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                with contextlib.suppress(ValueError):
+                    step = json.loads(line)
+                    if isinstance(step, dict):
+                        steps.append(step)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    return steps
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def recommend_from_run(run_dir: str | Path, lr_scaling: str | None = None, rounding: str = "multiple") -> dict[str, Any]:
@@ -337,19 +391,22 @@ def recommend_from_run(run_dir: str | Path, lr_scaling: str | None = None, round
     run_dir = Path(run_dir)
     config, plan_data, steps, metrics = _run_files(run_dir)
     plan = Plan.from_dict(plan_data)
-    measured = [step["noise_b_simple"] for step in steps if isinstance(step, dict) and step.get("noise_b_simple")]
+    measured = [float(step["noise_b_simple"]) for step in steps if _positive_number(step.get("noise_b_simple"))]
     if not measured:
         raise ConfigError(f"run {str(run_dir)!r} has no noise scale: {_why_no_noise(config, plan, steps, metrics)}")
     b_simple = float(measured[-1])
     tokens = config.get("task") == "clm" and config.get("loss_normalization") in ("auto", "tokens")
     last = metrics or steps[-1]
-    items_per_sample = last["tokens_seen"] / max(last["samples_seen"], 1) if tokens else 1.0
+    try:
+        items_per_sample = float(last["tokens_seen"]) / max(float(last["samples_seen"]), 1) if tokens else 1.0
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"run {str(run_dir)!r}: its metrics lack {exc}: is it a scripts/train.py run?") from None
     batch = recommend_batch(b_simple, plan.micro_batch_size, plan.num_processes,
                             items_per_sample=items_per_sample, rounding=rounding)
     new_plan = plan_batch(batch, plan.micro_batch_size, plan.num_processes, allow_rounding=True, source="recommend")
     rule = lr_scaling or (config.get("lr_scaling") if config.get("lr_scaling") != "none" else "sqrt")
     run_lr = metrics.get("lr")
-    if run_lr is None:  # not finished: the LR the run scaled for its batch, as train.py does
+    if not _positive_number(run_lr):  # not finished: the LR the run scaled for its batch, as train.py does
         run_config = make_config(config)
         run_lr = scale_lr(run_config.lr, lr_base_batch(run_config), plan.effective_batch_size,
                           run_config.lr_scaling).lr
@@ -409,15 +466,22 @@ def run_estimate(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m accum`. Returns the exit code (accum.cli.status.ExitStatus)."""
-    from accum.recovery import OutOfMemoryError
-    from accum.signals import Interrupted
+    """Entry point of `python -m accum`. Returns the exit code (accum.cli.status.ExitStatus): every
+    failure is one `error:` line on stderr, with the traceback before it only under --debug (given
+    before `launch`'s own arguments, which are the script's)."""
+    from accum.cli.config import show_library_warnings
+    from accum.cli.status import DEBUG_FLAG, report_failure
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    show_library_warnings()
+    launching = bool(argv) and argv[0] == "launch"
+    debug = DEBUG_FLAG in argv and not launching
+    if debug:
+        argv = [arg for arg in argv if arg != DEBUG_FLAG]
     try:
         if argv and argv[0] == "estimate":
             return run_estimate(argv[1:])
-        if argv and argv[0] == "launch":
+        if launching:
             from accum.cli.launch import launch_main
 
             return launch_main(argv[1:])
@@ -427,18 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         handler = {"plan": run_plan, "verify": run_verify, "recommend": run_recommend, "report": run_report}[args.command]
         return handler(args)
-    except ConfigError as exc:
-        print(f"error: {flags_in(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__}", file=sys.stderr)
-        return ExitStatus.BAD_INPUT
-    except OutOfMemoryError as exc:
-        print(f"error: {flags_in(str(exc))}", file=sys.stderr)
-        return ExitStatus.OUT_OF_MEMORY
-    except KeyboardInterrupt:
-        print("error: interrupted (SIGINT); nothing was cached", file=sys.stderr)
-        return ExitStatus.INTERRUPTED_INT
-    except Interrupted as exc:
-        print(f"error: {flags_in(str(exc))}", file=sys.stderr)
-        return exc.exit_code
+    except BaseException as exc:  # noqa: BLE001 - every failure is one line and an exit code
+        return report_failure(exc, debug)
 
 
 if __name__ == "__main__":

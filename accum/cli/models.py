@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,18 @@ def build_tokenizer(config: RunConfig):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+# Config keys that hold a size or a count (n_embd, num_hidden_layers, hidden_size, n_positions,
+# head_dim, ...): 0 or less builds a model with no layers, or one that fails deep inside transformers.
+_SIZE_KEY = re.compile(r"^(n_|num_)|(_size|_positions|_embeddings|_dim)$")
+
+
+def check_size_overrides(overrides: dict[str, Any]) -> None:
+    """Sizes and counts in model_config_overrides must be positive whole numbers. Raises ConfigError."""
+    for key, value in overrides.items():
+        if _SIZE_KEY.search(str(key)) and isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+            raise ConfigError(f"model_config_overrides.{key} {value} must be a positive whole number")
 
 
 def _override_dropout(model_config: Any, dropout: float) -> None:
@@ -138,21 +151,29 @@ def build_model(config: RunConfig, num_labels: int = 0, *, tokenizer=None, id2la
         model_type = overrides.pop("model_type", None)
         if not model_type:
             raise ConfigError("model_config_overrides needs `model_type` (e.g. gpt2, bert, llama)")
+        check_size_overrides(overrides)
         overrides.setdefault("vocab_size", len(tokenizer))
         # Special ids come from the tokenizer in use (a GPT-2 config's 50256 is outside MiniLM's vocab).
         overrides.setdefault("bos_token_id", tokenizer.bos_token_id)
         overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
-        if overrides["vocab_size"] < len(tokenizer):
+        vocab = overrides["vocab_size"]
+        if isinstance(vocab, bool) or not isinstance(vocab, int):
+            raise ConfigError(f"model_config_overrides.vocab_size {vocab!r} must be a whole number")
+        if vocab < len(tokenizer):
             raise ConfigError(f"model_config_overrides.vocab_size {overrides['vocab_size']} is below the tokenizer's "
                               f"{len(tokenizer)} tokens: raise it or drop it")
         try:
             model_config = AutoConfig.for_model(model_type, **overrides, **head)
-        except (ValueError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - an unknown model_type or a value a config class refuses
             raise ConfigError(f"model_config_overrides: {first_line(exc)}") from None
         model_config.pad_token_id = tokenizer.pad_token_id
         if config.dropout is not None:
             _override_dropout(model_config, config.dropout)
-        model = auto_model.from_config(model_config, trust_remote_code=config.trust_remote_code)
+        try:
+            model = auto_model.from_config(model_config, trust_remote_code=config.trust_remote_code)
+        except Exception as exc:  # noqa: BLE001 - sizes that do not fit together fail in many ways inside transformers
+            raise ConfigError(f"model_config_overrides cannot build a {model_type} model ({type(exc).__name__}: "
+                              f"{first_line(exc)}): check its sizes") from None
     else:
         path = resolve_model_path(config.model)
         try:
@@ -240,5 +261,6 @@ def model_from_spec(spec: str, task: str | None = None, num_labels: int = 2):
             config.pad_token_id = getattr(config, "eos_token_id", None) or 0
     try:
         return set_loss_type(auto.from_config(config), task), task
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"`model` {spec!r}: cannot build a {task} model: {first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - sizes that do not fit together fail in many ways inside transformers
+        raise ConfigError(f"`model` {spec!r}: cannot build a {task} model ({type(exc).__name__}: {first_line(exc)}): "
+                          "check its sizes") from None

@@ -15,6 +15,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,38 @@ from accum.loss import TaskLoss
 from accum.plan import Plan, plan_from_accumulation, resolve_batch
 from accum.scaling import scale_lr
 from accum.schedule import schedule_from_config
+
+
+def check_launch_environment(environ: Any = None) -> None:
+    """The variables a launcher sets, checked before Accelerate reads them (it would raise a traceback,
+    or show 'precision fp17'): whole numbers for the process layout, a precision Accelerate knows.
+    Raises ConfigError naming the variable."""
+    from accelerate.utils import PrecisionType
+
+    environ = os.environ if environ is None else environ
+    for name, minimum in (("WORLD_SIZE", 1), ("LOCAL_WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)):
+        value = environ.get(name)
+        if value is not None and not (value.strip().isdigit() and int(value) >= minimum):
+            raise ConfigError(f"environment variable {name}={value!r} must be a whole number >= {minimum}: launchers "
+                              "set it; unset it, or start the run with `accelerate launch`")
+    precision = environ.get("ACCELERATE_MIXED_PRECISION")
+    if precision is not None and precision.lower() not in {p.value for p in PrecisionType}:
+        raise ConfigError(f"environment variable ACCELERATE_MIXED_PRECISION={precision!r} is not a precision: use "
+                          "no, fp16 or bf16 (the accelerate config's mixed_precision sets it), or unset it")
+
+
+def check_precision(config: RunConfig, device: Any) -> str:
+    """The precision the run will train in (`mixed_precision`, else the accelerate config's through
+    ACCELERATE_MIXED_PRECISION, else no). Raises ConfigError for fp16 on the CPU: Accelerate has no
+    fp16 gradient scaler there and trains in fp32, while reporting fp16."""
+    precision = resolve_precision(config)
+    source = "`mixed_precision`"
+    if precision is None:
+        precision, source = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower(), "the accelerate config"
+    if precision == "fp16" and torch.device(device).type == "cpu":
+        raise ConfigError(f"fp16 (from {source}) on the CPU: Accelerate has no fp16 gradient scaler there and "
+                          "would train in fp32 while reporting fp16; use `mixed_precision` bf16 or no")
+    return precision
 
 
 def resolve_precision(config: RunConfig) -> str | None:
@@ -123,7 +156,8 @@ def probe_batch_maker(config: RunConfig, model, train_ds, collate, device):
     return make_batch
 
 
-def plan_eval_batch_size(config: RunConfig, model, train_ds, eval_ds, collate, plan: Plan, accelerator) -> int:
+def plan_eval_batch_size(config: RunConfig, model, train_ds, eval_ds, collate, plan: Plan, accelerator,
+                         should_stop: Callable[[], bool] | None = None) -> int:
     """--eval-batch-size, or the largest forward-only batch that fits, probed from the training
     micro-batch up to 8 times it (no gradients or optimizer state, so it is larger). Under a token
     plan the answer is a token budget of its own: the batch x the probed length (a given batch: x the
@@ -142,7 +176,7 @@ def plan_eval_batch_size(config: RunConfig, model, train_ds, eval_ds, collate, p
     start = min(plan.micro_batch_size, limit)
     result = plan_eval_batch(model, probe_batch_maker(config, model, train_ds, collate, accelerator.device),
                              accelerator, limit=limit, start=start, max_memory=config.max_memory,
-                             safety_margin=config.safety_margin, progress=False)
+                             safety_margin=config.safety_margin, progress=False, should_stop=should_stop)
     return result.size * length if tokens else result.size
 
 
@@ -163,18 +197,28 @@ class RunInputs:
     notes: tuple[str, ...] = ()
 
 
-def load_run_inputs(config: RunConfig, model=None, train_data=None, eval_data=None) -> RunInputs:
+def load_run_inputs(config: RunConfig, model=None, train_data=None, eval_data=None,
+                    should_stop: Callable[[], bool] | None = None) -> RunInputs:
     """Tokenizer, data and model from `config`, unless given (tokenised samples: indexable of dicts with
     input_ids and, for classification, labels). Seed torch first: the weights of a model built from a
-    config come from its RNG. Raises ConfigError."""
+    config come from its RNG. `should_stop()` is asked between the stages (tokenizer, files, tokenising,
+    model). Raises ConfigError, accum.signals.Stopped."""
     from accum.cli import data, models
+    from accum.signals import Stopped
+
+    def stage_done(what: str) -> None:
+        if should_stop is not None and should_stop():
+            raise Stopped(f"stopped after {what}")
 
     tokenizer, label_info, from_config = None, None, model is None and train_data is None
     notes: list[str] = []
     if train_data is None:
         tokenizer = models.build_tokenizer(config)
+        stage_done("loading the tokenizer")
         train_raw, eval_raw = data.load_splits(config)
+        stage_done("reading the data")
         train_data, eval_data, label_info = data.tokenize_splits(config, tokenizer, train_raw, eval_raw)
+        stage_done("tokenising")
     if model is None:
         model = models.build_model(config, label_info.num_labels if label_info else 0, tokenizer=tokenizer,
                                    id2label=label_info.id2label if label_info else None, notes=notes)
@@ -187,10 +231,13 @@ def load_run_inputs(config: RunConfig, model=None, train_data=None, eval_data=No
 
 
 def make_plan(config: RunConfig, resolved, accelerator, inputs: RunInputs,
-              verify_command: list[str] | None = None, resumed: Plan | None = None) -> tuple[Plan, str | None]:
+              verify_command: list[str] | None = None, resumed: Plan | None = None,
+              should_stop: Callable[[], bool] | None = None) -> tuple[Plan, str | None]:
     """Micro-batch x accumulation x processes for the target batch: from flags, the plan of the
     checkpoint being resumed (`resumed`: the same cut, so the resumed run is bit-identical), or by
-    probing memory (then, with --verify-plan, checked in a fresh process). Returns (plan, note)."""
+    probing memory (then, with --verify-plan, checked in a fresh process). `should_stop()` is asked
+    before each probe and while a verification child runs. Returns (plan, banner note); raises
+    accum.signals.Stopped."""
     import dataclasses
 
     from accum.probe import plan_for
@@ -213,13 +260,14 @@ def make_plan(config: RunConfig, resolved, accelerator, inputs: RunInputs,
                     safety_margin=config.safety_margin, objective=config.objective, cache_path=config.plan_cache,
                     replan=config.replan, allow_rounding=config.allow_batch_rounding,
                     progress=accelerator.is_main_process, cut=cut,
-                    sequence_length=probe_length(config, model, inputs.train_data))
+                    sequence_length=probe_length(config, model, inputs.train_data), should_stop=should_stop)
     del optimizer
     if config.verify_plan and not plan.verified_steps >= config.verify_plan:
         if verify_command is None:
             raise ConfigError("`verify_plan` rebuilds the model and data in a fresh process: give them by the "
                               "config (model and data files), not as objects")
-        plan = verify_plan(plan, config, accelerator, model, verify_command, cache_path=config.plan_cache)
+        plan = verify_plan(plan, config, accelerator, model, verify_command, cache_path=config.plan_cache,
+                           should_stop=should_stop)
     return plan, note
 
 
@@ -287,23 +335,43 @@ def _child_env(device: torch.device) -> dict[str, str]:
     return env
 
 
-def _fits_in_fresh_process(command: list[str], size: int, steps: int, device: torch.device) -> dict[str, Any]:
+def _fits_in_fresh_process(command: list[str], size: int, steps: int, device: torch.device,
+                           should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
+    """Run the verification child and return its verdict; `should_stop()` is polled while it runs: the
+    child is then stopped and None returned (the caller makes the ranks agree on stopping)."""
+    import time
+
     full = [*command, "--micro-batch-size", str(size), "--steps", str(steps)]
-    done = subprocess.run(full, capture_output=True, text=True, env=_child_env(device), timeout=3600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode not in (0, 4) or not lines:
-        reason = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:300]
+    with subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(device),
+                          start_new_session=True) as child:  # its own group: our Ctrl-C is ours to pass on
+        deadline = time.monotonic() + 3600
+        while True:
+            try:
+                stdout, stderr = child.communicate(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if (should_stop is not None and should_stop()) or time.monotonic() > deadline:
+                    child.terminate()
+                    child.communicate()
+                    if time.monotonic() > deadline:
+                        raise ConfigError("plan verification ran for an hour: run `python -m accum verify` by "
+                                          "hand to see why") from None
+                    return None
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if child.returncode not in (0, 4) or not lines:
+        reason = (stderr.strip().splitlines() or [f"exit {child.returncode}"])[-1][:300]
         raise ConfigError(f"plan verification could not run ({reason}): run `python -m accum verify` by hand to see why")
     return json.loads(lines[-1])
 
 
 def verify_plan(plan: Plan, config: RunConfig, accelerator, model, command: list[str],
-                cache_path: Any = None) -> Plan:
+                cache_path: Any = None, should_stop: Callable[[], bool] | None = None) -> Plan:
     """Check `plan` by `config.verify_plan` training steps back to back in a fresh process (`command` is
     `python -m accum verify ...` for this workload), stepping the micro-batch down (about 5% at a time)
     until they fit; all ranks agree after each check. The model moves to the CPU meanwhile, so the
     child has the device to itself. Returns the verified plan (also written to the plan cache);
-    raises NothingFitsError when micro-batch 1 does not fit."""
+    raises NothingFitsError when micro-batch 1 does not fit, accum.signals.Stopped when `should_stop()`
+    said so on any rank (the child is stopped)."""
     import dataclasses
 
     from accum.cache import PlanCache
@@ -311,6 +379,7 @@ def verify_plan(plan: Plan, config: RunConfig, accelerator, model, command: list
     from accum.plan import plan_batch
     from accum.probe import NothingFitsError
     from accum.recovery import agree_max
+    from accum.signals import Stopped
 
     steps, device = config.verify_plan, torch.device(accelerator.device)
     checks, current = [], plan
@@ -318,8 +387,11 @@ def verify_plan(plan: Plan, config: RunConfig, accelerator, model, command: list
     free_memory()
     try:
         for _attempt in range(12):
-            result = _fits_in_fresh_process(command, current.micro_batch_size, steps, device)
-            failed = agree_max([0.0 if result["fit"] else 1.0], device)[0] > 0
+            result = _fits_in_fresh_process(command, current.micro_batch_size, steps, device, should_stop)
+            failed, stopped = (value > 0 for value in agree_max([0.0 if result and result["fit"] else 1.0,
+                                                                  float(result is None)], device))
+            if stopped:
+                raise Stopped("stopped while verifying the plan")
             checks.append({**result, "fit": not failed, "verify": True})
             if accelerator.is_main_process:
                 verdict = "fits" if not failed else f"does not fit ({result.get('error') or 'another rank'})"
