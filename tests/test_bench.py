@@ -49,7 +49,8 @@ def test_quick_bench_reports_every_section(quick_report):
         assert report["versions"][key]
     assert report["machine"]["cores"] >= 1 and report["machine"]["memory_gib"] > 0 and report["machine"]["cpu"]
     results = report["results"]
-    assert set(results) == {"overhead", "noise", "data", "tokens", "memory", "planner", "trainer", "equivalence"}
+    assert set(results) == {"overhead", "noise", "integrity", "data", "tokens", "memory", "planner", "trainer",
+                            "equivalence"}
     assert not [name for name, section in results.items() if "error" in section]
 
     # Throughput ratios on a shared 2-core CPU are noisy (the aims are for `make bench`): here they must only lie
@@ -73,6 +74,11 @@ def test_quick_bench_reports_every_section(quick_report):
     # is far above MiniLM's 2.4%; the per-parameter loop this replaced cost about 4x as much)
     assert -0.2 < meter["fraction"]["median"] < 1.0 and isinstance(noise["met_meter"], bool)
 
+    integrity = results["integrity"]  # a check or a copy costing more than a window would be a bug
+    for arm in ("check", "copy"):
+        assert integrity[arm]["cpu"]["n"] == cfg["integrity"]["windows"]
+        assert -0.5 < integrity[arm]["cpu"]["median"] < 1.0
+    assert isinstance(integrity["met"], bool)
     data = results["data"]
     for arm in ("inline", "prefetch"):
         assert_spread(data["data_wait_fraction"][arm], cfg["data"]["repeats"])

@@ -102,9 +102,13 @@ def test_signal_finishes_the_step_saves_and_resume_is_identical(tmp_path, monkey
     resume_and_compare(out, reference)
 
 
-def twice(signum):
+def twice(signum, apart: float = 0.0):
+    """Send `signum` twice; `apart` > 0: the second after Python ran the handler for the first (a signal
+    may land on the prefetch thread, and two landing before the main thread handles them are one)."""
     def send(loss):
         os.kill(os.getpid(), signum)
+        if apart:
+            time.sleep(apart)  # returns once the main thread's handler has run
         os.kill(os.getpid(), signum)
         return loss
     return send
@@ -121,10 +125,10 @@ def test_one_signal_delivered_twice_at_once_is_one_request(tmp_path, monkeypatch
 
 def test_a_second_signal_stops_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(StopRequest, "duplicate_window_s", 0.0)  # the second one counts as a second request
-    on_call(monkeypatch, {3}, twice(signal.SIGINT))
+    on_call(monkeypatch, {3}, twice(signal.SIGINT, apart=0.05))
     code, err = run_main(TINY + ["--output-dir", str(tmp_path / "int")])
     assert code == 130 and len(err) == 1 and "stopped by SIGINT at once (asked twice)" in err[0], err
-    on_call(monkeypatch, {3}, twice(signal.SIGTERM))
+    on_call(monkeypatch, {3}, twice(signal.SIGTERM, apart=0.05))
     assert in_child(run_main, TINY + ["--output-dir", str(tmp_path / "term")]) == -signal.SIGTERM
     assert ckpt.list_checkpoints(tmp_path / "term") == []
 

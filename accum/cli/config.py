@@ -135,7 +135,7 @@ class RunConfig(BaseModel):
     eval_every: int = Field(0, ge=0, description="evaluate every N optimizer steps (0: only at the end)")
     report_to: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="experiment tracker")
     skip_nonfinite: bool = Field(False, description="skip a window whose loss is NaN/inf instead of stopping")
-    noise_scale: bool = Field(False, description="measure the gradient noise scale B_simple (no extra passes)")
+    noise_scale: bool = Field(False, description="measure the gradient noise scale B_simple (no extra forward or backward; one fused norm per micro-step)")
 
     # -- out-of-memory recovery (accum/adaptive.py) ---------------------------------------
     oom_recovery: bool = Field(True, description="on OOM, replay the window at a smaller micro-batch (same batch)")
@@ -392,12 +392,25 @@ class _FlagsFormatter(logging.Formatter):
         return f"{record.levelname.lower()}: {flags_in(record.getMessage())}"
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler that writes to sys.stderr as it is when a record comes, not as it was when the handler
+    was made: a caller that redirects stderr (contextlib.redirect_stderr, a test's capture) sees the line."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns one; the property ignores it
+        pass
+
+
 def show_library_warnings() -> None:
     """The library's warnings (accum's loggers: a plan cache entry that is invalid, a batch rounded) on
     stderr, one line each, with parameter names turned into this command line's flags. Idempotent."""
     logger = logging.getLogger("accum")
     if not any(isinstance(handler.formatter, _FlagsFormatter) for handler in logger.handlers):
-        handler = logging.StreamHandler()
+        handler = _CurrentStderr()
         handler.setLevel(logging.WARNING)
         handler.setFormatter(_FlagsFormatter())
         logger.addHandler(handler)
