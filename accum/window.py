@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from accum.accelerator import begin_window
+from accum.deepspeed_steps import engine_steps_of, pad_to_engine, refuse_token_cutting
 from accum.loss import backward_scale
 from accum.noise import NoiseMeter
 from accum.oom import is_oom, measured_peak, start_peak_measurement
@@ -268,8 +269,13 @@ class Accumulator:
         self.notes: list[str] = []
         self._plan = plan
         self._pin = torch.device(accelerator.device).type == "cuda"
-        # FSDP2: every rank runs every forward (each all-gathers weights), and sync is toggled by hand
+        # FSDP2: every rank runs every forward (each all-gathers weights), and sync is toggled by hand;
+        # DeepSpeed: windows padded to the engine's fixed count, every micro-batch run on every rank
         self.sharded = is_fully_sharded(model)
+        self.engine = engine_of(accelerator, model)
+        if self.engine == "DeepSpeed":
+            refuse_token_cutting(plan.cut)
+        self.run_every_micro = self.sharded or self.engine == "DeepSpeed"
         self.adaptive = self._setup_recovery(recovery, plan)
         # several ranks with recovery: no all-reduce inside backward, where an OOM on one rank would
         # leave the others waiting; the gradients are averaged once every rank has succeeded
@@ -344,6 +350,8 @@ class Accumulator:
 
         def attempt(plan: Plan) -> tuple[torch.Tensor, list[_Micro]]:
             cut = micros if plan is initial else self._collate(samples, plan)  # a replay re-cuts the same samples
+            if self.engine == "DeepSpeed":  # the engine divides by its own count: pad to it (then scale by it)
+                cut = pad_to_engine(cut, engine_steps_of(accelerator) or plan.accumulation_steps, _Micro(None))
             stand_in = self.collate([samples[0]]) if any(m.batch is None for m in cut) else None
             return self._accumulate(cut, window_items, stand_in), cut
 
@@ -418,7 +426,7 @@ class Accumulator:
                     # an empty micro-batch joins the sync step's all-reduce (at zero weight); with
                     # deferred sync there is none in backward, and off the sync step nothing to add;
                     # under FSDP every forward all-gathers, so every rank runs every micro-batch
-                    if empty and not self.sharded and (self.defer_sync or not accelerator.sync_gradients):
+                    if empty and not self.run_every_micro and (self.defer_sync or not accelerator.sync_gradients):
                         continue
                     batch = {k: v.to(accelerator.device, non_blocking=self._pin)
                              for k, v in (stand_in if empty else micro.batch).items()}

@@ -88,3 +88,13 @@ def test_full_state_dict_of_a_plain_model_loads_into_another():
     buffers = [other_optimizer.state[p]["momentum_buffer"] for p in other.parameters()]
     assert all(torch.equal(a, optimizer.state[p]["momentum_buffer"]) for a, p in zip(buffers, model.parameters(),
                                                                                       strict=True))
+
+
+def test_the_accumulator_refuses_token_cutting_under_deepspeed():
+    from accum import plan_batch
+
+    model = torch.nn.Linear(2, 2)
+    plan = plan_batch(8, 4, cut="tokens", token_length=16)
+    with pytest.raises(ConfigError, match="token-budget cutting does not work under DeepSpeed"):
+        Accumulator(stand_in(DistributedType.DEEPSPEED), model, torch.optim.SGD(model.parameters(), lr=0.1), plan,
+                    loss=TaskLoss("clm"), collate=pad_collate("clm", 0), recovery=False)
