@@ -567,6 +567,33 @@ def _batch_shape(make_batch: Callable[[int], Mapping[str, Any]]) -> dict[str, li
     return {key: [list(value.shape[1:]), str(value.dtype)] for key, value in batch.items() if torch.is_tensor(value)}
 
 
+
+def from_main_process(value: Any) -> Any:
+    """`value` as the main process (global rank 0) has it, on every rank (one broadcast of a pickled
+    object; the value itself with a single process). Every rank must call it, at the same point."""
+    if _distributed_world() <= 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+def _cached_plan(cache: PlanCache, cache_key: str, target_batch_size: int, processes: int) -> Plan | None:
+    """The cache's plan for `cache_key` (source 'cache', no probes), or None: none, invalid, or for
+    another batch or process count."""
+    cached = cache.get(cache_key)
+    if cached is None:
+        return None
+    try:
+        plan = Plan.from_dict(cached)
+    except ConfigError as exc:
+        logger.warning("plan cache %s: the entry for this run is invalid (%s): probing again; "
+                       "`replan` rewrites it", cache.path, exc)
+        return None
+    if plan.target_batch_size != target_batch_size or plan.num_processes != processes:
+        return None
+    return Plan(**{**plan.to_dict(), "source": "cache", "probes": (), "cache_key": cache_key})
+
 def plan_for(
     accelerator: Any,
     model: torch.nn.Module,
@@ -605,7 +632,10 @@ def plan_for(
     RNG state are restored bit for bit. The plan cache (`cache_path`; None: the default file, False:
     no cache) is read first unless `replan`, under the key of every input the answer depends on
     (`plan_cache_fields`), and written after probing; the Plan carries that key (`cache_key`) for a
-    caller that later adjusts it. `num_processes` plans for another launch than this one
+    caller that later adjusts it. With several processes the main process decides: it reads its cache
+    and broadcasts the hit (or the miss) before any probe, so either every rank probes together or
+    none does, and every rank returns the main process's Plan (`from_main_process`); only the main
+    process reads and writes the cache (on several nodes, the cache of the node with rank 0). `num_processes` plans for another launch than this one
     (`python -m accum plan --num-processes`); by default the accelerator's. `cut` says how the target
     is split (accum.plan.plan_batch: "samples", "balanced", or "tokens" with `sequence_length`, the
     tokens per sample `make_batch` builds: the plan's token budget is the largest fit x that length).
@@ -642,17 +672,13 @@ def plan_for(
             max_memory=max_memory, safety_margin=safety_margin, objective=objective, steps=steps_per_probe,
             loss_fn=loss_fn, cut=cut))
     if cache is not None and not replan:
-        cached = cache.get(cache_key)
-        if cached is not None:
-            try:
-                plan = Plan.from_dict(cached)
-            except ConfigError as exc:
-                logger.warning("plan cache %s: the entry for this run is invalid (%s): probing again; "
-                               "`replan` rewrites it", cache.path, exc)
-                plan = None
-            if plan is not None and plan.target_batch_size == target_batch_size and plan.num_processes == processes:
-                logger.info("plan from cache %s: %s", cache.path, plan.banner())
-                return Plan(**{**plan.to_dict(), "source": "cache", "probes": (), "cache_key": cache_key})
+        # the main process alone decides: ranks whose caches differ (another node, another GPU model)
+        # would otherwise split, some returning a hit while the others wait in the probe's collectives
+        hit = _cached_plan(cache, cache_key, target_batch_size, processes) if accelerator.is_main_process else None
+        hit = from_main_process(hit)
+        if hit is not None:
+            logger.info("plan from cache %s: %s", cache.path, hit.banner())
+            return hit
 
     raw_optimizer = _raw_optimizer(optimizer)
     is_main = accelerator is None or accelerator.is_main_process
@@ -686,7 +712,9 @@ def plan_for(
         cut=cut,
         token_length=sequence_length if cut == "tokens" else None,
     )
-    plan = dataclasses.replace(plan, cache_key=cache_key)
+    # every rank takes the main process's plan: the verdicts agree, but each rank measured its own
+    # peaks and times, and a run needs one Plan object, the same everywhere
+    plan = from_main_process(dataclasses.replace(plan, cache_key=cache_key))
     if cache is not None and is_main:
         cache.put(cache_key, plan.to_dict())
     return plan

@@ -33,11 +33,20 @@ from typing import Any
 import torch
 
 from accum.accelerator import begin_window
+from accum.deepspeed_steps import engine_steps_of, pad_to_engine, refuse_token_cutting
 from accum.loss import backward_scale
 from accum.noise import NoiseMeter
 from accum.oom import is_oom, measured_peak, start_peak_measurement
 from accum.plan import Plan
 from accum.recovery import AdaptiveBatch, Decision, OutOfMemoryError, advice, limit_of, run_with_recovery
+from accum.sharded import (
+    clip_grad_norm,
+    engine_of,
+    gradient_sync,
+    is_fully_sharded,
+    local_shard,
+    refuse_oom_recovery,
+)
 from accum.stats import AccumulationStats
 from accum.windows import cut_for, rank_micro_batches
 
@@ -139,19 +148,14 @@ def _count_all(loss: Any, batches: list[dict[str, torch.Tensor]]) -> list[tuple[
     return [tuple(row) for row in values.tolist()]
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor (a DTensor's local shard under FSDP2), detached."""
-    return getattr(tensor, "_local_tensor", tensor).detach()
-
-
 def all_finite(params: list[torch.Tensor], optimizer_state: Any = None, accelerator: Any = None) -> bool:
     """Whether no weight (and, given `optimizer_state`, no floating-point optimizer state) holds a NaN
     or an infinity, agreed over ranks (FSDP shards differ). One fused norm over all of them and one
     host sync per window (one all-reduce of one number with several processes); a norm can overflow
     for huge finite values, so a flagged window is confirmed tensor by tensor before it is refused."""
-    tensors = [_local(p) for p in params]
+    tensors = [local_shard(p) for p in params]
     if optimizer_state is not None:
-        tensors += [_local(v) for p in params for v in optimizer_state.get(p, {}).values()
+        tensors += [local_shard(v) for p in params for v in optimizer_state.get(p, {}).values()
                     if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
     tensors = [t for t in tensors if t.numel()]
     several = accelerator is not None and accelerator.num_processes > 1
@@ -183,8 +187,8 @@ class StepUndo:
 
     def take(self, params: list[torch.Tensor], optimizer_state: Any) -> None:
         if self.weights is None or len(self.weights) != len(params):
-            self.weights = [torch.empty_like(_local(p)) for p in params]
-        torch._foreach_copy_(self.weights, [_local(p) for p in params])
+            self.weights = [torch.empty_like(local_shard(p)) for p in params]
+        torch._foreach_copy_(self.weights, [local_shard(p) for p in params])
         taken = {}
         for index, param in enumerate(params):
             entry = optimizer_state.get(param)
@@ -205,7 +209,7 @@ class StepUndo:
 
     @torch.no_grad()
     def restore(self, params: list[torch.Tensor], optimizer_state: Any) -> None:
-        torch._foreach_copy_([_local(p) for p in params], self.weights)
+        torch._foreach_copy_([local_shard(p) for p in params], self.weights)
         for index, param in enumerate(params):
             if index not in self.state:  # the bad step was this parameter's first: no state before it
                 optimizer_state.pop(param, None)
@@ -263,6 +267,11 @@ class Accumulator:
     weights and optimizer state kept before it, and counted).
     on_give_up: called before OutOfMemoryError is raised at micro-batch 1 (save a checkpoint).
 
+    A model sharded by FSDP2 (Accelerate's plugin, or `fully_shard` by hand: accum.sharded) is
+    accumulated with gradient sync off until the window's last backward, every rank running every
+    micro-batch, clipped by the norm over all shards. OOM recovery is refused there on several ranks,
+    and under DeepSpeed, with a ConfigError of one line (accum.sharded.refuse_oom_recovery).
+
     `notes` lists one line per feature that this layout turned off, and why. `state_dict()` holds
     the counters and the noise scale, so `accelerator.register_for_checkpointing(accumulator)`
     resumes them too.
@@ -287,6 +296,13 @@ class Accumulator:
         self.notes: list[str] = []
         self._plan = plan
         self._pin = torch.device(accelerator.device).type == "cuda"
+        # FSDP2: every rank runs every forward (each all-gathers weights), and sync is toggled by hand;
+        # DeepSpeed: windows padded to the engine's fixed count, every micro-batch run on every rank
+        self.sharded = is_fully_sharded(model)
+        self.engine = engine_of(accelerator, model)
+        if self.engine == "DeepSpeed":
+            refuse_token_cutting(plan.cut)
+        self.run_every_micro = self.sharded or self.engine == "DeepSpeed"
         self.adaptive = self._setup_recovery(recovery, plan)
         # several ranks with recovery: no all-reduce inside backward, where an OOM on one rank would
         # leave the others waiting; the gradients are averaged once every rank has succeeded
@@ -299,9 +315,9 @@ class Accumulator:
     def _setup_recovery(self, recovery: bool | AdaptiveBatch, plan: Plan) -> AdaptiveBatch | None:
         if recovery is False or recovery is None:
             return None
-        if self.accelerator.num_processes > 1 and not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
-            self.notes.append("OOM recovery off: several ranks are handled for DDP only (not FSDP or DeepSpeed)")
-            return None
+        engine = engine_of(self.accelerator, self.model)
+        if engine is not None:
+            refuse_oom_recovery(engine, self.accelerator.num_processes)
         return recovery if isinstance(recovery, AdaptiveBatch) else AdaptiveBatch(plan)
 
     def _setup_noise(self, noise_scale: bool | NoiseMeter, plan: Plan) -> NoiseMeter | None:
@@ -361,6 +377,8 @@ class Accumulator:
 
         def attempt(plan: Plan) -> tuple[torch.Tensor, list[_Micro]]:
             cut = micros if plan is initial else self._collate(samples, plan)  # a replay re-cuts the same samples
+            if self.engine == "DeepSpeed":  # the engine divides by its own count: pad to it (then scale by it)
+                cut = pad_to_engine(cut, engine_steps_of(accelerator) or plan.accumulation_steps, _Micro(None))
             stand_in = self.collate([samples[0]]) if any(m.batch is None for m in cut) else None
             return self._accumulate(cut, window_items, stand_in), cut
 
@@ -433,8 +451,9 @@ class Accumulator:
                 with accelerator.accumulate(model):
                     empty = micro.batch is None
                     # an empty micro-batch joins the sync step's all-reduce (at zero weight); with
-                    # deferred sync there is none in backward, and off the sync step nothing to add
-                    if empty and (self.defer_sync or not accelerator.sync_gradients):
+                    # deferred sync there is none in backward, and off the sync step nothing to add;
+                    # under FSDP every forward all-gathers, so every rank runs every micro-batch
+                    if empty and not self.run_every_micro and (self.defer_sync or not accelerator.sync_gradients):
                         continue
                     batch = {k: v.to(accelerator.device, non_blocking=self._pin)
                              for k, v in (stand_in if empty else micro.batch).items()}
@@ -443,7 +462,8 @@ class Accumulator:
                         to_backward = loss_sum / max(micro.items, 1)
                     else:
                         to_backward = loss_sum * scale
-                    accelerator.backward(to_backward * 0.0 if empty else to_backward)
+                    with gradient_sync(model, accelerator.sync_gradients):
+                        accelerator.backward(to_backward * 0.0 if empty else to_backward)
                 if not empty:
                     loss_total += loss_sum.detach()
                     if self.noise is not None:
@@ -488,7 +508,7 @@ class Accumulator:
         lr = float(optimizer.param_groups[0]["lr"])
         max_norm = self.max_grad_norm if self.max_grad_norm else float("inf")
         # clipping a NaN window's gradients is harmless: a refused window's gradients are dropped
-        norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        norm = clip_grad_norm(accelerator, self.model, max_norm)  # over all shards under FSDP
         norm = torch.as_tensor(norm if norm is not None else float("nan"), dtype=torch.float64).to(sums.device)
         loss_sum, padded_tokens, grad_norm = torch.cat([sums, norm.reshape(1)]).tolist()
         window_loss = loss_sum / max(window_items, 1)

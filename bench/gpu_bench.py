@@ -23,6 +23,9 @@ Sections:
   tokens, bf16 on a GPU; a tiny GPT-2 on the CPU), with and without torch.compile, train.py also with
   --noise-scale, interleaved; host synchronisations per window under CUDA's sync debug mode.
 
+- engines: world-size-1 smoke runs of Accelerate's FSDP2 and DeepSpeed ZeRO-2 plugins (train.py, 3 steps of
+  configs/clm_tiny.yaml); skipped, with the reason, without a GPU or without deepspeed installed.
+
 Writes <out>/<date>-gpu-bench-<device>.json and .md: every figure with the command that made it.
 """
 
@@ -33,7 +36,9 @@ import datetime
 import json
 import math
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -424,7 +429,47 @@ def section_speed(args: argparse.Namespace, device: dict[str, Any]) -> dict[str,
             "seconds": round(time.perf_counter() - began, 1)}
 
 
-SECTIONS = {"planner": section_planner, "tokens": section_tokens, "speed": section_speed}
+def engine_skip_reason(engine: str, cuda: bool, deepspeed_installed: bool) -> str | None:
+    """Why an engine's smoke run cannot run here (None: it can). Accelerate 1.15 enables its FSDP and
+    DeepSpeed plugins only on GPUs, and DeepSpeed is not a dependency of accum."""
+    if not cuda:
+        return f"no CUDA device: Accelerate enables {engine} only on GPUs"
+    if engine == "DeepSpeed" and not deepspeed_installed:
+        return "deepspeed is not installed (pip install deepspeed; it is not a dependency of accum)"
+    return None
+
+
+def section_engines(args: argparse.Namespace, device: dict[str, Any]) -> dict[str, Any]:
+    """World-size-1 smoke runs of Accelerate's FSDP (FSDP2) and DeepSpeed (ZeRO-2) plugins: train.py on
+    configs/clm_tiny.yaml for 3 optimizer steps through accelerate_configs/fsdp.yaml and
+    deepspeed_zero2.yaml with one process. Each says whether it ran to the end (exit 0) and its final
+    loss, or why it was skipped."""
+    import importlib.util
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    installed = importlib.util.find_spec("deepspeed") is not None
+    results = {}
+    for engine, config in (("FSDP", "fsdp.yaml"), ("DeepSpeed", "deepspeed_zero2.yaml")):
+        reason = engine_skip_reason(engine, cuda, installed)
+        if reason is not None:
+            results[engine] = {"skipped": reason}
+            continue
+        with tempfile.TemporaryDirectory() as out:
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                       str(ROOT / "accelerate_configs" / config), "--num_processes", "1",
+                       str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "clm_tiny.yaml"),
+                       "--max-steps", "3", "--output-dir", out, "--report-to", "none"]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+            metrics = Path(out) / "metrics.json"
+            final = json.loads(metrics.read_text()).get("final_loss") if metrics.exists() else None
+            results[engine] = {"exit_code": done.returncode, "final_loss": final, "command": " ".join(command),
+                               "stderr_tail": done.stderr[-600:] if done.returncode else ""}
+    return results
+
+
+SECTIONS = {"planner": section_planner, "tokens": section_tokens, "speed": section_speed, "engines": section_engines}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -473,6 +518,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "| ratio | value |", "|---|---|"]
         lines += [f"| {name} | {value:.3f} |" for name, value in speed["ratios"].items()]
         lines += ["", f"Host synchronisations per window (CUDA sync debug mode): {json.dumps(speed['host_syncs'])}", ""]
+    engines = report["sections"].get("engines")
+    if engines:
+        lines += ["## engines (one process)", "", "| engine | result |", "|---|---|"]
+        for name, row in engines.items():
+            result = row.get("skipped") and f"skipped: {row['skipped']}" or \
+                f"exit {row['exit_code']}, final loss {row['final_loss']}"
+            lines.append(f"| {name} | {result} |")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -81,6 +81,7 @@ from accum.plan import Plan, plan_from_accumulation, replan
 from accum.recovery import AdaptiveBatch, OutOfMemoryError
 from accum.scaling import ScaledLR, scale_lr
 from accum.schedule import BatchSchedule, Change, Progress, SampleLR, schedule_from_config
+from accum.sharded import engine_of, oom_recovery_unavailable
 from accum.signals import Interrupted, Stopped, StopRequest
 from accum.window import Accumulator, Callback, NonFiniteError, WindowResult, evaluate
 from accum.windows import TokenBudget, WindowSampler, windows_per_epoch
@@ -401,14 +402,21 @@ def build_accumulator(config: RunConfig, accelerator, model, optimizer, schedule
 
     recovery: bool | AdaptiveBatch = False
     budget = None
-    if config.oom_recovery:
+    # on by default, but not where it cannot work (FSDP on several ranks, DeepSpeed): off then, said in
+    # one line; asked for explicitly there, the Accumulator refuses to start, in one line
+    unavailable = oom_recovery_unavailable(engine_of(accelerator, model), accelerator.num_processes)
+    asked = config.oom_recovery and (unavailable is None or "oom_recovery" in config.model_fields_set)
+    if asked:
         recovery = AdaptiveBatch(plan, config.memory_pressure, config.regrow, config.max_adjustments)
         if config.memory_pressure is not None:
             budget = memory_budget(config.max_memory, 0.0, accelerator.device)
-    return Accumulator(accelerator, model, optimizer, plan, loss=loss, collate=collate, scheduler=scheduler,
-                       max_grad_norm=config.max_grad_norm, recovery=recovery, memory_budget=budget,
-                       noise_scale=config.noise_scale or config.adaptive_batch == "noise",
-                       nonfinite="skip" if config.skip_nonfinite else "raise", callbacks=callbacks)
+    accumulator = Accumulator(accelerator, model, optimizer, plan, loss=loss, collate=collate, scheduler=scheduler,
+                              max_grad_norm=config.max_grad_norm, recovery=recovery, memory_budget=budget,
+                              noise_scale=config.noise_scale or config.adaptive_batch == "noise",
+                              nonfinite="skip" if config.skip_nonfinite else "raise", callbacks=callbacks)
+    if config.oom_recovery and not asked:
+        accumulator.notes.append(f"OOM recovery off: {unavailable}")
+    return accumulator
 
 
 # ----------------------------------------------------------------------------- the loop

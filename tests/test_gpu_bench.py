@@ -49,3 +49,21 @@ def test_speed_section_times_train_py_a_plain_loop_and_trainer_on_the_same_block
     assert 0.33 < speed["ratios"]["train.py / plain loop"] < 3.0
     assert "skipped" in speed["host_syncs"] and speed["non_embedding_parameters"] > 0
     assert "| train.py | " in (tmp_path / report_file.name.replace(".json", ".md")).read_text()
+
+
+def test_engines_section_skips_cleanly_without_a_gpu_and_says_why(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_bench import engine_skip_reason
+
+    assert engine_skip_reason("FSDP", cuda=True, deepspeed_installed=False) is None
+    assert "not installed" in engine_skip_reason("DeepSpeed", cuda=True, deepspeed_installed=False)
+    assert engine_skip_reason("DeepSpeed", cuda=True, deepspeed_installed=True) is None
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "bench/gpu_bench.py", "--sections", "engines", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (report_file,) = tmp_path.glob("*-gpu-bench-cpu.json")
+    engines = json.loads(report_file.read_text())["sections"]["engines"]
+    assert set(engines) == {"FSDP", "DeepSpeed"}
+    assert all("no CUDA device" in row["skipped"] for row in engines.values())
+    assert "| FSDP | skipped: no CUDA device" in (tmp_path / report_file.name.replace(".json", ".md")).read_text()
