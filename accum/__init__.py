@@ -18,12 +18,14 @@ _MODULES = {
     "accum.loss": ("TaskLoss", "backward_scale", "count_loss_items", "mean_of_means_loss", "pad_collate", "sum_item_losses"),
     "accum.noise": ("LocalGradientNormHook", "MicroGradientNorms", "NoiseMeter", "NoiseScaleTracker", "estimate_noise", "recommend_batch"),
     "accum.oom": ("device_memory_bytes", "free_memory", "is_oom", "parse_memory", "peak_memory_bytes", "reset_peak_memory"),
+    "accum.prefetch": ("Prefetcher",),
     "accum.plan": ("Plan", "plan_batch", "plan_from_accumulation", "resolve_batch"),
     "accum.probe": ("NothingFitsError", "Probe", "ProbeResult", "find_max_micro_batch", "plan_eval_batch", "plan_for"),
     "accum.recovery": ("AdaptiveBatch", "Decision", "OutOfMemoryError", "agree_max", "run_with_recovery"),
     "accum.scaling": ("ScaledLR", "scale_lr"),
     "accum.stats": ("AccumulationStats", "peak_memory"),
-    "accum.window": ("Accumulator", "Callback", "EvalResult", "NonFiniteError", "WindowResult", "evaluate"),
+    "accum.window": ("Accumulator", "Callback", "EvalResult", "NonFiniteError", "StepUndo", "WindowResult", "all_finite",
+                     "evaluate"),
     "accum.windows": ("Balanced", "FixedSize", "TokenBudget", "WindowSampler", "epoch_order", "layout_window", "windows_per_epoch"),
 }
 _WHERE = {name: module for module, names in _MODULES.items() for name in names}
@@ -31,8 +33,8 @@ _WHERE = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = [
     "AccumulationStats", "Accumulator", "AdaptiveBatch", "Balanced", "Callback", "ConfigError", "Decision", "EvalResult",
     "FixedSize", "LocalGradientNormHook", "MemoryEstimate", "MicroGradientNorms", "NoiseMeter", "NoiseScaleTracker",
-    "NonFiniteError", "NothingFitsError", "OutOfMemoryError", "Plan", "PlanCache", "Probe", "ProbeResult",
-    "ScaledLR", "TaskLoss", "TokenBudget", "WindowResult", "WindowSampler", "agree_max", "backward_scale",
+    "NonFiniteError", "NothingFitsError", "OutOfMemoryError", "Plan", "PlanCache", "Prefetcher", "Probe", "ProbeResult",
+    "ScaledLR", "StepUndo", "TaskLoss", "TokenBudget", "WindowResult", "WindowSampler", "agree_max", "all_finite", "backward_scale",
     "begin_window", "build_accelerator", "count_loss_items", "device_memory_bytes", "epoch_order",
     "estimate_analytic", "estimate_noise", "estimate_traced", "evaluate", "find_max_micro_batch", "free_memory",
     "is_oom", "layout_window", "max_micro_batch_for", "mean_of_means_loss", "pad_collate", "parse_memory",

@@ -43,7 +43,6 @@ if __package__ in (None, ""):  # run as a file: make `scripts` and `accum` impor
         _signal.signal(_signum, _stop_at_once)
 
 import torch
-from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from accum.accelerator import build_accelerator
@@ -78,6 +77,7 @@ from accum.cli.status import STATUS_FILE, ExitStatus, write_status
 from accum.files import atomic_directory, write_json_atomic, write_text_atomic
 from accum.loss import TaskLoss
 from accum.plan import Plan, plan_from_accumulation, replan
+from accum.prefetch import Prefetcher
 from accum.recovery import AdaptiveBatch, OutOfMemoryError
 from accum.scaling import ScaledLR, scale_lr
 from accum.schedule import BatchSchedule, Change, Progress, SampleLR, schedule_from_config
@@ -522,7 +522,7 @@ def train_until_done(run: Run, state: TrainingState, text: str, stop: StopReques
     progress = tqdm(total=run.length.total_steps, initial=state.optimizer_step, desc="optimizer steps",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     started = time.perf_counter()
-    prefetch = Prefetcher(run, config.num_workers if run.schedule is None else 0)
+    prefetch = Prefetcher(run.accumulator.prepare, run.train_data, config.num_workers if run.schedule is None else 0)
     with contextlib.closing(progress):  # closed before an error line is printed, not after it
         try:
             while not run_finished(run, state):
@@ -568,39 +568,6 @@ def step_done(run: Run, state: TrainingState, result: WindowResult, log, progres
         run.accelerator.print(f"eval at step {state.optimizer_step}: {run_eval(run, state, callbacks, stop)}")
     if config.save_every and state.optimizer_step % config.save_every == 0:
         save(run, state)
-
-
-class Prefetcher:
-    """The next window cut and collated (Accumulator.prepare) in `workers` threads while this one
-    trains, so the data path stays off the critical path; 0 workers prepares in the loop. The order
-    of windows and what they train are the same either way (a window prepared for indices that are
-    not the next ones, or for a plan that changed, is prepared again)."""
-
-    def __init__(self, run: Run, workers: int):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.run = run
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="accum-prefetch") if workers else None
-        self.pending: tuple[list[int], Any] | None = None
-        self.waited = 0.0  # seconds the loop spent on the data path: preparing a window, or waiting for one
-
-    def ahead(self, indices: list[int]) -> None:
-        if self.pool is not None:
-            self.pending = (indices, self.pool.submit(self.run.accumulator.prepare, Subset(self.run.train_data, indices)))
-
-    def take(self, indices: list[int]):
-        started = time.perf_counter()
-        pending, self.pending = self.pending, None
-        if pending is not None and pending[0] == indices:
-            window = pending[1].result()
-        else:
-            window = self.run.accumulator.prepare(Subset(self.run.train_data, indices))
-        self.waited += time.perf_counter() - started
-        return window
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def train_window(run: Run, state: TrainingState, window) -> WindowResult:
