@@ -105,7 +105,9 @@ def make_readable(directory: str | Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_directory(path: str | Path) -> None:
+    """Flush a directory's entries (a rename or a new file in it) to disk: without it a crash can lose
+    a rename that os.replace already returned from."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -130,11 +132,11 @@ def atomic_directory(path: str | Path):
     try:
         yield tmp
         make_readable(tmp)
-        _fsync_dir(tmp)
+        fsync_directory(tmp)
         if path.exists():
             os.replace(path, trash)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
         shutil.rmtree(trash, ignore_errors=True)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)

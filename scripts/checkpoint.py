@@ -24,7 +24,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from accum import rng
 from accum.errors import ConfigError
-from accum.files import as_os_error, make_readable
+from accum.files import as_os_error, fsync_directory, make_readable
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "state.json"
@@ -83,14 +83,6 @@ def resolve_checkpoint(output_dir: str | Path, spec: str, run_id: str | None = N
     if not (path / STATE_FILE).is_file():
         raise ConfigError(f"checkpoint {spec!r} not found (no {STATE_FILE} in it): give a step-NNNNNNNN directory or 'latest'")
     return path
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -163,7 +155,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict[str, A
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             make_readable(tmp)  # and flushed: safetensors writes 0600, the rest of the run is group-readable
-            _fsync_dir(tmp)
+            fsync_directory(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk stays full while it is there
         raise
@@ -174,7 +166,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict[str, A
                 raise FileExistsError(17, f"{final} belongs to another run; it is kept", str(final))
             _remove(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_directory(root)
         for old in list_checkpoints(output_dir, run_id)[:-keep]:
             _remove(old)
     accelerator.wait_for_everyone()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from accum.errors import ConfigError
-from accum.files import FileTooLarge, read_bounded, write_json_atomic
+from accum.files import FileTooLarge, fsync_directory, read_bounded, write_json_atomic
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -106,16 +106,8 @@ def move_aside(output_dir: str | Path) -> Path | None:
     target.mkdir()
     for path in present:
         os.replace(path, target / path.name)
-    _fsync_dir(out)
+    fsync_directory(out)
     return target
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def owner_of_checkpoint(state: dict[str, Any]) -> str | None:
