@@ -1,7 +1,8 @@
 """Checkpoints that survive a kill at any point: safetensors weights, JSON state, atomic rename.
 
 Layout: <output_dir>/checkpoints/step-00000012/ holding model.safetensors,
-optimizer.pt (tensors only, loaded with weights_only=True), rng-rank<r>.safetensors
+optimizer.pt (tensors only, loaded with weights_only=True; a sharded (FSDP2) run saves both gathered
+into full tensors keyed by parameter name, which resume on any number of ranks, sharded or not), rng-rank<r>.safetensors
 and state.json (our own state as JSON: nothing of ours is unpickled). A checkpoint is
 written under a temporary name and renamed once complete, so `latest` never picks a
 half-written one. state.json names the run that wrote it (`run_id`, accum/cli/rundir.py):
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from accum import rng
 from accum.errors import ConfigError
 from accum.files import as_os_error, fsync_directory, make_readable
+from accum.sharded import full_state_dict, is_fully_sharded, load_full_state_dict
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "state.json"
@@ -140,14 +142,19 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict[str, A
     tmp = root / f".tmp-step-{step:08d}"
     full_state = dict(state, scheduler=scheduler.state_dict() if scheduler is not None else None)
     text = json.dumps(full_state, indent=2, default=_json_default)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    gathered = _gathered_state(unwrapped, optimizer)  # every rank takes part
     try:
         if accelerator.is_main_process:
             root.mkdir(parents=True, exist_ok=True)
             _remove_leftovers(root)
             tmp.mkdir()
-            unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-            _write(tmp / "model.safetensors", lambda: save_model(unwrapped, str(tmp / "model.safetensors")))
-            _write(tmp / "optimizer.pt", lambda: torch.save(optimizer.state_dict(), tmp / "optimizer.pt"))
+            if gathered is None:
+                _write(tmp / "model.safetensors", lambda: save_model(unwrapped, str(tmp / "model.safetensors")))
+                _write(tmp / "optimizer.pt", lambda: torch.save(optimizer.state_dict(), tmp / "optimizer.pt"))
+            else:
+                _write(tmp / "model.safetensors", lambda: save_file(gathered[0], str(tmp / "model.safetensors")))
+                _write(tmp / "optimizer.pt", lambda: torch.save(gathered[1], tmp / "optimizer.pt"))
             _write(tmp / STATE_FILE, lambda: (tmp / STATE_FILE).write_text(text))
         accelerator.wait_for_everyone()
         rng_file = tmp / f"rng-rank{accelerator.process_index}.safetensors"
@@ -171,6 +178,26 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict[str, A
             _remove(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _gathered_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """For a sharded model (FSDP2), its weights and optimizer state gathered into full CPU tensors keyed
+    by parameter name (accum.sharded.full_state_dict; the main process gets them, the others empty
+    dicts), so that the checkpoint resumes on any number of ranks, sharded or not. None for a plain model:
+    its own state dicts are saved as they are."""
+    if not is_fully_sharded(model):
+        return None
+    weights, optimizer_state = full_state_dict(model, optimizer)
+    # tied weights (an LM head sharing the embedding) come back as one tensor under two names, which
+    # safetensors refuses to save: each name gets its own copy
+    return {name: tensor.detach().clone().contiguous() for name, tensor in weights.items()}, optimizer_state
+
+
+def _saved_gathered(optimizer_state: Any) -> bool:
+    """Whether an optimizer.pt holds a gathered state (parameters named, not numbered): saved by a
+    sharded run, loaded through accum.sharded.load_full_state_dict."""
+    groups = optimizer_state.get("param_groups", []) if isinstance(optimizer_state, dict) else []
+    return any(isinstance(param, str) for group in groups for param in group.get("params", []))
 
 
 def plan_to_resume(output_dir: str | Path, spec: str | None):
@@ -286,11 +313,21 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path, requir
         if bad is not None:
             raise ConfigError(f"checkpoint {str(path)!r} holds non-finite values ({bad}): resume from an older one "
                               "or start again")
-        missing, unexpected = load_model(accelerator.unwrap_model(model, keep_torch_compile=False),
-                                         str(path / "model.safetensors"), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"weights do not match the model (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
-        optimizer.load_state_dict(optimizer_state)
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+        if _saved_gathered(optimizer_state):  # from a sharded run: loads on any number of ranks, sharded or not
+            if set(weights) != set(unwrapped.state_dict()):
+                raise ValueError(f"weights do not match the model ({sorted(set(weights) ^ set(unwrapped.state_dict()))[:3]})")
+            load_full_state_dict(unwrapped, weights, optimizer, optimizer_state)
+        elif is_fully_sharded(unwrapped):
+            raise ConfigError(f"checkpoint {str(path)!r} was saved by a run without FSDP and a sharded model cannot "
+                              "take its optimizer state: resume it without FSDP (accelerate_configs/cpu.yaml or "
+                              "multi_gpu.yaml), or start again")
+        else:
+            missing, unexpected = load_model(unwrapped, str(path / "model.safetensors"), strict=False)
+            if missing or unexpected:
+                raise ValueError(f"weights do not match the model (missing {list(missing)[:3]}, "
+                                 f"unexpected {list(unexpected)[:3]})")
+            optimizer.load_state_dict(optimizer_state)
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
         if rng_file.is_file():

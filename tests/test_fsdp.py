@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 
 from accum import Accumulator, TaskLoss, WindowSampler, pad_collate, plan_from_accumulation
-from accum.sharded import load_full_state_dict
+from scripts import checkpoint as ckpt
 from tests.helpers.fsdp_ranks import CLIP, MOMENTUM, RESUME_AT, SAMPLES
 from tests.test_equivalence import (
     LR,
@@ -37,20 +37,20 @@ from tests.test_equivalence import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def one_process(task, base, data, *, state=None):
-    """1 process x (8x1), SGD with momentum and clipping as the helper's resume runs; `state` resumes.
-    Returns (model, grad norms)."""
+def one_process(task, base, data, *, checkpoint=None):
+    """1 process x (8x1), SGD with momentum and clipping as the helper's resume runs; `checkpoint` (the
+    2 ranks' sharded checkpoint) resumes through train.py's load_checkpoint. Returns (model, grad norms)."""
     model = copy.deepcopy(base)
     accelerator = Accelerator(cpu=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     accumulator = Accumulator(accelerator, model, optimizer, plan_from_accumulation(8, 1), loss=TaskLoss(task),
                               collate=pad_collate(task, 0), max_grad_norm=CLIP)
     sampler = WindowSampler(len(data), 8, seed=SEED)
-    if state is not None:
-        load_full_state_dict(model, state["model"], optimizer, state["optimizer"])
+    if checkpoint is not None:
+        state = ckpt.load_checkpoint(accelerator, model, optimizer, None, checkpoint)
         sampler.load_state_dict(state["sampler"])
         accumulator.load_state_dict(state["accumulator"])
-    windows = STEPS - (RESUME_AT if state is not None else 0)
+    windows = STEPS - (RESUME_AT if checkpoint is not None else 0)
     norms = [accumulator.step([data[i] for i in sampler.next_window()]).grad_norm for _ in range(windows)]
     return model, norms
 
@@ -77,6 +77,8 @@ def test_fsdp_on_two_ranks_gives_the_one_process_gradient_and_weights(fsdp_resul
     assert result["world_size"] == 2
     refusal = result["recovery_refused"]  # asked for on a sharded model: one line, why and the fix
     assert refusal is not None and "\n" not in refusal and "FSDP" in refusal and "recovery=False" in refusal
+    refusal = result["plain_checkpoint_refused"]  # a plain run's checkpoint into a sharded model: one line
+    assert refusal is not None and "\n" not in refusal and "resume it without FSDP" in refusal
     for task, build in (("classification", tiny_bert), ("clm", tiny_gpt2)):
         base, data = build(), varied_data(task, SAMPLES)
         names = [name for name, _ in base.named_parameters()]
@@ -107,7 +109,9 @@ def test_fsdp_resumes_bit_identical_on_two_ranks_and_its_checkpoint_on_one_proce
     assert resume["grad_norms"] == pytest.approx(norms, rel=TOLERANCE)
     straight_diff = largest_relative_difference(two_ranks, [p - p0 for p, p0 in zip(
         straight.parameters(), base.parameters(), strict=True)], names, floors)
-    resumed, _ = one_process("clm", base, data, state=torch.load(out / "state.pt", weights_only=False))
+    (saved,) = ckpt.list_checkpoints(out)
+    assert ckpt.verified_finite(saved) and saved.name == f"step-{RESUME_AT:08d}"
+    resumed, _ = one_process("clm", base, data, checkpoint=saved)
     resumed_diff = largest_relative_difference([p - p0 for p, p0 in zip(resumed.parameters(), base.parameters(),
                                                                         strict=True)], two_ranks, names, floors)
     print(f"FSDP2 momentum+clip: 2 ranks vs 1 process {straight_diff:.2e}; 2-rank checkpoint resumed on 1 process "

@@ -9,8 +9,9 @@ on GPUs. Rank 0 writes OUT_DIR/result.json (full tensors as lists, keyed by para
 - "exact": per task and layout, the first window's gradient, the weights' updates after the windows and
   the gradient norms; 29 samples, so the last window holds 5 (3 + 2: the second rank runs an empty micro-batch);
 - "resume": SGD with momentum and clipping at 1 x 4: the weights of a straight run, whether a run resumed
-  on 2 ranks from the full state after window 2 ended bit-identical (and its largest difference), the
-  gradient norms; the full state itself goes to OUT_DIR/state.pt for a resume on 1 process.
+  on 2 ranks from train.py's checkpoint after window 2 ended bit-identical (and its largest difference),
+  the gradient norms; the checkpoint (scripts/checkpoint.py: gathered full tensors) stays in
+  OUT_DIR/checkpoints for a resume on 1 process.
 """
 
 import copy
@@ -26,7 +27,8 @@ from accelerate import Accelerator  # noqa: E402
 
 from accum import Accumulator, Callback, TaskLoss, WindowSampler, pad_collate, plan_batch  # noqa: E402
 from accum.errors import ConfigError  # noqa: E402
-from accum.sharded import full_state_dict, fully_shard_model, load_full_state_dict  # noqa: E402
+from accum.sharded import full_state_dict, fully_shard_model  # noqa: E402
+from scripts import checkpoint as ckpt  # noqa: E402
 from tests.test_equivalence import LR, SEED, STEPS, tiny_bert, tiny_gpt2, varied_data  # noqa: E402
 
 SAMPLES, RESUME_AT, MOMENTUM, CLIP = 29, 2, 0.9, 0.5
@@ -43,20 +45,27 @@ class FirstGradient(Callback):
             self.grads = {name: p.grad.full_tensor().tolist() for name, p in accumulator.model.named_parameters()}
 
 
-def sharded_run(accelerator, base, task, micro, *, momentum=0.0, clip=None, callbacks=(), state=None):
-    """(model, optimizer, accumulator, sampler): FSDP2 over the ranks, SGD, windows of 8; `state` (a full
-    state from `full_state_dict` with the sampler's and accumulator's) resumes."""
+def sharded_run(accelerator, base, task, micro, *, momentum=0.0, clip=None, callbacks=(), checkpoint=None):
+    """(model, optimizer, accumulator, sampler): FSDP2 over the ranks, SGD, windows of 8; `checkpoint`
+    (a directory save_checkpoint wrote) resumes through train.py's load_checkpoint."""
     model = fully_shard_model(copy.deepcopy(base))
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
     plan = plan_batch(8, micro, accelerator.num_processes)
     accumulator = Accumulator(accelerator, model, optimizer, plan, loss=TaskLoss(task), collate=pad_collate(task, 0),
                               max_grad_norm=clip, recovery=False, callbacks=list(callbacks))
     sampler = WindowSampler(SAMPLES, 8, seed=SEED)
-    if state is not None:
-        load_full_state_dict(model, state["model"], optimizer, state["optimizer"])
+    if checkpoint is not None:
+        state = ckpt.load_checkpoint(accelerator, model, optimizer, None, checkpoint)
         sampler.load_state_dict(state["sampler"])
         accumulator.load_state_dict(state["accumulator"])
     return model, optimizer, accumulator, sampler
+
+
+def checkpoint_state(accumulator, sampler) -> dict:
+    """What train.py puts in state.json, as far as load_checkpoint checks it, plus the positions."""
+    stats = accumulator.stats.state_dict()
+    return {**{key: stats[key] for key in ckpt.COUNTERS}, **{key: sampler.state_dict()[key] for key in ckpt.POSITION},
+            "stats": stats, "sampler": sampler.state_dict(), "accumulator": accumulator.state_dict(), "run_id": "fsdp"}
 
 
 def full_weights(model, base) -> dict[str, torch.Tensor]:
@@ -80,20 +89,17 @@ def resume(accelerator, out, base, data) -> dict:
     norms, saved = [], None
     for window in range(STEPS):
         norms.append(accumulator.step([data[i] for i in sampler.next_window()]).grad_norm)
-        if window + 1 == RESUME_AT:
-            model_state, optimizer_state = full_state_dict(model, optimizer)
-            saved = {"model": model_state, "optimizer": optimizer_state, "sampler": sampler.state_dict(),
-                     "accumulator": accumulator.state_dict()}
-            if accelerator.is_main_process:
-                torch.save(saved, out / "state.pt")
+        if window + 1 == RESUME_AT:  # every rank takes part: the shards are gathered
+            saved = ckpt.save_checkpoint(accelerator, model, optimizer, None, checkpoint_state(accumulator, sampler),
+                                         out, keep=2)
     straight = full_weights(model, base)
-    model, _, accumulator, sampler = sharded_run(accelerator, base, "clm", 1, momentum=MOMENTUM, clip=CLIP, state=saved)
+    model, _, accumulator, sampler = sharded_run(accelerator, base, "clm", 1, momentum=MOMENTUM, clip=CLIP,
+                                                 checkpoint=saved)
     for _ in range(STEPS - RESUME_AT):
         accumulator.step([data[i] for i in sampler.next_window()])
     resumed = full_weights(model, base)
     if not accelerator.is_main_process:
         return {}
-    assert not any(hasattr(value, "full_tensor") for value in saved["model"].values()), "loading changed the state"
     return {"weights": {name: value.tolist() for name, value in straight.items()}, "grad_norms": norms,
             "bit_identical": all(torch.equal(straight[name], resumed[name]) for name in straight),
             "largest_difference": max((straight[name] - resumed[name]).abs().max().item() for name in straight)}
@@ -110,11 +116,29 @@ def refused(accelerator) -> str | None:
     return None
 
 
+def plain_checkpoint_refused(accelerator, out) -> str | None:
+    """The one line load_checkpoint answers a sharded model with when the checkpoint came from a plain run
+    (its optimizer state is numbered per parameter and cannot be sharded); None: it loaded."""
+    model = tiny_gpt2()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    accumulator = Accumulator(accelerator, model, optimizer, plan_batch(8, 2, 2), loss=TaskLoss("clm"),
+                              collate=pad_collate("clm", 0), recovery=False)
+    path = ckpt.save_checkpoint(accelerator, model, optimizer, None,
+                                checkpoint_state(accumulator, WindowSampler(SAMPLES, 8, seed=SEED)), out / "plain", keep=1)
+    sharded = fully_shard_model(tiny_gpt2())
+    try:
+        ckpt.load_checkpoint(accelerator, sharded, torch.optim.SGD(sharded.parameters(), lr=LR), None, path)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     torch.set_num_threads(1)
     accelerator = Accelerator(cpu=True)
-    result = {"exact": {}, "world_size": accelerator.num_processes, "recovery_refused": refused(accelerator)}
+    result = {"exact": {}, "world_size": accelerator.num_processes, "recovery_refused": refused(accelerator),
+              "plain_checkpoint_refused": plain_checkpoint_refused(accelerator, out)}
     for task, build in (("classification", tiny_bert), ("clm", tiny_gpt2)):
         base, data = build(), varied_data(task, SAMPLES)
         for micro in (2, 1):
