@@ -4,6 +4,7 @@ import json
 import math
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -271,6 +272,10 @@ def _ddp_worker(rank: int, world: int, port: int, result_path: str) -> None:
                 },
                 f,
             )
+    # as train.py's release_collectives: gloo's workers drop their last collectives before the group goes
+    # (without it, 1 run in a full suite ended in std::terminate in rank 1 at teardown)
+    dist.barrier()
+    time.sleep(0.2)
     dist.destroy_process_group()
 
 
