@@ -68,7 +68,6 @@ class StopRequest:
         self.phase = "training"
         self._received_at = 0.0
         self._previous: dict[int, Any] = {}
-        self.asked_twice = False
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -88,7 +87,6 @@ class StopRequest:
         if self.signum is not None:
             if time.monotonic() - self._received_at < self.duplicate_window_s:
                 return  # the same request delivered twice (process group and launcher)
-            self.asked_twice = True
             self.restore()  # asked twice: stop now, the way the process would have without us
             signal.raise_signal(signum)
             return
@@ -97,14 +95,6 @@ class StopRequest:
                 else f"{self.phase} at the next safe point")
         print(f"received {signal.Signals(signum).name}: stopping {when} "
               "(send it again, a second or more later, to stop at once)", file=sys.stderr, flush=True)
-
-    def raise_if_asked_twice(self) -> None:
-        """Raise KeyboardInterrupt if a second SIGINT came and its KeyboardInterrupt got lost: Python runs
-        a signal handler in whatever Python code runs next, and an exception raised inside a finalizer or
-        a weakref callback (the garbage collector's) is printed and dropped. Loops call this at their
-        next safe point, so a second Ctrl-C stops the run even then."""
-        if self.asked_twice and self.signum == signal.SIGINT:
-            raise KeyboardInterrupt
 
     def requested(self) -> bool:
         """Whether this process received a stop signal (no collective: a `should_stop` for library loops)."""

@@ -398,40 +398,6 @@ def outcome(returncode: int, status: dict[str, Any] | None, timed_out: bool) -> 
     return "failed"
 
 
-class CtrlC:
-    """Ctrl-C for the sweep: KeyboardInterrupt as Python raises it, plus a flag that stays set and is
-    checked after each run. Python runs a signal handler in whatever Python code runs next, and a
-    KeyboardInterrupt raised inside a finalizer the garbage collector runs is printed and dropped: seen
-    once in a full test run, where the sweep then finished the run it was asked to stop and exited 0."""
-
-    received = False
-
-    @classmethod
-    def handle(cls, signum, frame) -> None:  # noqa: ARG003 - a signal handler's signature
-        cls.received = True
-        raise KeyboardInterrupt
-
-    @classmethod
-    def check(cls) -> None:
-        if cls.received:
-            raise KeyboardInterrupt
-
-    @classmethod
-    @contextlib.contextmanager
-    def installed(cls):
-        """The handler while runs are started (main thread only; an ignored SIGINT stays ignored)."""
-        cls.received = False
-        if threading.current_thread() is not threading.main_thread() or \
-                signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-            yield
-            return
-        previous = signal.signal(signal.SIGINT, cls.handle)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-
 def execute(spec: RunSpec, sweep: SweepConfig) -> dict[str, Any]:
     """Run one training process; return its result record (never raises for a failed run)."""
     out = Path(spec.values["output_dir"])
@@ -459,7 +425,6 @@ def execute(spec: RunSpec, sweep: SweepConfig) -> dict[str, Any]:
         reader.start()
         try:
             proc.wait(timeout=sweep.timeout_s)
-            CtrlC.check()  # a Ctrl-C whose KeyboardInterrupt was lost: the run is not recorded
         except subprocess.TimeoutExpired:
             timed_out = True
             kill_group(proc)
@@ -868,7 +833,6 @@ def run_sweep(sweep: SweepConfig, retry_failed: bool = False) -> list[dict[str, 
                 print(f"note: run {spec.name}: {spec.note}")
         progress = tqdm(todo, desc="runs", unit="run", dynamic_ncols=True)
         for spec in progress:
-            CtrlC.check()
             progress.set_postfix_str(spec.name)
             if spec.error:
                 record = base_record(spec, sweep)
@@ -922,8 +886,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"note: run {spec.name}: {spec.note}")
             return 0
         started = time.perf_counter()
-        with CtrlC.installed():
-            records = run_sweep(sweep, retry_failed=args.retry_failed)
+        records = run_sweep(sweep, retry_failed=args.retry_failed)
         out = Path(sweep.output_dir)
         print(write_tables(out, sweep, records) if records else "no runs")
     except KeyboardInterrupt:

@@ -967,7 +967,6 @@ def save(run: Run, state: TrainingState, payload: dict | None = None, rng: dict 
 def at_step_boundary(run: Run, state: TrainingState, stop: StopRequest) -> None:
     """Between two optimizer steps: stop if any rank got SIGTERM/SIGINT (saving first, raising
     Interrupted), else remember the state before the next window, for a refused window to save."""
-    stop.raise_if_asked_twice()
     signum = stop.agreed(run.accelerator)
     if signum is not None:
         path = save(run, state)

@@ -1,6 +1,7 @@
 """Test-wide settings: offline hub, one thread (the suite shares 2 cores), repo root importable."""
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +19,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+# A shell starts a background job (`make test &`) with SIGINT ignored, Python keeps an ignored SIGINT
+# ignored, and every child inherits it: the tests of Ctrl-C (a second SIGINT stops at once; a sweep
+# stops on Ctrl-C) then fail for the harness, not the code. The suite runs as it would from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from hypothesis import settings  # noqa: E402
 

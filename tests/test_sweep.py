@@ -369,24 +369,3 @@ def test_an_unknown_sweep_flag_is_one_line_with_the_closest(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "did you mean --dry-run?" in err, err
     assert main(["--config", str(path), "--dry_run"]) == 0  # underscores, as everywhere
-
-
-def test_a_ctrl_c_whose_keyboard_interrupt_was_lost_is_not_forgotten():
-    """The sweep's handler raises KeyboardInterrupt and keeps a flag that execute() checks after each run,
-    so a Ctrl-C whose exception a finalizer swallowed still stops the sweep before it records the run."""
-    import os
-    import signal
-
-    from scripts.sweep import CtrlC
-
-    with CtrlC.installed():
-        assert signal.getsignal(signal.SIGINT) == CtrlC.handle
-        CtrlC.check()  # nothing received yet
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            signal.pthread_sigmask(signal.SIG_BLOCK, [])  # a call: the handler runs before it returns
-        with pytest.raises(KeyboardInterrupt):
-            CtrlC.check()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    with CtrlC.installed():
-        CtrlC.check()  # a new sweep starts with nothing received
