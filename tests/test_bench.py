@@ -55,12 +55,14 @@ def test_quick_bench_reports_every_section(quick_report):
 
     # Throughput ratios on a shared 2-core CPU are noisy (the aims are for `make bench`): here they must only lie
     # within [0.5, 1.5], which a loop twice as slow as the plain one, or a noise meter halving throughput, fails
-    # (quick runs measured here: overhead 0.91, noise 0.88, Trainer/accum loop 1.10).
+    # (quick runs measured here: overhead 0.91, noise 0.88, Trainer/accum loop 1.10). The overhead's upper
+    # bound is 2.5: its 2 repeats of 3 windows on a tiny model, run first in a fresh clone right after the
+    # install, once gave 1.56 (accum faster); only a loop slower than the plain one is what it must catch.
     overhead = results["overhead"]
     assert_spread(overhead["ratio"], cfg["overhead"]["repeats"])
     assert_spread(overhead["ratio_cpu"], cfg["overhead"]["repeats"])
     assert isinstance(overhead["met"], bool)
-    assert 0.5 <= overhead["ratio"]["median"] <= 1.5 and 0.5 <= overhead["ratio_cpu"]["median"] <= 1.5
+    assert 0.5 <= overhead["ratio"]["median"] <= 2.5 and 0.5 <= overhead["ratio_cpu"]["median"] <= 2.5
 
     per_window = overhead["accum_ms_per_window"]["values"], overhead["plain_ms_per_window"]["values"]
     assert overhead["overhead_ms_per_window"]["values"] == pytest.approx([a - b for a, b in zip(*per_window, strict=True)])
