@@ -241,18 +241,9 @@ def test_mean_of_means_is_not_equivalent(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_whose_windows_cut_into_different_counts_give_the_full_batch_gradient(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.helpers.two_ranks import ROOT, run_on_two_ranks
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           str(root / "tests" / "helpers" / "token_ranks.py"), str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_on_two_ranks(ROOT / "tests" / "helpers" / "token_ranks.py", tmp_path)
     result = json.loads((tmp_path / "result.json").read_text())
     assert any(a != b for a, b in result["counts"]), result["counts"]  # the ranks' shares cut differently
     base = tiny_gpt2()

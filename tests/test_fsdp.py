@@ -9,10 +9,6 @@ resumed on 1 process.
 
 import copy
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +17,7 @@ from accelerate import Accelerator
 from accum import Accumulator, TaskLoss, WindowSampler, pad_collate, plan_from_accumulation
 from scripts import checkpoint as ckpt
 from tests.helpers.fsdp_ranks import CLIP, MOMENTUM, RESUME_AT, SAMPLES
+from tests.helpers.two_ranks import ROOT, run_on_two_ranks
 from tests.test_equivalence import (
     LR,
     SEED,
@@ -33,8 +30,6 @@ from tests.test_equivalence import (
     update_floors,
     varied_data,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def one_process(task, base, data, *, checkpoint=None):
@@ -62,12 +57,7 @@ def as_list(mapping, base):
 @pytest.fixture(scope="module")
 def fsdp_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(ROOT / "tests" / "helpers" / "fsdp_ranks.py"), str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_on_two_ranks(ROOT / "tests" / "helpers" / "fsdp_ranks.py", out)
     return out, json.loads((out / "result.json").read_text())
 
 

@@ -1,24 +1,15 @@
 """Plans reach every rank: the main process decides between its cache and a joint probe, and broadcasts."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.two_ranks import ROOT, run_on_two_ranks
 
 
 @pytest.mark.slow
 def test_ranks_whose_plan_caches_differ_agree_and_finish(tmp_path):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(ROOT / "tests" / "helpers" / "plan_ranks.py"), str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=200, env=env, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_on_two_ranks(ROOT / "tests" / "helpers" / "plan_ranks.py", tmp_path, timeout=200)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["entries_before_second"] == [True, False]  # only the main process wrote its cache
     first, second, third = zip(*(r["plans"] for r in ranks), strict=True)

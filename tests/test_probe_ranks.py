@@ -1,27 +1,18 @@
 """Two CPU ranks probe the same sizes and agree, even when one rank has much less memory."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.two_ranks import ROOT, run_on_two_ranks
+
 HELPER = ROOT / "tests" / "helpers" / "probe_ranks.py"
 
 
 @pytest.mark.slow
 def test_two_ranks_agree_when_one_has_a_tighter_limit(tmp_path):
     budgets = [800 * 2**20, 150 * 2**20]  # rank 1 fits roughly a quarter of what rank 0 fits
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
-           "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(HELPER), str(tmp_path), *map(str, budgets)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_on_two_ranks(HELPER, tmp_path, *budgets, timeout=240, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
     records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["world_size"] for r in records] == [2, 2]
     assert all(r["ddp"] for r in records), records[0]["distributed_type"]
