@@ -386,31 +386,23 @@ def test_sigkill_at_a_random_time_then_resume_is_identical(tmp_path, reference, 
 # ----------------------------------------------------------------------------- NaN / inf
 
 
-class InfiniteGradient(torch.autograd.Function):
-    """Identity forward (the loss stays finite), infinite gradient backward."""
+def gradient_scaled_by(factor: float):
+    """Identity forward (the loss stays finite), the gradient times `factor` backward: math.inf makes it
+    infinite, 1e16 huge but finite."""
 
-    @staticmethod
-    def forward(ctx, value):
-        return value.view_as(value)
+    class ScaledGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, value):
+            return value.view_as(value)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * math.inf
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * factor
 
-
-class HugeGradient(torch.autograd.Function):
-    """Identity forward (the loss stays finite), a gradient 1e16 times too large but finite backward."""
-
-    @staticmethod
-    def forward(ctx, value):
-        return value.view_as(value)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * 1e16
+    return ScaledGradient.apply
 
 
-NONFINITE = {"nan loss": lambda loss: loss * math.nan, "inf gradient": InfiniteGradient.apply}
+NONFINITE = {"nan loss": lambda loss: loss * math.nan, "inf gradient": gradient_scaled_by(math.inf)}
 
 
 def poison_optimizer_step(monkeypatch, nth: int) -> None:
@@ -437,7 +429,7 @@ def test_finite_loss_and_gradients_that_make_weights_infinite_stop_without_savin
     """SGD at a huge but finite LR with a huge but finite gradient: the update overflows. Before, NaN/inf
     went into every weight and the run named a checkpoint that was all NaN."""
     out = tmp_path / "run"
-    on_call(monkeypatch, {1, 2}, HugeGradient.apply)  # the first window
+    on_call(monkeypatch, {1, 2}, gradient_scaled_by(1e16))  # the first window
     code, err = run_main(TINY + ["--output-dir", str(out), "--optimizer", "sgd", "--lr", "1e23",
                                  "--max-grad-norm", "0"])
     assert code == 3, err
