@@ -315,9 +315,8 @@ class Accumulator:
     def _setup_recovery(self, recovery: bool | AdaptiveBatch, plan: Plan) -> AdaptiveBatch | None:
         if recovery is False or recovery is None:
             return None
-        engine = engine_of(self.accelerator, self.model)
-        if engine is not None:
-            refuse_oom_recovery(engine, self.accelerator.num_processes)
+        if self.engine is not None:
+            refuse_oom_recovery(self.engine, self.accelerator.num_processes)
         return recovery if isinstance(recovery, AdaptiveBatch) else AdaptiveBatch(plan)
 
     def _setup_noise(self, noise_scale: bool | NoiseMeter, plan: Plan) -> NoiseMeter | None:

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from accum import rng
+from accum.cli.rundir import owner_of_checkpoint
 from accum.errors import ConfigError
 from accum.files import as_os_error, fsync_directory, make_readable
 from accum.sharded import full_state_dict, is_fully_sharded, load_full_state_dict
@@ -50,8 +51,7 @@ def owner(path: Path) -> str | None:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError):
         return UNREADABLE
-    run_id = state.get("run_id") if isinstance(state, dict) else None
-    return run_id if isinstance(run_id, str) and run_id else None
+    return owner_of_checkpoint(state) if isinstance(state, dict) else None
 
 
 def list_checkpoints(output_dir: str | Path, run_id: str | None = None) -> list[Path]:
