@@ -350,25 +350,9 @@ def _run_files(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict
     if not all(isinstance(value, dict) for value in (config, plan, metrics)):
         raise ConfigError(f"run {str(run_dir)!r}: config.json, plan.json and metrics.json must hold mappings; is it "
                           "a scripts/train.py output dir?")
-    return config, plan, _metrics_lines(run_dir / "metrics.jsonl"), metrics
+    from accum.cli.report import metrics_lines
 
-
-def _metrics_lines(path: Path) -> list[dict[str, Any]]:
-    """The steps of a metrics.jsonl, read line by line (one line per optimizer step and no bound on its
-    size); lines torn by a kill mid-write or not holding a mapping are skipped."""
-    steps = []
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                with contextlib.suppress(ValueError):
-                    step = json.loads(line)
-                    if isinstance(step, dict):
-                        steps.append(step)
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise ConfigError(f"{path} cannot be read ({exc.strerror or exc})") from None
-    return steps
+    return config, plan, metrics_lines(run_dir / "metrics.jsonl"), metrics
 
 
 def _positive_number(value: Any) -> bool:

@@ -41,6 +41,26 @@ class Mark:
     text: str
 
 
+def metrics_lines(path: Path) -> list[dict[str, Any]]:
+    """The steps of a metrics.jsonl, read line by line (one line per optimizer step and no bound on its
+    size); lines torn by a kill mid-write or not holding a mapping are skipped."""
+    steps = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                try:
+                    step = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(step, dict):
+                    steps.append(step)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    return steps
+
+
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
     """metrics.jsonl's lines (a torn last line, from a run killed mid-write, is skipped). Raises ConfigError
     when there is none."""
@@ -48,14 +68,7 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"{path} not found: --run must be the output dir of a scripts/train.py run that has "
                           "trained at least one optimizer step")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("optimizer_step"), int):
-            records.append(record)
+    records = [record for record in metrics_lines(path) if isinstance(record.get("optimizer_step"), int)]
     if not records:
         raise ConfigError(f"{path} holds no optimizer step yet: report once the run has trained one")
     return records
