@@ -635,8 +635,9 @@ def plan_for(
     caller that later adjusts it. With several processes the main process decides: it reads its cache
     and broadcasts the hit (or the miss) before any probe, so either every rank probes together or
     none does, and every rank returns the main process's Plan (`from_main_process`); only the main
-    process reads and writes the cache (on several nodes, the cache of the node with rank 0). `num_processes` plans for another launch than this one
-    (`python -m accum plan --num-processes`); by default the accelerator's. `cut` says how the target
+    process reads and writes the cache (on several nodes, the cache of the node with rank 0).
+    `num_processes` plans for another launch than this one (`python -m accum plan --num-processes`);
+    by default the accelerator's. `cut` says how the target
     is split (accum.plan.plan_batch: "samples", "balanced", or "tokens" with `sequence_length`, the
     tokens per sample `make_batch` builds: the plan's token budget is the largest fit x that length).
 

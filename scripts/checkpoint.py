@@ -26,7 +26,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from accum import rng
 from accum.cli.rundir import owner_of_checkpoint
 from accum.errors import ConfigError
-from accum.files import as_os_error, fsync_directory, make_readable
+from accum.files import as_os_error, fsync_directory, make_readable, read_bounded
 from accum.sharded import full_state_dict, is_fully_sharded, load_full_state_dict
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
@@ -48,8 +48,8 @@ def owner(path: Path) -> str | None:
     """The run id a checkpoint's state.json names; None for one written before run ids; UNREADABLE
     when the file cannot be read (read_state says why)."""
     try:
-        state = json.loads((path / STATE_FILE).read_text())
-    except (OSError, ValueError):
+        state = json.loads(read_bounded(path / STATE_FILE, MAX_STATE_BYTES))
+    except (OSError, ValueError):  # FileTooLarge is an OSError
         return UNREADABLE
     return owner_of_checkpoint(state) if isinstance(state, dict) else None
 
@@ -259,8 +259,6 @@ def validate_state(state: Any, path: Path) -> dict[str, Any]:
 def read_state(path: Path) -> dict[str, Any]:
     """state.json of a checkpoint, validated (`validate_state`). Raises ConfigError (one line) when it is
     missing, corrupt or holds values this code never writes."""
-    from accum.files import read_bounded
-
     try:
         return validate_state(json.loads(read_bounded(path / STATE_FILE, MAX_STATE_BYTES)), path)
     except (OSError, ValueError, KeyError, TypeError) as exc:
