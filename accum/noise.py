@@ -246,12 +246,14 @@ class MicroGradientNorms:
     After micro-batch k's backward, `.grad` holds A_k = grad_scale x (sum of item gradients of
     micro-batches 1..k). Two ways to read small batches out of it, both unbiased:
 
-    - keep_previous=True (default): micro-batch k's own gradient g_k, read as autograd hands it to
-      each parameter (a hook, before it is added to `.grad`), so no copy of the gradients is kept:
-      one fused pass over the fresh gradients per micro-batch (micro-batch 1's is `.grad` itself).
-      N independent small batches per window: the lower-variance choice.
+    - keep_previous=True (default): micro-batch k's own gradient g_k, normed parameter by parameter
+      as autograd hands it over (a gradient hook, before it is added to `.grad`). The gradient was
+      just written, so it is still in cache: on a CPU this costs a third of a separate pass over the
+      gradients afterwards, and nothing is held, so peak memory does not grow by a gradient set.
+      N independent small batches per window: the lower-variance choice. One pass over `.grad` per
+      window gives the big batch.
     - keep_previous=False: the prefix A_k (k < N) is itself the mean gradient of the first k
-      micro-batches' items; no hooks, one pass per micro-batch, noisier.
+      micro-batches' items; no hooks, one pass over `.grad` per micro-batch, noisier.
 
     Use with one process (or rank-locally, before any all-reduce: DDP's sync backward overwrites
     `.grad` with the average, so on several ranks use `LocalGradientNormHook` instead)::
@@ -265,20 +267,23 @@ class MicroGradientNorms:
         if measured is not None:
             tracker.update(*measured)
 
-    The window must start with zero (or None) gradients. `close()` removes the hooks.
+    The window must start with zero (or None) gradients. A parameter autograd reaches twice in one
+    backward (re-entrant activation checkpointing) has its parts summed before the norm; the first
+    window that shows one is not measured (`window_result` returns None: its first part was not
+    kept), later windows keep that parameter's parts. `close()` removes the hooks.
     """
 
     def __init__(self, parameters: Iterable[torch.nn.Parameter], keep_previous: bool = True):
         self.parameters = [p for p in parameters if p.requires_grad]
         self.keep_previous = keep_previous
-        self._armed = False  # hooks record only between a window's first after_backward and its end
-        self._incoming: dict[int, torch.Tensor] = {}  # this micro-batch's gradient per parameter index
+        self._reached_twice: set[int] = set()  # parameters whose parts this meter keeps until the norm
         self._handles = []
         if keep_previous:
             meter = weakref.ref(self)  # the model's hooks must not keep a dropped meter alive
             self._handles = [p.register_hook(functools.partial(_record_incoming, meter, index))
                              for index, p in enumerate(self.parameters)]
         self.start_window(1.0)
+        self._armed = False  # hooks record only between start_window and window_result
 
     def close(self) -> None:
         """Remove the gradient hooks (the meter then measures nothing more)."""
@@ -294,43 +299,52 @@ class MicroGradientNorms:
         self._items: list[float] = []
         self._small_sq: list[torch.Tensor] = []  # unscaled ||.||^2 of each small batch's gradient sum
         self._last_sq: torch.Tensor | None = None  # ||A_k||^2 of the latest prefix
-        self._armed = False
-        self._incoming.clear()
+        self._norms: dict[int, torch.Tensor] = {}  # this micro-batch's gradient norm per parameter index
+        self._parts: dict[int, torch.Tensor] = {}  # this micro-batch's gradient so far, of a parameter reached twice
+        self._missed = False  # a parameter reached twice whose first part was not kept: this window is inexact
+        self._armed = self.keep_previous
 
     def _record(self, index: int, grad: torch.Tensor) -> None:
-        """A hook's call: micro-batch k's gradient of parameter `index` (k >= 2). A parameter reached
-        twice in one backward (re-entrant checkpointing) sums its parts, so the norm is of the whole."""
-        if self._armed:
-            earlier = self._incoming.get(index)
-            self._incoming[index] = grad.detach() if earlier is None else earlier + grad.detach()
+        """A hook's call: this micro-batch's gradient of parameter `index`, normed at once (no host sync)."""
+        if not self._armed:
+            return
+        grad = grad.detach()
+        if index in self._norms:  # a second part in this backward
+            earlier = self._parts.get(index)
+            if earlier is None:
+                self._reached_twice.add(index)
+                self._missed = True
+                return
+            grad = earlier + grad
+        if index in self._reached_twice:
+            self._parts[index] = grad
+        # The norm, not its square: one kernel per parameter; after_backward squares them all at once.
+        self._norms[index] = torch.linalg.vector_norm(grad, 2, dtype=_wide(grad.dtype))
 
     def after_backward(self, items: float) -> None:
         """Record micro-batch k's gradient, `items` (samples or tokens) being the items it carried."""
         if items <= 0:
             raise ValueError(f"items={items!r}: a micro-batch must carry at least one item")
-        zero = torch.zeros((), dtype=torch.float32)
-        if not self.keep_previous:
+        if self.keep_previous:
+            norms = list(self._norms.values())
+            self._norms.clear()
+            self._parts.clear()
+            self._small_sq.append(_stacked_sq_sum(norms))
+        else:
             if self._last_sq is not None:
                 self._small_sq.append(self._last_sq)
             live = [p.grad.detach() for p in self.parameters if p.grad is not None]
-            self._last_sq = _fused_sq_sum(live) if live else zero
-        elif not self._armed:
-            # the window's first micro-batch: the gradients started at zero, so .grad is its own gradient
-            live = [p.grad.detach() for p in self.parameters if p.grad is not None]
-            self._small_sq.append(_fused_sq_sum(live) if live else zero)
-            self._armed = True
-        else:
-            incoming = list(self._incoming.values())
-            self._incoming.clear()  # autograd has added them to .grad: let them go
-            self._small_sq.append(_fused_sq_sum(incoming) if incoming else zero)
+            self._last_sq = _fused_sq_sum(live) if live else torch.zeros((), dtype=torch.float32)
         self._items.append(float(items))
 
     def window_result(self) -> tuple[float, float, float, float] | None:
         """(g_small_sq, b_small, g_big_sq, b_big) of the window so far, ready for
-        `NoiseScaleTracker.update`; None when it had fewer than two micro-batches. One host sync."""
+        `NoiseScaleTracker.update`; None when it had fewer than two micro-batches, or a parameter was
+        first seen reached twice in it. One host sync."""
         self._armed = False
-        self._incoming.clear()
-        if len(self._items) < 2:
+        self._norms.clear()
+        self._parts.clear()
+        if len(self._items) < 2 or self._missed:
             return None
         c = self.grad_scale
         total_items = sum(self._items)
@@ -349,6 +363,14 @@ class MicroGradientNorms:
         b_small = len(sizes) / sum(1.0 / n for n in sizes)  # E mean_k |g_k|^2 = |G|^2 + S mean_k(1/n_k)
         g_big_sq = big_value / (c * total_items) ** 2
         return g_small_sq, b_small, g_big_sq, total_items
+
+
+def _stacked_sq_sum(norms: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of 0-d norms (on one device, or moved to the first one's), as a 0-d tensor."""
+    if not norms:
+        return torch.zeros((), dtype=torch.float32)
+    device = norms[0].device
+    return torch.stack([n.to(device) for n in norms]).square().sum()
 
 
 def _record_incoming(meter: weakref.ref, index: int, grad: torch.Tensor) -> None:

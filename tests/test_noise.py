@@ -173,6 +173,44 @@ def test_micro_gradient_norms_recover_b_simple_through_autograd(keep_previous):
     assert tracker.b_simple == pytest.approx(B_TRUE, rel=0.10)
 
 
+def test_a_parameter_reached_twice_in_one_backward_is_normed_whole_or_not_at_all():
+    """Re-entrant checkpointing hands a parameter used in two checkpointed segments its gradient in two
+    parts. The norm must be of their sum: the first window that shows it is not measured (its first
+    part is gone), the later ones keep the parts and match the direct computation."""
+    from torch.utils.checkpoint import checkpoint
+
+    gen = torch.Generator().manual_seed(5)
+    shared = torch.nn.Parameter(torch.randn(6, 6, generator=gen, dtype=torch.float64))
+    head = torch.nn.Parameter(torch.randn(6, dtype=torch.float64, generator=gen))
+    norms = MicroGradientNorms([shared, head])
+
+    def loss_of(x, reentrant=True):
+        h = checkpoint(lambda t: torch.tanh(t @ shared), x, use_reentrant=reentrant)
+        h = checkpoint(lambda t: torch.tanh(t @ shared), h, use_reentrant=reentrant)
+        return (h @ head).sum()
+
+    def own_gradient_sq(x) -> float:  # autograd.grad does not run re-entrant checkpoints
+        g = torch.autograd.grad(loss_of(x, reentrant=False) / 12, [shared, head])
+        return sum(t.square().sum().item() for t in g)
+
+    chunks = [torch.randn(4, 6, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    results = []
+    for _ in range(2):
+        shared.grad = head.grad = None
+        norms.start_window(grad_scale=1.0 / 12)
+        for x in chunks:
+            (loss_of(x) / 12).backward()
+            norms.after_backward(items=4)
+        results.append(norms.window_result())
+    assert results[0] is None
+    g_small_sq, b_small, g_big_sq, b_big = results[1]
+    c = 1.0 / 12
+    expected_small = sum(own_gradient_sq(x) / (c * 4) ** 2 for x in chunks) / 3
+    assert g_small_sq == pytest.approx(expected_small, rel=1e-9)
+    big = sum(p.grad.square().sum().item() for p in (shared, head)) / (c * 12) ** 2
+    assert (b_small, b_big) == (4, 12) and g_big_sq == pytest.approx(big, rel=1e-9)
+
+
 def test_micro_gradient_norms_need_two_micro_batches():
     w = torch.nn.Parameter(torch.zeros(4))
     norms = MicroGradientNorms([w])
