@@ -1,8 +1,10 @@
-"""The default run (`make train`'s command and config) as planned, against the same run at the plan it
-had before windows were cut by length (8 micro x 4 accumulation, fixed micro-batches of samples), at
-the same effective batch (32) and optimizer steps (64); then once with --noise-scale and what
-`python -m accum recommend` makes of it. The arms alternate (A B B A ...) so drift on a shared machine
-falls on both. Writes bench/results/<date>-<machine>-default-runs.md and .json.
+"""The default run (`make train`'s command and config) as planned, against the run it was before windows
+were cut by length and AdamW ran fused ("before": 8 micro x 4 accumulation, fixed micro-batches of
+samples, torch's default AdamW), at the same effective batch (32) and optimizer steps (64), and the two
+arms between them that tell the two changes apart (cut by length with the default AdamW; fixed 8 x 4
+with the fused one); then once with --noise-scale and what `python -m accum recommend` makes of it. The
+arms rotate (A B C D, D C B A, ...) so drift on a shared machine falls on all. Writes
+bench/results/<date>-<machine>-default-runs.md and .json.
 
     python bench/default_runs.py                 # about 12 minutes on a 2-core CPU
     python bench/default_runs.py --repeats 1 --no-noise --out /tmp/runs
@@ -28,7 +30,16 @@ from scripts.bench import git_commit, machine_info, machine_slug, package_versio
 
 LAUNCH = [sys.executable, "-m", "accum", "launch", "--config_file", "accelerate_configs/cpu.yaml",
           "scripts/train.py", "--config", "configs/default.yaml"]
-ARMS = {"tokens": [], "fixed 8x4": ["--micro-batch-size", "8", "--grad-accum-steps", "4"]}
+FIXED = ["--micro-batch-size", "8", "--grad-accum-steps", "4"]
+UNFUSED = ["--fused-optimizer", "false"]
+ARMS = {"tokens": [], "before: fixed 8x4, AdamW unfused": FIXED + UNFUSED, "tokens, AdamW unfused": UNFUSED,
+        "fixed 8x4": FIXED}
+RATIOS = {  # name: (arm, over arm)
+    "default run now / before": ("tokens", "before: fixed 8x4, AdamW unfused"),
+    "cut by tokens / fixed 8x4, both AdamW fused": ("tokens", "fixed 8x4"),
+    "cut by tokens / fixed 8x4, both AdamW unfused": ("tokens, AdamW unfused", "before: fixed 8x4, AdamW unfused"),
+    "AdamW fused / unfused, both cut by tokens": ("tokens", "tokens, AdamW unfused"),
+}
 
 
 def run(name: str, flags: list[str], out: Path) -> dict:
@@ -77,17 +88,17 @@ def main() -> int:
     by_arm = {name: [r for r in runs if r["arm"] == name] for name in ARMS}
     median = {name: {key: statistics.median(r[key] for r in rs) for key in ("tokens_per_s", "train_seconds", "wall_s")}
               for name, rs in by_arm.items()}
-    ratio = median["tokens"]["tokens_per_s"] / median["fixed 8x4"]["tokens_per_s"]
+    ratios = {name: median[arm]["tokens_per_s"] / median[other]["tokens_per_s"] for name, (arm, other) in RATIOS.items()}
     info = machine_info()
     report = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "machine": info,
               "versions": package_versions(), "runs": runs, "median": median,
-              "real_tokens_per_s_ratio": ratio, "recommend": recommended}
+              "real_tokens_per_s_ratios": ratios, "recommend": recommended}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{report['date']}-{machine_slug(info)}-default-runs"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     stem.with_suffix(".md").write_text(render(report))
-    print(f"real tokens per second, token plan / fixed 8x4: {ratio:.3f}; wrote {stem}.md and .json")
+    print("; ".join(f"{name}: {value:.3f}" for name, value in ratios.items()) + f"; wrote {stem}.md and .json")
     return 0
 
 
@@ -106,7 +117,8 @@ def render(report: dict) -> str:
                      f"{r['micro_batches_per_window']:.2f} | {r['padding_efficiency']:.3f} | {r['tokens_per_s']:.0f} | "
                      f"{r['train_seconds']:.1f} | {r['wall_s']:.0f} | {r['eval'].get('accuracy', float('nan')):.4f} | "
                      f"{r['eval'].get('loss', float('nan')):.4f} | {r['load_before'][0]:.2f} |")
-    lines += ["", f"Real tokens per second, token plan / fixed 8 x 4 (medians): **{report['real_tokens_per_s_ratio']:.3f}**"]
+    lines += ["", "Real tokens per second, medians of each arm:", ""]
+    lines += [f"- {name}: **{value:.3f}**" for name, value in report["real_tokens_per_s_ratios"].items()]
     noise = [r for r in report["runs"] if r["noise_b_simple_samples"] is not None]
     if noise:
         lines += ["", f"B_simple with --noise-scale: {noise[0]['noise_b_simple_samples']:.0f} samples after "

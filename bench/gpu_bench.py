@@ -273,7 +273,8 @@ def run_plain_arm(w: dict[str, Any], data, compile_: bool) -> list[float]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = gpt2_from(w["model"]).to(device).train()
     forward = torch.compile(model, dynamic=True) if compile_ else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    # fused, as train.py's AdamW (fused_optimizer: auto): the arms differ in their loops, not their kernels
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
     micro, accum, marks = w["micro"], w["accum"], []
     ids = torch.tensor([row["input_ids"] for row in data])
     for step in range(w["steps"]):
@@ -318,7 +319,7 @@ def run_trainer_arm(w: dict[str, Any], data, out: Path, compile_: bool) -> list[
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=w["micro"], gradient_accumulation_steps=w["accum"],
         max_steps=w["steps"], learning_rate=1e-4, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
-        optim="adamw_torch", logging_steps=10**6, report_to="none", save_strategy="no", eval_strategy="no",
+        optim="adamw_torch_fused", logging_steps=10**6, report_to="none", save_strategy="no", eval_strategy="no",
         use_cpu=not gpu, bf16=w["precision"] == "bf16", torch_compile=compile_, dataloader_num_workers=0,
         disable_tqdm=True, seed=3)
     trainer = InOrder(model=gpt2_from(w["model"]), args=args, train_dataset=data, data_collator=collate,

@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
 import io
 import json
 import os
@@ -52,6 +53,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from accum.cli.planning import use_fused_adamw  # noqa: E402
 from accum.window import Callback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,7 +264,8 @@ def plain_loop(model, data, micro: int, accum: int, steps: int, lr: float = 1e-4
     collate = collate_fn()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # the kernel train() picks (fused_optimizer: auto), so the comparison is of the loops, not the optimizers
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=use_fused_adamw("auto", params) or None)
     window = micro * accum
     per_epoch = windows_per_epoch(len(data), window)
     for optimizer_step in range(steps):
@@ -388,7 +391,7 @@ def bench_noise(cfg: dict, workdir: Path) -> dict:
     meter = meter_cost(base, data, micro, accum, o["meter_windows"])
     return {"micro": micro, "accum": accum, "seq_len": o["seq_len"], "optimizer_steps": steps,
             "timed_windows": steps - 1, "samples_per_window": micro * accum, "meter": meter,
-            "aim_meter": AIMS["meter"], "met_meter": meter["fraction"]["median"] <= 0.02,
+            "aim_meter": AIMS["meter"], "met_meter": meter["own_fraction"]["median"] <= 0.02,
             "noise_samples_per_s": spread(rates["noise"]["wall"]), "off_samples_per_s": spread(rates["off"]["wall"]),
             "ratio": spread(ratios["wall"]), "ratio_cpu": spread(ratios["cpu"]), "aim": AIMS["noise"],
             "b_simple_reported": len(b_simple),
@@ -397,45 +400,92 @@ def bench_noise(cfg: dict, workdir: Path) -> dict:
 
 def meter_cost(base, data, micro: int, accum: int, windows: int) -> dict:
     """What the noise meter (accum.noise.MicroGradientNorms: its gradient hooks, start_window,
-    after_backward per micro-batch, window_result) adds to the micro-steps it rides on: windows of
-    forward + backward on one model, alternately with the meter and without (A B, B A, ...), the first
-    pair left out. Per pair: the extra milliseconds per micro-step and the extra as a fraction of the
-    window without it, in this process's CPU seconds (steady when other jobs share the cores) and in
-    wall seconds. Median and IQR."""
+    after_backward per micro-batch, window_result) costs the micro-steps it rides on, two ways, from
+    windows of forward + backward on one model run alternately with the meter and without (A B, B A,
+    ...), the first pair left out:
+
+    - own: the wall time inside the meter's own hooks and calls (each of its gradient hooks is
+      bracketed by two timing hooks registered around it, present in both arms), per micro-step and
+      as a fraction of the window without it. The meter holds nothing past its hook, so this is its
+      cost; it is steady where the difference below is not.
+    - difference: (window with it - window without it), in this process's CPU seconds, per micro-step
+      and as a fraction. Page faults of the gradient allocations move a window's CPU time by several
+      percent from one window to the next, so this has a wide spread; it is the cross-check.
+    Median and IQR over the pairs."""
     from accum.noise import MicroGradientNorms
 
     model, collate = copy.deepcopy(base), collate_fn()
     model.train()
-    meter = MicroGradientNorms(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
+    own, entered = [0.0], {}
+
+    def enter(index, grad):
+        entered[index] = time.perf_counter()
+
+    def leave(index, grad):
+        own[0] += time.perf_counter() - entered.pop(index)
+
+    for index, p in enumerate(params):  # a tensor's hooks run in the order they were registered
+        p.register_hook(functools.partial(enter, index))
+    meter = MicroGradientNorms(params)
+    for index, p in enumerate(params):
+        p.register_hook(functools.partial(leave, index))
     batches = [collate(data[first:first + micro]) for first in range(0, micro * accum, micro)]
 
-    def window(metered: bool) -> tuple[float, float]:
+    def timed(call, *args):
+        start = time.perf_counter()
+        result = call(*args)
+        own[0] += time.perf_counter() - start
+        return result
+
+    def window(metered: bool) -> tuple[float, float, float]:
+        """(wall seconds, CPU seconds, the meter's own wall seconds) of one window."""
         model.zero_grad(set_to_none=True)
+        own[0] = 0.0
         wall, cpu = clocks()
         if metered:
-            meter.start_window(1.0 / (micro * accum))
+            timed(meter.start_window, 1.0 / (micro * accum))
         for batch in batches:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").backward()
             if metered:
-                meter.after_backward(micro)
+                timed(meter.after_backward, micro)
         if metered:
-            meter.window_result()  # also disarms the hooks for the unmetered window
-        return clocks()[0] - wall, clocks()[1] - cpu
+            timed(meter.window_result)  # also disarms the hooks for the unmetered window
+        return clocks()[0] - wall, clocks()[1] - cpu, own[0]
 
-    extra_ms, fraction, fraction_wall = [], [], []
+    own_ms, own_fraction, extra_ms, fraction, fraction_wall = [], [], [], [], []
     for pair in range(windows + 1):
         times = {metered: window(metered) for metered in ((True, False) if pair % 2 else (False, True))}
         if pair:  # the first pair allocates the meter's and the allocator's buffers
-            (on_wall, on_cpu), (off_wall, off_cpu) = times[True], times[False]
+            (on_wall, on_cpu, on_own), (off_wall, off_cpu, _) = times[True], times[False]
+            own_ms.append(1000 * on_own / accum)
+            own_fraction.append(on_own / off_wall)
             extra_ms.append(1000 * (on_cpu - off_cpu) / accum)
             fraction.append(on_cpu / off_cpu - 1)
             fraction_wall.append(on_wall / off_wall - 1)
     meter.close()
-    log(f"noise meter: {statistics.median(extra_ms):.2f} CPU ms per micro-step, "
-        f"{100 * statistics.median(fraction):.2f}% of one (wall: {100 * statistics.median(fraction_wall):.2f}%)")
-    return {"windows": windows, "ms_per_micro_step": spread(extra_ms), "fraction": spread(fraction),
-            "fraction_wall": spread(fraction_wall)}
+    floor = gradient_pass_ms(params, windows)
+    log(f"noise meter: its own hooks and calls {statistics.median(own_ms):.2f} ms per micro-step, "
+        f"{100 * statistics.median(own_fraction):.2f}% of one; window difference "
+        f"{statistics.median(extra_ms):.2f} CPU ms, {100 * statistics.median(fraction):.2f}%")
+    return {"windows": windows, "own_ms_per_micro_step": spread(own_ms), "own_fraction": spread(own_fraction),
+            "gradient_pass_ms": spread(floor),
+            "ms_per_micro_step": spread(extra_ms), "fraction": spread(fraction), "fraction_wall": spread(fraction_wall)}
+
+
+def gradient_pass_ms(params: list, repeats: int) -> list[float]:
+    """Milliseconds of one fused squared-norm pass over the gradients, left where the last window put
+    them: the least any exact per-micro-batch norm must read, so the floor under the meter's cost."""
+    from accum.noise import _fused_sq_sum
+
+    grads = [p.grad for p in params if p.grad is not None]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _fused_sq_sum(grads).item()
+        times.append(1000 * (time.perf_counter() - start))
+    return times
 
 
 # ----------------------------------------------------------------------------- 1b'. integrity
@@ -711,7 +761,7 @@ def run_trainer(model, data, micro: int, accum: int, steps: int, lr: float, work
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
         max_steps=steps, learning_rate=lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=max_grad_norm, optim="adamw_torch", logging_steps=1, report_to="none", save_strategy="no",
+        max_grad_norm=max_grad_norm, optim="adamw_torch_fused", logging_steps=1, report_to="none", save_strategy="no",
         eval_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=3)
     trainer = (InOrderTrainer if sequential else Trainer)(model=model, args=args, train_dataset=data,
                                                           data_collator=collate_fn(), callbacks=list(callbacks))
@@ -921,11 +971,15 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
                      fmt_spread(o["overhead_ms_per_window"], 1), "-", "-"))
     n = results.get("noise")
     if n and "meter" in n:
-        rows.append(("noise meter: extra CPU milliseconds per micro-step (its hooks and calls)",
-                     fmt_spread(n["meter"]["ms_per_micro_step"], 2), "-", "-"))
-        rows.append(("noise meter: extra CPU time / forward and backward without it",
-                     fmt_spread(n["meter"]["fraction"], 4), n["aim_meter"], yes_no(n["met_meter"])))
-        rows.append(("noise meter: the same in wall time", fmt_spread(n["meter"]["fraction_wall"], 4), "-", "-"))
+        rows.append(("noise meter: milliseconds per micro-step inside its own hooks and calls",
+                     fmt_spread(n["meter"]["own_ms_per_micro_step"], 2), "-", "-"))
+        if "gradient_pass_ms" in n["meter"]:
+            rows.append(("one fused norm pass over all gradients alone, milliseconds (the floor under the meter's cost)",
+                         fmt_spread(n["meter"]["gradient_pass_ms"], 2), "-", "-"))
+        rows.append(("noise meter: its own time / forward and backward without it",
+                     fmt_spread(n["meter"]["own_fraction"], 4), n["aim_meter"], yes_no(n["met_meter"])))
+        rows.append(("noise meter, cross-check: window CPU time with it / without it - 1 (page faults spread it)",
+                     fmt_spread(n["meter"]["fraction"], 4), "-", "-"))
     i = results.get("integrity")
     if i and "check" in i:
         rows.append((f"weight check after each optimizer step (NaN/inf): extra CPU time / a window of {i['micro']}x{i['accum']}",

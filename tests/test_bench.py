@@ -70,11 +70,14 @@ def test_quick_bench_reports_every_section(quick_report):
 
     noise = results["noise"]
     meter = noise["meter"]
-    assert_spread(meter["ms_per_micro_step"], cfg["noise"]["meter_windows"])
-    # one fused norm per micro-step over the fresh gradients: less than the forward and backward themselves (the
-    # tiny model is mostly a 2M-parameter embedding with little compute, so its fraction, measured 33-47% here,
-    # is far above MiniLM's 2.4%; the per-parameter loop this replaced cost about 4x as much)
+    for figure in ("own_ms_per_micro_step", "own_fraction", "gradient_pass_ms"):
+        assert_spread(meter[figure], cfg["noise"]["meter_windows"])
+    assert meter["ms_per_micro_step"]["n"] == cfg["noise"]["meter_windows"]  # a difference: may come out negative
+    # one read of the fresh gradients per micro-step: less than the forward and backward themselves (the tiny model
+    # is mostly a 2M-parameter embedding with little compute, so its fraction is far above MiniLM's 5%); the meter's
+    # own time is a part of a window, so positive and below the whole window
     assert -0.2 < meter["fraction"]["median"] < 1.0 and isinstance(noise["met_meter"], bool)
+    assert 0 < meter["own_fraction"]["median"] < 1.0 and meter["gradient_pass_ms"]["median"] > 0
 
     integrity = results["integrity"]  # a check or a copy costing more than a window would be a bug
     for arm in ("check", "copy"):
@@ -96,9 +99,11 @@ def test_quick_bench_reports_every_section(quick_report):
     for key in ("peak_ratio_accum_vs_m", "peak_ratio_accum_vs_big", "growth_ratio_accum_vs_m"):
         assert_spread(memory[key], cfg["memory"]["repeats"])
     # one micro-batch's activations at a time: accumulating 8 micro-batches peaks within the aim of 5% of one
-    # (measured here: 1.002), and the step's growth stays below a batch 8 times larger's by a wide margin
+    # (measured here: 1.002-1.019). The step's own growth is small on the tiny model (8 MiB): accumulating adds
+    # one gradient set while autograd adds a micro-batch's gradient to .grad (measured 1.9x of 8 MiB since AdamW
+    # runs fused, whose step no longer hides it); 8 micro-batches' activations held at once would be about 8x
     assert memory["peak_ratio_accum_vs_m"]["median"] <= 1.05 and memory["met"] is True
-    assert memory["growth_ratio_accum_vs_m"]["median"] <= 1.2 and memory["peak_ratio_accum_vs_big"]["median"] <= 1.05
+    assert memory["growth_ratio_accum_vs_m"]["median"] <= 2.5 and memory["peak_ratio_accum_vs_big"]["median"] <= 1.05
 
     planner = results["planner"]
     assert planner["true_largest"] >= 1

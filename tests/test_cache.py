@@ -42,6 +42,12 @@ def test_key_includes_everything_that_decides_memory():
         keys.add(PlanCache.key_for({**fields, name: other}))
     assert len(keys) == 14  # every field changes the key
     assert PlanCache.key_for(dict(reversed(list(fields.items())))) == PlanCache.key_for(fields)  # order-free
+    # the optimizer's kernel is part of it: a fused step holds other temporaries than the per-tensor loop
+    kernels = {plan_cache_fields(model, Accelerator(cpu=True), torch.optim.AdamW(model.parameters(), **kw),
+                                 {"input_ids": [[128], "torch.int64"]}, processes=1, limit=32, max_memory="1GiB",
+                                 safety_margin=0.1, objective="largest", steps=2)["optimizer"]
+               for kw in ({}, {"fused": True}, {"foreach": True})}
+    assert kernels == {"AdamW", "AdamW(fused=True)", "AdamW(foreach=True)"}
 
 
 def test_corrupt_cache_is_reported_once_and_ignored(tmp_path, caplog):

@@ -93,6 +93,9 @@ class RunConfig(BaseModel):
 
     # -- optimisation -----------------------------------------------------------
     optimizer: Literal["adamw", "adamw_8bit", "lion_8bit", "sgd"] = Field("adamw", description="optimizer")
+    fused_optimizer: bool | Auto = Field(
+        "auto", description="AdamW on torch's fused kernel (one pass over all parameters; about 6x faster a step on "
+        "a CPU): auto = where every trained parameter is a float tensor on a CPU or CUDA device")
     lr: float = Field(1e-4, gt=0, description="learning rate at base_batch_size")
     lr_scaling: Literal["none", "linear", "sqrt"] = Field("none", description="LR rule when the batch differs from base")
     base_batch_size: int | None = Field(None, gt=0, description="batch the LR was tuned for; default batch_size")
@@ -135,7 +138,7 @@ class RunConfig(BaseModel):
     eval_every: int = Field(0, ge=0, description="evaluate every N optimizer steps (0: only at the end)")
     report_to: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="experiment tracker")
     skip_nonfinite: bool = Field(False, description="skip a window whose loss is NaN/inf instead of stopping")
-    noise_scale: bool = Field(False, description="measure the gradient noise scale B_simple (no extra forward or backward; one fused norm per micro-step)")
+    noise_scale: bool = Field(False, description="measure the gradient noise scale B_simple (no extra forward or backward; one read of the gradients per micro-step)")
 
     # -- out-of-memory recovery (accum/adaptive.py) ---------------------------------------
     oom_recovery: bool = Field(True, description="on OOM, replay the window at a smaller micro-batch (same batch)")
