@@ -2,7 +2,8 @@
 were cut by length and AdamW ran fused ("before": 8 micro x 4 accumulation, fixed micro-batches of
 samples, torch's default AdamW), at the same effective batch (32) and optimizer steps (64), and the two
 arms between them that tell the two changes apart (cut by length with the default AdamW; fixed 8 x 4
-with the fused one); then once with --noise-scale and what `python -m accum recommend` makes of it. The
+with the fused one); then once with --noise-scale (micro-batches cut by samples: cut by length they are not
+random draws of the window) and what `python -m accum recommend` makes of it. The
 arms rotate (A B C D, D C B A, ...) so drift on a shared machine falls on all. Writes
 bench/results/<date>-<machine>-default-runs.md and .json.
 
@@ -81,7 +82,8 @@ def main() -> int:
         recommended = None
         if not args.no_noise:
             noise_dir = Path(tmp) / "noise"
-            runs.append(run("tokens --noise-scale", ["--noise-scale"], noise_dir))
+            # micro-batches in the window's order: cut by length they are not random draws, and B_simple reads high
+            runs.append(run("--noise-scale --cut-by samples", ["--noise-scale", "--cut-by", "samples"], noise_dir))
             done = subprocess.run([sys.executable, "-m", "accum", "recommend", "--run", str(noise_dir)], cwd=ROOT,
                                   capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
             recommended = done.stdout.strip()

@@ -234,3 +234,21 @@ def test_an_oom_halves_the_token_budget_at_the_same_batch_and_the_gradient_does_
     assert budgets == [(72, 36)] and accumulator.plan.effective_batch_size == 8 and result.micro_batches > 1
     for a, b in zip(reference.parameters(), model.parameters(), strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_the_noise_scale_says_when_windows_cut_by_length_bias_it():
+    """One process measures B_simple from micro-batches; cut by length they are not random draws of the window,
+    and the Accumulator says so in one line (a cut by samples, or several ranks, is not affected)."""
+    from accum import plan_batch
+    from accum.window import LENGTH_SORTED_NOISE
+
+    def notes(plan):
+        model = tiny_gpt2()
+        accelerator = Accelerator(cpu=True)
+        model_, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        return Accumulator(accelerator, model_, optimizer, plan, loss=TaskLoss("clm"), collate=pad_collate("clm", 0),
+                           noise_scale=True).notes
+
+    assert notes(plan_batch(8, 4, cut="tokens", token_length=9)) == [LENGTH_SORTED_NOISE]
+    assert notes(plan_from_accumulation(2, 4)) == []
+    assert "\n" not in LENGTH_SORTED_NOISE and "--cut-by samples" in LENGTH_SORTED_NOISE
