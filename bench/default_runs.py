@@ -60,6 +60,8 @@ def run(name: str, flags: list[str], out: Path) -> dict:
           f"padding efficiency {metrics['padding_efficiency']:.3f}, eval {metrics['eval']}", flush=True)
     return {"arm": name, "command": " ".join(command[1:]), "wall_s": round(wall, 1), "load_before": load,
             "banner": banner, "train_seconds": metrics["train_seconds"], "tokens_per_s": metrics["tokens_per_s"],
+            "train_cpu_seconds": metrics["train_cpu_seconds"],
+            "tokens_per_cpu_s": metrics["tokens_seen"] / metrics["train_cpu_seconds"],
             "samples_per_s": metrics["samples_per_s"], "padding_efficiency": metrics["padding_efficiency"],
             "tokens_seen": metrics["tokens_seen"], "optimizer_steps": metrics["optimizer_step"],
             "micro_batches_per_window": statistics.mean(s["gradient_accumulation_steps"] for s in steps),
@@ -88,13 +90,17 @@ def main() -> int:
                                   capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
             recommended = done.stdout.strip()
     by_arm = {name: [r for r in runs if r["arm"] == name] for name in ARMS}
-    median = {name: {key: statistics.median(r[key] for r in rs) for key in ("tokens_per_s", "train_seconds", "wall_s")}
+    median = {name: {key: statistics.median(r[key] for r in rs)
+                     for key in ("tokens_per_s", "tokens_per_cpu_s", "train_seconds", "wall_s")}
               for name, rs in by_arm.items()}
     ratios = {name: median[arm]["tokens_per_s"] / median[other]["tokens_per_s"] for name, (arm, other) in RATIOS.items()}
+    cpu_ratios = {name: median[arm]["tokens_per_cpu_s"] / median[other]["tokens_per_cpu_s"]
+                  for name, (arm, other) in RATIOS.items()}
     info = machine_info()
     report = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "machine": info,
               "versions": package_versions(), "runs": runs, "median": median,
-              "real_tokens_per_s_ratios": ratios, "recommend": recommended}
+              "real_tokens_per_s_ratios": ratios,
+              "real_tokens_per_cpu_s_ratios": cpu_ratios, "recommend": recommended}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{report['date']}-{machine_slug(info)}-default-runs"
@@ -112,15 +118,18 @@ def render(report: dict) -> str:
              "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), "",
              "Each run is `make train`'s command (configs/default.yaml: MiniLM, 2,048 tweets, batch 32, 64 optimizer "
              "steps, eval on 1,000) in a fresh process; the arms alternate.", "",
-             "| run | plan | micro-batches per window | padding efficiency | real tokens/s | train s | wall s | "
-             "eval accuracy | eval loss | load before |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | plan | micro-batches per window | padding efficiency | real tokens/s | real tokens per CPU s | "
+             "train s | train CPU s | wall s | eval accuracy | eval loss | load before |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         lines.append(f"| {r['arm']} | {r['banner'].replace('Effective batch size: ', '')} | "
                      f"{r['micro_batches_per_window']:.2f} | {r['padding_efficiency']:.3f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['train_seconds']:.1f} | {r['wall_s']:.0f} | {r['eval'].get('accuracy', float('nan')):.4f} | "
+                     f"{r['tokens_per_cpu_s']:.0f} | {r['train_seconds']:.1f} | {r['train_cpu_seconds']:.1f} | {r['wall_s']:.0f} | {r['eval'].get('accuracy', float('nan')):.4f} | "
                      f"{r['eval'].get('loss', float('nan')):.4f} | {r['load_before'][0]:.2f} |")
-    lines += ["", "Real tokens per second, medians of each arm:", ""]
-    lines += [f"- {name}: **{value:.3f}**" for name, value in report["real_tokens_per_s_ratios"].items()]
+    lines += ["", "Real tokens per second (wall; per CPU second of the training process in brackets, which moves less "
+              "when the machine is shared), medians of each arm:", ""]
+    lines += [f"- {name}: **{value:.3f}** ({report['real_tokens_per_cpu_s_ratios'][name]:.3f})"
+              for name, value in report["real_tokens_per_s_ratios"].items()]
     noise = [r for r in report["runs"] if r["noise_b_simple_samples"] is not None]
     if noise:
         lines += ["", f"B_simple with --noise-scale: {noise[0]['noise_b_simple_samples']:.0f} samples after "

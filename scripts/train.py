@@ -521,7 +521,7 @@ def train_until_done(run: Run, state: TrainingState, text: str, stop: StopReques
     log = MetricsLog(run.out / "metrics.jsonl", accelerator.is_main_process, resumed_step)
     progress = tqdm(total=run.length.total_steps, initial=state.optimizer_step, desc="optimizer steps",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     prefetch = Prefetcher(run.accumulator.prepare, run.train_data, config.num_workers if run.schedule is None else 0)
     with contextlib.closing(progress):  # closed before an error line is printed, not after it
         try:
@@ -536,13 +536,15 @@ def train_until_done(run: Run, state: TrainingState, text: str, stop: StopReques
         finally:
             prefetch.close()
     train_seconds = time.perf_counter() - started
+    # this process's CPU seconds (all its threads): on a shared machine they move less than wall seconds
+    train_cpu_seconds = time.process_time() - started_cpu
     path = save(run, state)
     eval_metrics = run_eval(run, state, callbacks, stop) if run.eval_data else {}
     signum = stop.agreed(accelerator)  # after the last evaluation: the run is whole but not reported finished
     if signum is not None:
         raise Interrupted(signum, state.optimizer_step, path, phase="evaluation")
     metrics = final_metrics(run, state, eval_metrics, train_seconds)
-    metrics.update(data_wait_seconds=round(prefetch.waited, 4),
+    metrics.update(train_cpu_seconds=round(train_cpu_seconds, 3), data_wait_seconds=round(prefetch.waited, 4),
                    data_wait_fraction=round(prefetch.waited / train_seconds, 4) if train_seconds > 0 else None)
     if run.accumulator.noise is not None:
         metrics.update(noise_summary(run))
