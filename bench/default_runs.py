@@ -75,6 +75,7 @@ def main() -> int:
     parser.add_argument("--no-noise", action="store_true", help="skip the --noise-scale run and recommend")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="directory for the .md and .json")
     args = parser.parse_args()
+    commit = git_commit()  # the code the runs ran, not what HEAD is when they end
     runs = []
     with tempfile.TemporaryDirectory(prefix="accum-default-") as tmp:
         order = [name for repeat in range(args.repeats)
@@ -97,7 +98,7 @@ def main() -> int:
     cpu_ratios = {name: median[arm]["tokens_per_cpu_s"] / median[other]["tokens_per_cpu_s"]
                   for name, (arm, other) in RATIOS.items()}
     info = machine_info()
-    report = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "machine": info,
+    report = {"date": datetime.date.today().isoformat(), "commit": commit, "machine": info,
               "versions": package_versions(), "runs": runs, "median": median,
               "real_tokens_per_s_ratios": ratios,
               "real_tokens_per_cpu_s_ratios": cpu_ratios, "recommend": recommended}

@@ -94,7 +94,7 @@ class RunConfig(BaseModel):
     # -- optimisation -----------------------------------------------------------
     optimizer: Literal["adamw", "adamw_8bit", "lion_8bit", "sgd"] = Field("adamw", description="optimizer")
     fused_optimizer: bool | Auto = Field(
-        "auto", description="AdamW on torch's fused kernel (one pass over all parameters; about 6x faster a step on "
+        "auto", description="AdamW on torch's fused kernel (one pass over all parameters; about 7x faster a step on "
         "a CPU): auto = where every trained parameter is a float tensor on a CPU or CUDA device")
     lr: float = Field(1e-4, gt=0, description="learning rate at base_batch_size")
     lr_scaling: Literal["none", "linear", "sqrt"] = Field("none", description="LR rule when the batch differs from base")

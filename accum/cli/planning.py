@@ -278,7 +278,7 @@ def use_fused_adamw(setting: bool | str, params: list[torch.nn.Parameter]) -> bo
     """Whether AdamW runs torch's fused kernel: `setting` true or false as given; "auto": when every
     trained parameter is a float tensor on a device torch has the kernel for. The fused kernel updates
     all parameters in one pass instead of several small ops per tensor: on a 2-core CPU, MiniLM's step
-    took 21 ms fused against 129-137 ms (docs/architecture.md); the update is the same to rounding."""
+    took 17 ms fused against 119 ms (docs/architecture.md); the update is the same to rounding."""
     if setting != "auto":
         return bool(setting)
     return bool(params) and all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
