@@ -247,9 +247,9 @@ class MicroGradientNorms:
     micro-batches 1..k). Two ways to read small batches out of it, both unbiased:
 
     - keep_previous=True (default): micro-batch k's own gradient g_k, normed parameter by parameter
-      as autograd hands it over (a gradient hook, before it is added to `.grad`). The gradient was
-      just written, so it is still in cache: on a CPU this costs a third of a separate pass over the
-      gradients afterwards, and nothing is held, so peak memory does not grow by a gradient set.
+      as autograd hands it over (a gradient hook, before it is added to `.grad`), then let go, so
+      peak memory does not grow by a gradient set. On a CPU this costs what one fused pass over the
+      gradients after backward cost (both about 5% of a MiniLM micro-step of 8 x 64 tokens).
       N independent small batches per window: the lower-variance choice. One pass over `.grad` per
       window gives the big batch.
     - keep_previous=False: the prefix A_k (k < N) is itself the mean gradient of the first k

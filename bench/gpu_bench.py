@@ -273,8 +273,11 @@ def run_plain_arm(w: dict[str, Any], data, compile_: bool) -> list[float]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = gpt2_from(w["model"]).to(device).train()
     forward = torch.compile(model, dynamic=True) if compile_ else model
-    # fused, as train.py's AdamW (fused_optimizer: auto): the arms differ in their loops, not their kernels
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
+    from accum.cli.planning import use_fused_adamw
+
+    # the kernel train.py's AdamW picks (fused_optimizer: auto): the arms differ in their loops, not their kernels
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=use_fused_adamw("auto", params) or None)
     micro, accum, marks = w["micro"], w["accum"], []
     ids = torch.tensor([row["input_ids"] for row in data])
     for step in range(w["steps"]):
