@@ -319,7 +319,7 @@ class MicroGradientNorms:
         if index in self._reached_twice:
             self._parts[index] = grad
         # The norm, not its square: one kernel per parameter; after_backward squares them all at once.
-        self._norms[index] = torch.linalg.vector_norm(grad, 2, dtype=_wide(grad.dtype))
+        self._norms[index] = torch.linalg.vector_norm(_values(grad), 2, dtype=_wide(grad.dtype))
 
     def after_backward(self, items: float) -> None:
         """Record micro-batch k's gradient, `items` (samples or tokens) being the items it carried."""
@@ -363,6 +363,13 @@ class MicroGradientNorms:
         b_small = len(sizes) / sum(1.0 / n for n in sizes)  # E mean_k |g_k|^2 = |G|^2 + S mean_k(1/n_k)
         g_big_sq = big_value / (c * total_items) ** 2
         return g_small_sq, b_small, g_big_sq, total_items
+
+
+def _values(grad: torch.Tensor) -> torch.Tensor:
+    """The values whose norm is the gradient's: a sparse gradient (an embedding's rows, one entry per
+    token, accum.embeddings) is coalesced first, so a row that several tokens touched is summed before
+    it is squared; only its touched rows are read, not the whole table."""
+    return grad.coalesce().values() if grad.is_sparse else grad
 
 
 def _stacked_sq_sum(norms: list[torch.Tensor]) -> torch.Tensor:

@@ -541,6 +541,8 @@ def plan_cache_fields(model: torch.nn.Module, accelerator: Any, optimizer: Any, 
         "compiled": hasattr(model, "_orig_mod") or hasattr(inner, "_orig_mod"),
         "precision": f"{getattr(accelerator, 'mixed_precision', 'no')}/{','.join(dtypes)}",
         "optimizer": _optimizer_id(optimizer),
+        # sparse tables skip a dense gradient of the table per micro-batch (accum.embeddings): less memory
+        "sparse_embeddings": [name for name, m in base.named_modules() if isinstance(m, torch.nn.Embedding) and m.sparse],
         "loss": getattr(loss_fn, "__qualname__", None),
         "objective": objective,
         "engine": str(getattr(accelerator, "distributed_type", "NO")),

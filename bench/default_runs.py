@@ -1,10 +1,11 @@
 """The default run (`make train`'s command and config) as planned, against the run it was before windows
-were cut by length and AdamW ran fused ("before": 8 micro x 4 accumulation, fixed micro-batches of
-samples, torch's default AdamW), at the same effective batch (32) and optimizer steps (64), and the two
-arms between them that tell the two changes apart (cut by length with the default AdamW; fixed 8 x 4
-with the fused one); then once with --noise-scale (micro-batches cut by samples: cut by length they are not
-random draws of the window) and what `python -m accum recommend` makes of it. The
-arms rotate (A B C D, D C B A, ...) so drift on a shared machine falls on all. Writes
+were cut by length, AdamW ran fused and embedding tables got sparse gradients ("before": 8 micro x 4
+accumulation, fixed micro-batches of samples, torch's default AdamW, dense embedding gradients), at the
+same effective batch (32) and optimizer steps (64), and two arms that tell changes apart (fixed 8 x 4
+with everything else as now; cut by length with dense embedding gradients; the fused AdamW alone was
+measured at 1.08x in the 2026-11-27 result); then once with --noise-scale (micro-batches cut by
+samples: cut by length they are not random draws of the window) and what `python -m accum recommend`
+makes of it. The arms rotate (A B C D, D C B A, ...) so drift on a shared machine falls on all. Writes
 bench/results/<date>-<machine>-default-runs.md and .json.
 
     python bench/default_runs.py                 # about 12 minutes on a 2-core CPU
@@ -33,13 +34,13 @@ LAUNCH = [sys.executable, "-m", "accum", "launch", "--config_file", "accelerate_
           "scripts/train.py", "--config", "configs/default.yaml"]
 FIXED = ["--micro-batch-size", "8", "--grad-accum-steps", "4"]
 UNFUSED = ["--fused-optimizer", "false"]
-ARMS = {"tokens": [], "before: fixed 8x4, AdamW unfused": FIXED + UNFUSED, "tokens, AdamW unfused": UNFUSED,
-        "fixed 8x4": FIXED}
+DENSE = ["--sparse-embedding-grads", "false"]
+ARMS = {"tokens": [], "before: fixed 8x4, AdamW unfused, dense embeddings": FIXED + UNFUSED + DENSE,
+        "tokens, dense embeddings": DENSE, "fixed 8x4": FIXED}
 RATIOS = {  # name: (arm, over arm)
-    "default run now / before": ("tokens", "before: fixed 8x4, AdamW unfused"),
-    "cut by tokens / fixed 8x4, both AdamW fused": ("tokens", "fixed 8x4"),
-    "cut by tokens / fixed 8x4, both AdamW unfused": ("tokens, AdamW unfused", "before: fixed 8x4, AdamW unfused"),
-    "AdamW fused / unfused, both cut by tokens": ("tokens", "tokens, AdamW unfused"),
+    "default run now / before": ("tokens", "before: fixed 8x4, AdamW unfused, dense embeddings"),
+    "cut by tokens / fixed 8x4, both AdamW fused, sparse embeddings": ("tokens", "fixed 8x4"),
+    "sparse / dense embedding gradients, both cut by tokens, AdamW fused": ("tokens", "tokens, dense embeddings"),
 }
 
 

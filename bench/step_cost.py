@@ -1,9 +1,10 @@
 """What one forward and backward of the default model costs: a fixed part per micro-batch and a part per
-padded token, fitted (least squares) over 11 shapes from 8 to 768 tokens, and AdamW's step. This is the
+padded token, fitted (least squares) over 11 shapes from 8 to 768 tokens, with dense and with sparse
+embedding gradients (`sparse_embedding_grads`), and AdamW's step. This is the
 cost model behind the README's note on why cutting by length gains what it gains on this CPU, and
 why AdamW runs fused (`fused_optimizer: auto`).
 
-    python bench/step_cost.py > bench/results/<date>-<machine>-step-cost.txt
+    PYTHONPATH=. python bench/step_cost.py > bench/results/<date>-<machine>-step-cost.txt
 """
 
 import os
@@ -17,6 +18,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
+
+from accum.embeddings import SparseEmbeddingGrads  # noqa: E402
 
 SHAPES = [(1, 8), (1, 32), (2, 32), (4, 16), (4, 64), (8, 16), (8, 32), (8, 64), (11, 32), (11, 64), (16, 48)]
 
@@ -41,15 +44,21 @@ def main() -> None:
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)
     model.train()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, all-MiniLM-L6-v2 + 3-class head, fp32")
-    rows = []
-    for batch, length in SHAPES:
-        seconds = forward_backward_seconds(model, batch, length)
-        rows.append((batch * length, seconds))
-        print(f"forward+backward {batch:3d} x {length:3d} = {batch * length:4d} tokens: {1000 * seconds:7.1f} ms")
-    fixed, per_token = np.linalg.lstsq(np.array([[1.0, n] for n, _ in rows]), np.array([s for _, s in rows]),
-                                       rcond=None)[0]
-    print(f"fit: {1000 * fixed:.1f} ms per micro-batch + {1000 * per_token:.3f} ms per padded token "
-          f"(a micro-batch costs as much as {fixed / per_token:.0f} tokens)")
+    sparse = None
+    for kind in ("dense", "sparse"):  # embedding gradients: the whole table, then its touched rows (accum.embeddings)
+        if kind == "sparse":
+            sparse = SparseEmbeddingGrads(model)
+        print(f"-- {kind} embedding gradients")
+        rows = []
+        for batch, length in SHAPES:
+            seconds = forward_backward_seconds(model, batch, length)
+            rows.append((batch * length, seconds))
+            print(f"forward+backward {batch:3d} x {length:3d} = {batch * length:4d} tokens: {1000 * seconds:7.1f} ms")
+        fixed, per_token = np.linalg.lstsq(np.array([[1.0, n] for n, _ in rows]), np.array([s for _, s in rows]),
+                                           rcond=None)[0]
+        print(f"fit ({kind}): {1000 * fixed:.1f} ms per micro-batch + {1000 * per_token:.3f} ms per padded token "
+              f"(a micro-batch costs as much as {fixed / per_token:.0f} tokens)")
+    sparse.remove()
     for param in model.parameters():
         param.grad = torch.zeros_like(param)
     for fused in (None, True):  # torch's default on a CPU (a loop over tensors), then its fused kernel

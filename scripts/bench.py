@@ -54,6 +54,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from accum.cli.planning import use_fused_adamw  # noqa: E402
+from accum.embeddings import SparseEmbeddingGrads  # noqa: E402
 from accum.window import Callback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,8 +269,10 @@ def plain_loop(model, data, micro: int, accum: int, steps: int, lr: float = 1e-4
     collate = collate_fn()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    # the kernel train() picks (fused_optimizer: auto), so the comparison is of the loops, not the optimizers
+    # the kernels train() picks (fused_optimizer and sparse_embedding_grads: auto), so the comparison is of
+    # the loops, not the optimizers or the embedding backward
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=use_fused_adamw("auto", params) or None)
+    SparseEmbeddingGrads(model)
     window = micro * accum
     per_epoch = windows_per_epoch(len(data), window)
     for optimizer_step in range(steps):
@@ -421,6 +424,7 @@ def meter_cost(base, data, micro: int, accum: int, windows: int) -> dict:
 
     model, collate = copy.deepcopy(base), collate_fn()
     model.train()
+    sparse = SparseEmbeddingGrads(model)  # as train() runs (sparse_embedding_grads: auto)
     params = [p for p in model.parameters() if p.requires_grad]
     own, entered = [0.0], {}
 
@@ -470,7 +474,8 @@ def meter_cost(base, data, micro: int, accum: int, windows: int) -> dict:
             fraction.append(on_cpu / off_cpu - 1)
             fraction_wall.append(on_wall / off_wall - 1)
     meter.close()
-    floor = gradient_pass_ms(params, windows)
+    tables = {id(module.weight) for _, module in sparse.tables}  # their rows are few: the floor reads the rest
+    floor = gradient_pass_ms([p for p in params if id(p) not in tables], windows)
     log(f"noise meter: its own hooks and calls {statistics.median(own_ms):.2f} ms per micro-step, "
         f"{100 * statistics.median(own_fraction):.2f}% of one; window difference "
         f"{statistics.median(extra_ms):.2f} CPU ms, {100 * statistics.median(fraction):.2f}%")
@@ -480,8 +485,10 @@ def meter_cost(base, data, micro: int, accum: int, windows: int) -> dict:
 
 
 def gradient_pass_ms(params: list, repeats: int) -> list[float]:
-    """Milliseconds of one fused squared-norm pass over the gradients, left where the last window put
-    them: the least any exact per-micro-batch norm must read, so the floor under the meter's cost."""
+    """Milliseconds of one fused squared-norm pass over the gradients of `params`, left where the last
+    window put them: the dense gradients (not the sparse embedding tables, of which a micro-batch has a
+    few hundred rows) are the least any exact per-micro-batch norm must read, so the floor under the
+    meter's cost."""
     from accum.noise import _fused_sq_sum
 
     grads = [p.grad for p in params if p.grad is not None]
@@ -763,6 +770,7 @@ def run_trainer(model, data, micro: int, accum: int, steps: int, lr: float, work
             return SequentialSampler(self.train_dataset)
 
     out = Path(tempfile.mkdtemp(dir=workdir, prefix="trainer-"))
+    SparseEmbeddingGrads(model)  # the embedding backward train() runs (sparse_embedding_grads: auto)
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
         max_steps=steps, learning_rate=lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,

@@ -61,6 +61,7 @@ from accum.cli.config import (
 from accum.cli.lock import OutputLock
 from accum.cli.models import quiet_loading
 from accum.cli.planning import (
+    apply_sparse_embedding_grads,
     build_optimizer,
     check_launch_environment,
     check_precision,
@@ -354,6 +355,7 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data,
     accelerator = build_accelerator(plan_from_accumulation(1, 1), mixed_precision=resolve_precision(config),
                                     log_with=config.report_to, project_dir=str(out))
     stop_point(stop, accelerator, "data preparation")
+    sparse_note = apply_sparse_embedding_grads(config, model, accelerator)
     with stopping_in(stop, "planning", accelerator):
         plan, note = make_plan(config, resolved, accelerator, inputs, verify_command=verify_command(config, inputs),
                                resumed=ckpt.plan_to_resume(config.output_dir, config.resume_from_checkpoint),
@@ -380,7 +382,7 @@ def setup(config: RunConfig, cli_keys: set[str], model, train_data, eval_data,
     run = Run(config, accelerator, model, optimizer, scheduler, plan, lr, train_data, eval_data, collate, loss,
               length, fingerprint, out, accumulator, schedule, inputs.tokenizer)
     sampler = WindowSampler(len(train_data), plan.effective_batch_size, seed=config.seed)
-    note = "\n".join(filter(None, [*inputs.notes, note, *accumulator.notes, schedule_note]))
+    note = "\n".join(filter(None, [*inputs.notes, note, sparse_note, *accumulator.notes, schedule_note]))
     text = banner(config, model, accelerator, plan, lr, length.total_steps, eval_batch, note)
     if stop is not None:
         stop.phase = "training"

@@ -186,6 +186,7 @@ def build_workload(args: argparse.Namespace, should_stop: Any = None):
 
     from accum.accelerator import build_accelerator
     from accum.cli.planning import (
+        apply_sparse_embedding_grads,
         build_optimizer,
         check_launch_environment,
         check_precision,
@@ -212,6 +213,7 @@ def build_workload(args: argparse.Namespace, should_stop: Any = None):
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if limit is not None and config.max_seq_len > limit:
         raise ConfigError(f"--seq-len {config.max_seq_len} exceeds the model's {limit} positions: use {limit} or less")
+    apply_sparse_embedding_grads(config, model, accelerator)
     optimizer = build_optimizer(config, model, 1e-4)
     make_batch = _token_batches(model.config.vocab_size, config.max_seq_len, config.seed, task,
                                 getattr(model.config, "num_labels", 2))
@@ -221,10 +223,17 @@ def build_workload(args: argparse.Namespace, should_stop: Any = None):
 
 
 def _config_workload(config, accelerator, should_stop: Any = None) -> Workload:
-    from accum.cli.planning import build_optimizer, load_run_inputs, probe_batch_maker, probe_length
+    from accum.cli.planning import (
+        apply_sparse_embedding_grads,
+        build_optimizer,
+        load_run_inputs,
+        probe_batch_maker,
+        probe_length,
+    )
 
     inputs = load_run_inputs(config, should_stop=should_stop)
     model = inputs.model.to(accelerator.device)
+    apply_sparse_embedding_grads(config, model, accelerator)
     loss = inputs.loss
 
     def loss_fn(probe_model, batch):

@@ -271,6 +271,26 @@ def make_plan(config: RunConfig, resolved, accelerator, inputs: RunInputs,
     return plan, note
 
 
+def apply_sparse_embedding_grads(config: RunConfig, model, accelerator) -> str | None:
+    """Sparse row gradients for the model's embedding tables where `sparse_embedding_grads` allows
+    (accum.embeddings), before planning so the probes measure the run's backward. Returns the
+    banner's line, or None when no table changed. Raises ConfigError for `true` where it cannot work."""
+    from accum.embeddings import SparseEmbeddingGrads, use_sparse_embedding_grads
+    from accum.sharded import engine_of
+
+    on, why = use_sparse_embedding_grads(config.sparse_embedding_grads, accelerator.num_processes,
+                                         engine_of(accelerator, model), compiled=bool(config.compile))
+    if config.sparse_embedding_grads is True and not on:
+        raise ConfigError(f"--sparse-embedding-grads true cannot work here: {why}; use auto or false")
+    if not on:
+        return None
+    sparse = SparseEmbeddingGrads(model)
+    if not sparse.names:
+        return None
+    return (f"Sparse embedding gradients: {', '.join(sparse.names)} ({sparse.parameters / 1e6:.1f}M values; "
+            "--sparse-embedding-grads false for dense)")
+
+
 FUSED_DEVICES = ("cpu", "cuda")  # where torch has the fused AdamW kernel (torch.optim.AdamW, fused=True)
 
 
