@@ -272,10 +272,14 @@ def run_plain_arm(w: dict[str, Any], data, compile_: bool) -> list[float]:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = gpt2_from(w["model"]).to(device).train()
-    forward = torch.compile(model, dynamic=True) if compile_ else model
     from accum.cli.planning import use_fused_adamw
+    from accum.embeddings import SparseEmbeddingGrads
 
-    # the kernel train.py's AdamW picks (fused_optimizer: auto): the arms differ in their loops, not their kernels
+    # the kernels train.py picks (fused_optimizer, sparse_embedding_grads: auto; GPT-2's wte is tied to its
+    # head, so only wpe turns sparse, and not under compile): the arms differ in their loops, not their kernels
+    if not compile_:
+        SparseEmbeddingGrads(model)
+    forward = torch.compile(model, dynamic=True) if compile_ else model
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=use_fused_adamw("auto", params) or None)
     micro, accum, marks = w["micro"], w["accum"], []
@@ -325,8 +329,12 @@ def run_trainer_arm(w: dict[str, Any], data, out: Path, compile_: bool) -> list[
         optim="adamw_torch_fused", logging_steps=10**6, report_to="none", save_strategy="no", eval_strategy="no",
         use_cpu=not gpu, bf16=w["precision"] == "bf16", torch_compile=compile_, dataloader_num_workers=0,
         disable_tqdm=True, seed=3)
-    trainer = InOrder(model=gpt2_from(w["model"]), args=args, train_dataset=data, data_collator=collate,
-                      callbacks=[Mark()])
+    model = gpt2_from(w["model"])
+    if not compile_:  # the embedding backward train.py runs (sparse_embedding_grads: auto)
+        from accum.embeddings import SparseEmbeddingGrads
+
+        SparseEmbeddingGrads(model)
+    trainer = InOrder(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Mark()])
     trainer.model_accepts_loss_kwargs = False
     trainer.train()
     return marks

@@ -72,6 +72,7 @@ from accum.cli.planning import (
     plan_eval_batch_size,
     resolve_batch_flags,
     resolve_precision,
+    token_cut,
     verify_command,
 )
 from accum.cli.status import STATUS_FILE, ExitStatus, write_status
@@ -85,7 +86,7 @@ from accum.schedule import BatchSchedule, Change, Progress, SampleLR, schedule_f
 from accum.sharded import engine_of, oom_recovery_unavailable
 from accum.signals import Interrupted, Stopped, StopRequest
 from accum.window import Accumulator, Callback, NonFiniteError, WindowResult, evaluate
-from accum.windows import TokenBudget, WindowSampler, windows_per_epoch
+from accum.windows import WindowSampler, windows_per_epoch
 from scripts import checkpoint as ckpt
 
 # ----------------------------------------------------------------------------- setup
@@ -415,7 +416,8 @@ def build_accumulator(config: RunConfig, accelerator, model, optimizer, schedule
     accumulator = Accumulator(accelerator, model, optimizer, plan, loss=loss, collate=collate, scheduler=scheduler,
                               max_grad_norm=config.max_grad_norm, recovery=recovery, memory_budget=budget,
                               noise_scale=config.noise_scale or config.adaptive_batch == "noise",
-                              nonfinite="skip" if config.skip_nonfinite else "raise", callbacks=callbacks)
+                              nonfinite="skip" if config.skip_nonfinite else "raise", callbacks=callbacks,
+                              cut=token_cut(config) if plan.cut == "tokens" else None)
     if config.oom_recovery and not asked:
         accumulator.notes.append(f"OOM recovery off: {unavailable}")
     return accumulator
@@ -750,7 +752,7 @@ def run_eval(run: Run, state: TrainingState, callbacks=(), stop: StopRequest | N
         if stop is not None:
             stop.phase = "evaluation"
         result = evaluate(run.accelerator, run.model, run.eval_data, run.collate, run.loss, state.eval_batch,
-                          cut=TokenBudget() if run.plan.cut == "tokens" else None,
+                          cut=token_cut(run.config) if run.plan.cut == "tokens" else None,
                           recovery=run.config.oom_recovery, on_batch=predictions if classification else None,
                           on_shrink=shrunk, should_stop=stop.requested if stop is not None else None)
     except Stopped:

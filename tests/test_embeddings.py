@@ -4,10 +4,16 @@ setting's rules; and a real run through train.py with the flag on and off."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from accum.cli.config import make_config
+from accum.cli.planning import apply_sparse_embedding_grads
 from accum.embeddings import SparseEmbeddingGrads, sparse_embedding_tables, use_sparse_embedding_grads
+from accum.errors import ConfigError
 from accum.noise import MicroGradientNorms
 from tests.helpers.fault_common import final_weights
 from tests.test_equivalence import tiny_gpt2
@@ -104,12 +110,8 @@ def test_the_setting_applies_to_one_process_without_an_engine():
     for processes, engine in ((2, None), (1, "DeepSpeed"), (1, "FSDP")):
         on, why = use_sparse_embedding_grads(True, processes, engine, compiled=False)
         assert on is False and why
-    try:
+    with pytest.raises(ValueError, match="auto, true or false"):
         use_sparse_embedding_grads("yes", 1, None, compiled=False)
-    except ValueError as error:
-        assert "auto, true or false" in str(error)
-    else:
-        raise AssertionError("an unknown setting must be refused")
 
 
 def test_train_with_sparse_embedding_grads_matches_dense(tmp_path, capsys):
@@ -128,3 +130,15 @@ def test_train_with_sparse_embedding_grads_matches_dense(tmp_path, capsys):
     assert on.keys() == off.keys()
     for key in on:  # AdamW at lr 1e-2: rounding may turn a near-zero step (see test_flags), never more
         torch.testing.assert_close(on[key], off[key], rtol=0, atol=1e-4)
+
+
+def test_the_run_setting_refuses_true_where_it_cannot_work_and_auto_stays_dense_there():
+    two_ranks, alone = SimpleNamespace(num_processes=2), SimpleNamespace(num_processes=1)
+    model = tiny_bert()
+    assert apply_sparse_embedding_grads(make_config({"model": "unused"}), model, two_ranks) is None
+    assert not any(m.sparse for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    with pytest.raises(ConfigError, match="--sparse-embedding-grads true cannot work here: 2 processes"):
+        apply_sparse_embedding_grads(make_config({"model": "unused", "sparse_embedding_grads": True}), model, two_ranks)
+    line = apply_sparse_embedding_grads(make_config({"model": "unused"}), model, alone)
+    assert line.startswith("Sparse embedding gradients: bert.embeddings.word_embeddings")
+    assert model.bert.embeddings.word_embeddings.sparse

@@ -135,3 +135,22 @@ def test_auto_fuses_only_float_parameters_on_devices_torch_has_the_kernel_for():
               for setting, model in (("auto", torch.nn.ParameterList(meta)), ("auto", torch.nn.ParameterList(floats)),
                                      (False, torch.nn.ParameterList(floats)))]
     assert [group["fused"] for group in groups] == [None, True, None]
+
+
+def test_micro_batch_overhead_tokens_sets_what_the_cut_by_length_charges(tmp_path, capsys):
+    """--micro-batch-overhead-tokens: charged 1 token a micro-batch the cut keeps padding near zero with many
+    micro-batches; charged a million it takes the fewest the budget allows. Same windows, so the same samples."""
+    common = ["--config", "configs/classification_tiny.yaml", "--max-steps", "2", "--max-train-samples", "32",
+              "--max-eval-samples", "8", "--eval-batch-size", "8", "--batch-size", "16", "--micro-batch-size", "auto",
+              "--cut-by", "tokens", "--max-memory", "40MiB", "--plan-cache", str(tmp_path / "plans.json")]
+    counts, samples = {}, {}
+    for name, tokens in {"cheap": "1", "dear": "1000000"}.items():
+        run(common + ["--micro-batch-overhead-tokens", tokens, "--output-dir", str(tmp_path / name)], capsys)
+        records = step_records(tmp_path / name)
+        counts[name] = [r["gradient_accumulation_steps"] for r in records]
+        samples[name] = [r["samples_seen"] for r in records]
+        padding = json.loads((tmp_path / name / "metrics.json").read_text())["padding_efficiency"]
+        counts[name + " padding"] = padding
+    assert samples["cheap"] == samples["dear"] == [16, 32]
+    assert all(c > d for c, d in zip(counts["cheap"], counts["dear"], strict=True)), counts
+    assert counts["cheap padding"] > counts["dear padding"], counts

@@ -107,7 +107,9 @@ def test_token_budget_sorts_by_length_and_trades_padding_against_a_cost_per_micr
 
     assert lengths(TokenBudget(overhead_tokens=100)(samples, 20)) == [[10, 10], [7, 5], [3, 2]]  # the fewest
     assert lengths(TokenBudget(overhead_tokens=1)(samples, 20)) == [[10, 10], [7], [5], [3], [2]]  # no padding
-    parts = TokenBudget()(samples, 20)  # default cost: 1/20 of the budget
+    parts = TokenBudget()(samples, 20)  # default cost: 1/25 of the budget, here 1 token
+    assert lengths(parts) == lengths(TokenBudget(overhead_tokens=1)(samples, 20))
+    assert lengths(TokenBudget()(samples, 100)) == lengths(TokenBudget(overhead_tokens=4)(samples, 100))
     assert all(len(part) * max(len(s["input_ids"]) for s in part) <= 20 for part in parts)  # padding counted
     assert TokenBudget(overhead_tokens=100).count(samples, 20) == 3
     assert [len(p) for p in TokenBudget()([{"input_ids": [1] * 30}, {"input_ids": [1]}], 20)] == [1, 1]  # too long: alone

@@ -79,6 +79,9 @@ class RunConfig(BaseModel):
     cut_by: Literal["tokens", "samples"] | None = Field(
         None, description="how a window is cut into micro-batches: by a probed token budget, sorted by length "
         "(the default when micro_batch_size is auto), or by samples (the default for a given micro_batch_size)")
+    micro_batch_overhead_tokens: int | None = Field(
+        None, gt=0, le=10**9, description="cut by tokens: what one more micro-batch is charged, in tokens, against "
+        "the padding it saves; null = 1/25 of the token budget (higher: fewer, fuller micro-batches)")
     max_memory: str | float | None = Field(
         None, description="planner memory budget: bytes ('8GiB') or a fraction of device memory (0.5); on CPU what a "
         "training step may add over what the process holds before it, on CUDA the allocator's reserved peak"

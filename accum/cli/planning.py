@@ -291,6 +291,13 @@ def apply_sparse_embedding_grads(config: RunConfig, model, accelerator) -> str |
             "--sparse-embedding-grads false for dense)")
 
 
+def token_cut(config: RunConfig):
+    """The cut by length with this run's charge per micro-batch (`micro_batch_overhead_tokens`)."""
+    from accum.windows import TokenBudget
+
+    return TokenBudget(overhead_tokens=config.micro_batch_overhead_tokens)
+
+
 FUSED_DEVICES = ("cpu", "cuda")  # where torch has the fused AdamW kernel (torch.optim.AdamW, fused=True)
 
 
