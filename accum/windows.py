@@ -130,8 +130,8 @@ class TokenBudget:
     tokens plus a fixed cost per micro-batch are least. The cost (`overhead_tokens`, default
     `default_overhead_tokens(limit)`, 1/25 of the budget) is what one more forward and backward is
     charged beyond its tokens: without it the cut would put every sample alone (no padding at all); with
-    only the fewest micro-batches the budget allows, tweets of 3 to 64 tokens keep 19-23% padding
-    (measured, docs/architecture.md). A sample longer than the budget goes alone. Sorting inside the
+    a charge of what a micro-batch costs on a 2-core CPU (91 tokens), tweets of 3 to 64 tokens keep 15%
+    padding (modelled, docs/architecture.md). A sample longer than the budget goes alone. Sorting inside the
     window changes no gradient (the loss is a sum over the window's items, scaled by its agreed item
     count): it only puts sequences of like length together. The cut is deterministic, so every rank
     computes every rank's."""

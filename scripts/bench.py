@@ -987,7 +987,7 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
         rows.append(("noise meter: milliseconds per micro-step inside its own hooks and calls",
                      fmt_spread(n["meter"]["own_ms_per_micro_step"], 2), "-", "-"))
         if "gradient_pass_ms" in n["meter"]:
-            rows.append(("one fused norm pass over all gradients alone, milliseconds (the floor under the meter's cost)",
+            rows.append(("one fused norm pass over the dense gradients alone (not the sparse embedding tables), milliseconds (the floor under the meter's cost)",
                          fmt_spread(n["meter"]["gradient_pass_ms"], 2), "-", "-"))
         rows.append(("noise meter: its own time / forward and backward without it",
                      fmt_spread(n["meter"]["own_fraction"], 4), n["aim_meter"], yes_no(n["met_meter"])))
