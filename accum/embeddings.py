@@ -45,11 +45,15 @@ def sparse_embedding_tables(model: torch.nn.Module) -> list[tuple[str, torch.nn.
             and holders.get(id(module.weight)) == 1]
 
 
+SPARSE_DEVICES = ("cpu", "cuda")  # where torch's sparse embedding backward and to_dense are exercised here
+
+
 def use_sparse_embedding_grads(setting: bool | str, num_processes: int, engine: str | None,
-                               compiled: bool) -> tuple[bool, str | None]:
+                               compiled: bool, device_type: str = "cpu") -> tuple[bool, str | None]:
     """(on, why not) for the `sparse_embedding_grads` setting: true or false as given, except that
     several processes or a sharding engine refuse it (they reduce dense buckets); "auto": on for one
-    process without an engine and without torch.compile (whose graphs are traced for the dense kernel)."""
+    process without an engine, without torch.compile (whose graphs are traced for the dense kernel),
+    on a CPU or CUDA device (sparse kernels elsewhere, e.g. MPS, are incomplete)."""
     if setting not in ("auto", True, False):
         raise ValueError(f"sparse_embedding_grads={setting!r}: must be auto, true or false")
     if setting is False:
@@ -60,6 +64,8 @@ def use_sparse_embedding_grads(setting: bool | str, num_processes: int, engine: 
         return False, blocked
     if setting == "auto" and compiled:
         return False, "torch.compile traces the dense embedding kernel"
+    if setting == "auto" and device_type not in SPARSE_DEVICES:
+        return False, f"sparse gradients are not used on {device_type} by default"
     return True, None
 
 

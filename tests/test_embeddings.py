@@ -107,6 +107,9 @@ def test_the_setting_applies_to_one_process_without_an_engine():
     assert use_sparse_embedding_grads(True, 1, None, compiled=True) == (True, None)
     assert use_sparse_embedding_grads("auto", 1, None, compiled=True)[0] is False
     assert use_sparse_embedding_grads(False, 1, None, compiled=False) == (False, None)
+    assert use_sparse_embedding_grads("auto", 1, None, compiled=False, device_type="cuda") == (True, None)
+    assert use_sparse_embedding_grads("auto", 1, None, compiled=False, device_type="mps")[0] is False
+    assert use_sparse_embedding_grads(True, 1, None, compiled=False, device_type="mps") == (True, None)
     for processes, engine in ((2, None), (1, "DeepSpeed"), (1, "FSDP")):
         on, why = use_sparse_embedding_grads(True, processes, engine, compiled=False)
         assert on is False and why

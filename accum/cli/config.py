@@ -101,7 +101,7 @@ class RunConfig(BaseModel):
         "a CPU): auto = where every trained parameter is a float tensor on a CPU or CUDA device")
     sparse_embedding_grads: bool | Auto = Field(
         "auto", description="embedding tables get sparse row gradients, added into a dense .grad (one micro-batch "
-        "touches a few hundred of 30,522 rows): auto = with one process, no FSDP/DeepSpeed and no --compile")
+        "touches a few hundred of 30,522 rows): auto = with one process on a CPU or CUDA device, no FSDP/DeepSpeed, no --compile")
     lr: float = Field(1e-4, gt=0, description="learning rate at base_batch_size")
     lr_scaling: Literal["none", "linear", "sqrt"] = Field("none", description="LR rule when the batch differs from base")
     base_batch_size: int | None = Field(None, gt=0, description="batch the LR was tuned for; default batch_size")

@@ -279,7 +279,8 @@ def apply_sparse_embedding_grads(config: RunConfig, model, accelerator) -> str |
     from accum.sharded import engine_of
 
     on, why = use_sparse_embedding_grads(config.sparse_embedding_grads, accelerator.num_processes,
-                                         engine_of(accelerator, model), compiled=bool(config.compile))
+                                         engine_of(accelerator, model), compiled=bool(config.compile),
+                                         device_type=torch.device(getattr(accelerator, "device", "cpu")).type)
     if config.sparse_embedding_grads is True and not on:
         raise ConfigError(f"--sparse-embedding-grads true cannot work here: {why}; use auto or false")
     if not on:
