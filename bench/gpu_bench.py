@@ -265,6 +265,15 @@ def run_accum_arm(w: dict[str, Any], data, out: Path, compile_: bool, noise: boo
     return marks
 
 
+def embedding_backward_as_train_py(model, compile_: bool, device: str) -> None:
+    """Sparse embedding gradients where train.py's `sparse_embedding_grads: auto` turns them on (one
+    process here; GPT-2's wte is tied to its head, so only wpe turns sparse)."""
+    from accum.embeddings import SparseEmbeddingGrads, use_sparse_embedding_grads
+
+    if use_sparse_embedding_grads("auto", 1, None, compiled=compile_, device_type=device)[0]:
+        SparseEmbeddingGrads(model)
+
+
 def run_plain_arm(w: dict[str, Any], data, compile_: bool) -> list[float]:
     """A plain PyTorch loop: the same blocks in order, mean token loss / accumulation steps (exact for
     equal-length blocks), clip 1.0, AdamW, bf16 autocast on a GPU."""
@@ -273,12 +282,10 @@ def run_plain_arm(w: dict[str, Any], data, compile_: bool) -> list[float]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = gpt2_from(w["model"]).to(device).train()
     from accum.cli.planning import use_fused_adamw
-    from accum.embeddings import SparseEmbeddingGrads
 
-    # the kernels train.py picks (fused_optimizer, sparse_embedding_grads: auto; GPT-2's wte is tied to its
-    # head, so only wpe turns sparse, and not under compile): the arms differ in their loops, not their kernels
-    if not compile_:
-        SparseEmbeddingGrads(model)
+    # the kernels train.py picks (fused_optimizer, sparse_embedding_grads: auto): the arms differ in their
+    # loops, not their kernels
+    embedding_backward_as_train_py(model, compile_, device)
     forward = torch.compile(model, dynamic=True) if compile_ else model
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=use_fused_adamw("auto", params) or None)
@@ -330,10 +337,7 @@ def run_trainer_arm(w: dict[str, Any], data, out: Path, compile_: bool) -> list[
         use_cpu=not gpu, bf16=w["precision"] == "bf16", torch_compile=compile_, dataloader_num_workers=0,
         disable_tqdm=True, seed=3)
     model = gpt2_from(w["model"])
-    if not compile_:  # the embedding backward train.py runs (sparse_embedding_grads: auto)
-        from accum.embeddings import SparseEmbeddingGrads
-
-        SparseEmbeddingGrads(model)
+    embedding_backward_as_train_py(model, compile_, "cuda" if gpu else "cpu")
     trainer = InOrder(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Mark()])
     trainer.model_accepts_loss_kwargs = False
     trainer.train()

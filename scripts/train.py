@@ -417,7 +417,7 @@ def build_accumulator(config: RunConfig, accelerator, model, optimizer, schedule
                               max_grad_norm=config.max_grad_norm, recovery=recovery, memory_budget=budget,
                               noise_scale=config.noise_scale or config.adaptive_batch == "noise",
                               nonfinite="skip" if config.skip_nonfinite else "raise", callbacks=callbacks,
-                              cut=token_cut(config) if plan.cut == "tokens" else None)
+                              cut=token_cut(config, plan))
     if config.oom_recovery and not asked:
         accumulator.notes.append(f"OOM recovery off: {unavailable}")
     return accumulator
@@ -752,7 +752,7 @@ def run_eval(run: Run, state: TrainingState, callbacks=(), stop: StopRequest | N
         if stop is not None:
             stop.phase = "evaluation"
         result = evaluate(run.accelerator, run.model, run.eval_data, run.collate, run.loss, state.eval_batch,
-                          cut=token_cut(run.config) if run.plan.cut == "tokens" else None,
+                          cut=token_cut(run.config, run.plan),
                           recovery=run.config.oom_recovery, on_batch=predictions if classification else None,
                           on_shrink=shrunk, should_stop=stop.requested if stop is not None else None)
     except Stopped:

@@ -292,11 +292,12 @@ def apply_sparse_embedding_grads(config: RunConfig, model, accelerator) -> str |
             "--sparse-embedding-grads false for dense)")
 
 
-def token_cut(config: RunConfig):
-    """The cut by length with this run's charge per micro-batch (`micro_batch_overhead_tokens`)."""
+def token_cut(config: RunConfig, plan: Plan):
+    """The cut by length with this run's charge per micro-batch (`micro_batch_overhead_tokens`) when the
+    plan cuts by tokens, else None (the caller's default cut for the plan)."""
     from accum.windows import TokenBudget
 
-    return TokenBudget(overhead_tokens=config.micro_batch_overhead_tokens)
+    return TokenBudget(overhead_tokens=config.micro_batch_overhead_tokens) if plan.cut == "tokens" else None
 
 
 FUSED_DEVICES = ("cpu", "cuda")  # where torch has the fused AdamW kernel (torch.optim.AdamW, fused=True)
