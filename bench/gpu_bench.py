@@ -159,10 +159,14 @@ def section_tokens(args: argparse.Namespace, device: dict[str, Any]) -> dict[str
     config = ROOT / "configs" / ("gpu_gpt2.yaml" if gpu else "clm_tiny.yaml")
     variants = {"samples": ["--cut-by", "samples"], "tokens": ["--cut-by", "tokens"],
                 "packing": ["--cut-by", "tokens", "--packing"]}
-    common = ["--max-steps", str(args.token_steps), "--report-to", "none", "--noise-scale", "false",
+    common = ["--micro-batch-size", "auto", "--max-steps", str(args.token_steps), "--report-to", "none", "--noise-scale", "false",
               "--eval-batch-size", "8", "--max-eval-samples", "16", "--overwrite"]
     if gpu:
         common += ["--mixed-precision", "bf16"]
+        # Accelerate's fp16 path (loss scaling, the scaler's skipped steps) on the same cut
+        variants["tokens, fp16"] = ["--cut-by", "tokens", "--mixed-precision", "fp16"]
+    if args.tokenizer:
+        common += ["--tokenizer", args.tokenizer]
     parameters = non_embedding_parameters(config)
     peak = bf16_peak(device["name"]) if gpu else None
     results = {}
@@ -196,7 +200,7 @@ def speed_workload(gpu: bool, compile_arms: bool) -> dict[str, Any]:
     fp32 on the CPU (what the test runs). Same effective batch for every arm."""
     if gpu:
         model = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 512, "vocab_size": 50257}
-        return {"model": model, "block": 512, "micro": 16, "accum": 4, "steps": 10, "skip": 3, "repeats": 2,
+        return {"model": model, "block": 512, "micro": 16, "accum": 4, "steps": 10, "skip": 3, "repeats": 3,
                 "precision": "bf16", "compile": compile_arms}
     model = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64, "vocab_size": 1000}
     return {"model": model, "block": 64, "micro": 4, "accum": 2, "steps": 5, "skip": 2, "repeats": 1,
@@ -420,13 +424,20 @@ def section_speed(args: argparse.Namespace, device: dict[str, Any]) -> dict[str,
             arms.update({"train.py --compile": lambda: run_accum_arm(w, data, Path(tmp) / "ac", True, False),
                          "plain loop, compiled": lambda: run_plain_arm(w, data, True),
                          "Trainer --torch_compile": lambda: run_trainer_arm(w, data, Path(tmp) / "tc", True)})
+        syncs = host_syncs_per_window(w, data, Path(tmp))
         rates: dict[str, list[float]] = {name: [] for name in arms}
         for repeat in range(w["repeats"]):
+            if repeat and time.perf_counter() - began > args.speed_budget:
+                print(f"[gpu bench] speed: {args.speed_budget:.0f} s spent, stopping after {repeat} repeats",
+                      file=sys.stderr, flush=True)
+                break
             for name in (list(arms) if repeat % 2 == 0 else list(arms)[::-1]):
                 marks = arms[name]()
                 rates[name].append(steady_rate(marks, w["skip"], tokens_per_window))
                 print(f"[gpu bench] speed {name}: {rates[name][-1]:,.0f} tokens/s", file=sys.stderr, flush=True)
-        syncs = host_syncs_per_window(w, data, Path(tmp))
+                # a run cut short by its time limit still leaves every rate measured so far
+                partial = {"workload": w, "host_syncs": syncs, "rates": rates}
+                (Path(args.out) / "speed-partial.json").write_text(json.dumps(partial, indent=1) + "\n")
 
     def summary(values: list[float]) -> dict[str, Any]:
         median = statistics.median(values)
@@ -477,6 +488,8 @@ def section_engines(args: argparse.Namespace, device: dict[str, Any]) -> dict[st
                        str(ROOT / "accelerate_configs" / config), "--num_processes", "1",
                        str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "clm_tiny.yaml"),
                        "--max-steps", "3", "--output-dir", out, "--report-to", "none"]
+            if args.tokenizer:
+                command += ["--tokenizer", args.tokenizer]
             done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
             metrics = Path(out) / "metrics.json"
             final = json.loads(metrics.read_text()).get("final_loss") if metrics.exists() else None
@@ -555,6 +568,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-steps", type=int, default=8, help="tokens: optimizer steps per variant")
     parser.add_argument("--speed-compile", type=lambda v: v.lower() in ("1", "true", "yes"), default=None,
                         help="speed: also time the torch.compile arms (true/false; default: on a GPU only)")
+    parser.add_argument("--speed-budget", type=float, default=240.0,
+                        help="speed: seconds after which no further interleaved repeat starts (at least one runs)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokens, engines: tokenizer path for train.py (a GPU machine without the MiniLM package)")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.sections.split(",") if name.strip()]
     unknown = [name for name in names if name not in SECTIONS]
@@ -562,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown section {unknown[0]!r}: use {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
     device = device_description()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     report = {"command": "python bench/gpu_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": datetime.date.today().isoformat(), "device": device, "sections": {}}
     for name in names:
@@ -569,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
         report["sections"][name] = SECTIONS[name](args, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{report['date']}-gpu-bench-{device['device']}"
+    subset = "" if names == list(SECTIONS) else "-" + "-".join(names)
+    stem = f"{report['date']}-gpu-bench-{device['device']}{subset}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(report) + "\n")
     print(json.dumps(report))

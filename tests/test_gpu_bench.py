@@ -19,7 +19,7 @@ def test_planner_section_reports_the_search_against_fresh_processes(tmp_path):
                            "--steps", "3", "--long-steps", "10", "--accelerate-start", "64"],
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    (report_file,) = tmp_path.glob("*-gpu-bench-cpu.json")
+    (report_file,) = tmp_path.glob("*-gpu-bench-cpu*.json")
     planner = json.loads(report_file.read_text())["sections"]["planner"]
     assert planner["workload"] == "tiny" and planner["cap_bytes"] == 236 * 2**20
     fresh, zero, default = planner["fresh_process_maximum"], planner["margin_0"]["size"], planner["margin_default"]["size"]
@@ -38,7 +38,7 @@ def test_speed_section_times_train_py_a_plain_loop_and_trainer_on_the_same_block
     done = subprocess.run([sys.executable, "bench/gpu_bench.py", "--sections", "speed", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    (report_file,) = tmp_path.glob("*-gpu-bench-cpu.json")
+    (report_file,) = tmp_path.glob("*-gpu-bench-cpu*.json")
     speed = json.loads(report_file.read_text())["sections"]["speed"]
     rates = speed["tokens_per_s"]
     assert set(rates) == {"train.py", "train.py --noise-scale", "plain loop", "Trainer"}
@@ -62,7 +62,7 @@ def test_engines_section_skips_cleanly_without_a_gpu_and_says_why(tmp_path):
     done = subprocess.run([sys.executable, "bench/gpu_bench.py", "--sections", "engines", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    (report_file,) = tmp_path.glob("*-gpu-bench-cpu.json")
+    (report_file,) = tmp_path.glob("*-gpu-bench-cpu*.json")
     engines = json.loads(report_file.read_text())["sections"]["engines"]
     assert set(engines) == {"FSDP", "DeepSpeed"}
     assert all("no CUDA device" in row["skipped"] for row in engines.values())
