@@ -187,13 +187,23 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 
 def _sq(t: torch.Tensor) -> torch.Tensor:
     """Squared L2 norm as a 0-d tensor in at least fp32, with no host sync."""
-    return torch.linalg.vector_norm(t.detach(), 2, dtype=_wide(t.dtype)).square()
+    return _norm(t.detach()).square()
+
+
+def _norm(t: torch.Tensor) -> torch.Tensor:
+    """L2 norm as a 0-d tensor in at least fp32 (no host sync). An fp32 or fp64 tensor is normed in its
+    own dtype: asking for dtype=fp32 of an fp32 tensor takes a slower casting path on the CPU (about
+    15% slower here), for the same fp32 accumulation."""
+    if t.dtype in (torch.float32, torch.float64):
+        return torch.linalg.vector_norm(t, 2)
+    return torch.linalg.vector_norm(t, 2, dtype=_wide(t.dtype))
 
 
 def _fused_sq_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Sum of squared L2 norms of `tensors` in at least fp32, one fused multi-tensor call (no host sync)."""
-    dtype = _wide(tensors[0].dtype)
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)).square().sum()
+    if all(t.dtype in (torch.float32, torch.float64) for t in tensors):  # as in _norm: no casting path
+        return torch.stack(torch._foreach_norm(tensors, 2)).square().sum()  # (stack promotes fp32 + fp64)
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=_wide(tensors[0].dtype))).square().sum()
 
 
 def _sq_norm_tensor(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
@@ -248,11 +258,13 @@ class MicroGradientNorms:
 
     - keep_previous=True (default): micro-batch k's own gradient g_k, normed parameter by parameter
       as autograd hands it over (a gradient hook, before it is added to `.grad`), then let go, so
-      peak memory does not grow by a gradient set. On a CPU this costs what one fused pass over the
-      gradients after backward cost (both about 5% of a MiniLM micro-step of 8 x 64 tokens; 3.1% with
-      sparse embedding gradients, whose hook sees only the rows a micro-batch touched).
-      N independent small batches per window: the lower-variance choice. One pass over `.grad` per
-      window gives the big batch.
+      peak memory does not grow by a gradient set (reading g_1 from `.grad` after the first backward
+      instead, in one fused pass, measured no faster: the norms are bound by memory bandwidth, and
+      a sparse embedding table's hook reads only its touched rows). N independent small batches per
+      window: the lower-variance choice. The big batch is the window's `.grad`:
+      one fused pass, or none where the loop hands over clipping's norm (`window_result(big_sq)`).
+      On a CPU, about 2% of a MiniLM micro-step of 8 x 64 tokens with sparse embedding gradients
+      (`make bench`).
     - keep_previous=False: the prefix A_k (k < N) is itself the mean gradient of the first k
       micro-batches' items; no hooks, one pass over `.grad` per micro-batch, noisier.
 
@@ -320,7 +332,7 @@ class MicroGradientNorms:
         if index in self._reached_twice:
             self._parts[index] = grad
         # The norm, not its square: one kernel per parameter; after_backward squares them all at once.
-        self._norms[index] = torch.linalg.vector_norm(_values(grad), 2, dtype=_wide(grad.dtype))
+        self._norms[index] = _norm(_values(grad))
 
     def after_backward(self, items: float) -> None:
         """Record micro-batch k's gradient, `items` (samples or tokens) being the items it carried."""
@@ -338,10 +350,15 @@ class MicroGradientNorms:
             self._last_sq = _fused_sq_sum(live) if live else torch.zeros((), dtype=torch.float32)
         self._items.append(float(items))
 
-    def window_result(self) -> tuple[float, float, float, float] | None:
+    def window_result(self, big_sq: torch.Tensor | float | None = None) -> tuple[float, float, float, float] | None:
         """(g_small_sq, b_small, g_big_sq, b_big) of the window so far, ready for
         `NoiseScaleTracker.update`; None when it had fewer than two micro-batches, or a parameter was
-        first seen reached twice in it. One host sync."""
+        first seen reached twice in it. One host sync.
+
+        big_sq: the squared norm of `.grad` as the window left it (in `.grad`'s units: under fp16 with
+        the loss scale in it), where the loop has it already: gradient clipping computes the window's
+        norm anyway (`clip_grad_norm_` returns it, unscaled: times the loss scale, squared). Then the
+        meter makes no pass over `.grad` of its own; without it, one fused pass."""
         self._armed = False
         self._norms.clear()
         self._parts.clear()
@@ -351,15 +368,18 @@ class MicroGradientNorms:
         total_items = sum(self._items)
         if self.keep_previous:
             sizes = self._items
-            grads = [p.grad.detach() for p in self.parameters if p.grad is not None]
-            big_sq = _fused_sq_sum(grads) if grads else None
+            if big_sq is None:
+                grads = [p.grad.detach() for p in self.parameters if p.grad is not None]
+                big_sq = _fused_sq_sum(grads) if grads else None
         else:
             sizes = list(_cumsum(self._items))[:-1]
             big_sq = self._last_sq
         # mean gradient of a batch of n items = (its share of .grad) / (c n)
         device = self._small_sq[0].device
-        big = torch.zeros((), device=device) if big_sq is None else big_sq.to(device)
-        *smalls, big_value = torch.stack([*(s.to(device) for s in self._small_sq), big]).tolist()  # one transfer
+        big = torch.zeros((), device=device) if big_sq is None else torch.as_tensor(big_sq).to(device)
+        # fp64 for a few numbers costs nothing and keeps an fp64 norm exact (MPS has no fp64)
+        wide = torch.float32 if device.type == "mps" else torch.float64
+        *smalls, big_value = torch.stack([t.to(device, wide) for t in (*self._small_sq, big)]).tolist()  # one transfer
         g_small_sq = sum(s / (c * n) ** 2 for s, n in zip(smalls, sizes, strict=True)) / len(sizes)
         b_small = len(sizes) / sum(1.0 / n for n in sizes)  # E mean_k |g_k|^2 = |G|^2 + S mean_k(1/n_k)
         g_big_sq = big_value / (c * total_items) ** 2
@@ -443,12 +463,15 @@ class LocalGradientNormHook:
         local_items: float,
         total_items: float,
         reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        big_sq: torch.Tensor | float | None = None,
     ) -> tuple[float, float, float, float] | None:
         """(g_small_sq, b_small, g_big_sq, b_big) after the window's synced backward and before
         clipping, or None when the hook did not run this window (on any rank, with `reduce_mean`).
 
         local_items: the items this rank carried in the window; total_items: all ranks' items.
         With `reduce_mean` every rank must call this (it all-reduces one 2-element tensor).
+        big_sq: the squared norm of the synced `.grad` where the loop has it already (clipping's norm,
+        as in `MicroGradientNorms.window_result`); without it, one pass over `.grad`.
         """
         c = self.grad_scale
         local_sq = self._local_sq
@@ -474,7 +497,7 @@ class LocalGradientNormHook:
             return None
         # After the sync, .grad = (c / P) x (sum over all items' gradients): the mean is .grad x P / (c T).
         factor = _world_size() / (c * total_items)
-        g_big_sq = grad_sq_norm(self.parameters) * factor**2
+        g_big_sq = (grad_sq_norm(self.parameters) if big_sq is None else float(big_sq)) * factor**2
         return g_small_sq, 1.0 / inv_b, g_big_sq, float(total_items)
 
 
@@ -525,6 +548,18 @@ def recommend_batch(
     return int(batch)
 
 
+def clip_norm_serves_noise(engine: str | None, model: torch.nn.Module, loss_scaled: bool) -> bool:
+    """Whether the norm gradient clipping returns can be the noise meter's big-batch norm (saving the
+    meter its own pass over `.grad`): the plain and DDP paths, whose clip norm is the norm of exactly
+    the gradient the meter would read, taken in fp32 or wider (gradients of fp32 or fp64 weights).
+    Not under FSDP or DeepSpeed (their norm is over shards, or absent before a first step), nor for
+    half-precision weights (clipping norms those in their own dtype), nor with a loss scaler (fp16:
+    whether clipping's norm is of scaled or unscaled gradients is the scaler's private state)."""
+    if engine is not None or loss_scaled:
+        return False
+    return all(p.dtype in (torch.float32, torch.float64) for p in model.parameters() if p.requires_grad)
+
+
 class NoiseMeter:
     """One object for a training loop: measures B_simple the cheapest way the layout allows.
 
@@ -535,7 +570,8 @@ class NoiseMeter:
     accum does under OOM recovery), by `before_all_reduce()` just before that all-reduce.
     `.unavailable` is the one line to print when neither applies. Per window:
     `start_window(grad_scale)`, `after_backward(items)` after each micro-batch, then
-    `finish_window(local_items, total_items, reduce_mean)` before clipping. `accum.Accumulator`
+    `finish_window(local_items, total_items, reduce_mean)` before clipping (or after it, with
+    `big_sq` = (clipping's norm x the loss scale) squared). `accum.Accumulator`
     makes these calls in this order; a loop of one's own must too.
     """
 
@@ -568,13 +604,16 @@ class NoiseMeter:
             self._hook._local_sq = _sq_norm_tensor(p.grad for p in self._hook.parameters)
 
     def finish_window(self, local_items: float, total_items: float,
-                      reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float | None:
-        """Update the tracker from this window; return the smoothed B_simple (None until known)."""
+                      reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      big_sq: torch.Tensor | float | None = None) -> float | None:
+        """Update the tracker from this window; return the smoothed B_simple (None until known).
+        big_sq: the squared norm of `.grad` before clipping, where the loop has it (see
+        `MicroGradientNorms.window_result`)."""
         measured = None
         if self._micro is not None:
-            measured = self._micro.window_result()
+            measured = self._micro.window_result(big_sq)
         elif self._hook is not None:
-            measured = self._hook.window_result(local_items, total_items, reduce_mean)
+            measured = self._hook.window_result(local_items, total_items, reduce_mean, big_sq)
         if measured is not None:
             self.tracker.update(*measured)
         return self.tracker.b_simple

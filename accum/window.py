@@ -35,7 +35,7 @@ import torch
 from accum.accelerator import begin_window
 from accum.deepspeed_steps import engine_steps_of, pad_to_engine, refuse_token_cutting
 from accum.loss import backward_scale
-from accum.noise import NoiseMeter
+from accum.noise import NoiseMeter, clip_norm_serves_noise
 from accum.oom import is_oom, measured_peak, start_peak_measurement
 from accum.plan import Plan
 from accum.recovery import AdaptiveBatch, Decision, OutOfMemoryError, advice, limit_of, run_with_recovery
@@ -317,6 +317,8 @@ class Accumulator:
         # leave the others waiting; the gradients are averaged once every rank has succeeded
         self.defer_sync = self.adaptive is not None and accelerator.num_processes > 1
         self.noise = self._setup_noise(noise_scale, plan)
+        self._noise_from_clip = self.noise is not None and clip_norm_serves_noise(
+            self.engine, self.model, loss_scaled=self.accelerator.scaler is not None)
         self._undo = StepUndo() if nonfinite == "skip" else None
 
     # -- setup --------------------------------------------------------------------------------------
@@ -405,11 +407,16 @@ class Accumulator:
                 all_reduce_gradients(self.model, accelerator.num_processes)
             self._after_window(agreed[1], adjustments)
         b_simple = None
-        if self.noise is not None:  # before clipping changes the gradients
+        if self.noise is not None and not self._noise_from_clip:  # before clipping changes the gradients
             b_simple = self.noise.finish_window(local_items, window_items, lambda t: accelerator.reduce(t, "mean"))
         padded = torch.tensor(float(sum(m.padded for m in ran)), dtype=torch.float64, device=loss_sum.device)
         sums = accelerator.reduce(torch.stack([loss_sum.double(), padded]), "sum")
-        grad_norm, lr, skipped, reason, window_loss, padded_tokens = self._optimizer_step(sums, window_items)
+        norm = self._clip()
+        if self._noise_from_clip:  # the meter's big batch is the window's gradient, whose norm clipping took
+            big_sq = norm.double().square() if norm is not None else None
+            b_simple = self.noise.finish_window(local_items, window_items, lambda t: accelerator.reduce(t, "mean"),
+                                                big_sq)
+        grad_norm, lr, skipped, reason, window_loss, padded_tokens = self._optimizer_step(sums, norm, window_items)
         self.stats.record_window(len(ran), len(samples), window_tokens, int(padded_tokens))
         record = self.stats.record_optimizer_step(loss=window_loss, grad_norm=grad_norm, lr=lr, skipped=skipped)
         result = WindowResult(
@@ -509,16 +516,20 @@ class Accumulator:
         scaler = self.accelerator.scaler
         return float(scaler.get_scale()) if scaler is not None else 1.0
 
-    def _optimizer_step(self, sums: torch.Tensor, window_items: int):
-        """Clip, refuse non-finite, step, schedule, zero: once per window. `sums` is the window's
-        [loss sum, padded tokens] on the device, all ranks together: it comes to the host with the
-        gradient norm in the window's one transfer after its last backward. Returns (grad norm, the LR
-        the step used, skipped, why skipped, mean loss per item, padded tokens)."""
-        accelerator, optimizer = self.accelerator, self.optimizer
-        lr = float(optimizer.param_groups[0]["lr"])
+    def _clip(self) -> torch.Tensor | None:
+        """Clip the window's gradients to max_grad_norm (none: measure only); their norm before
+        clipping, unscaled under fp16, on the device (None where the engine does not say)."""
         max_norm = self.max_grad_norm if self.max_grad_norm else float("inf")
         # clipping a NaN window's gradients is harmless: a refused window's gradients are dropped
-        norm = clip_grad_norm(accelerator, self.model, max_norm)  # over all shards under FSDP
+        return clip_grad_norm(self.accelerator, self.model, max_norm)  # over all shards under FSDP
+
+    def _optimizer_step(self, sums: torch.Tensor, norm: torch.Tensor | None, window_items: int):
+        """Refuse non-finite, step, schedule, zero: once per window, after clipping (`norm`). `sums` is
+        the window's [loss sum, padded tokens] on the device, all ranks together: it comes to the host
+        with the gradient norm in the window's one transfer after its last backward. Returns (grad norm,
+        the LR the step used, skipped, why skipped, mean loss per item, padded tokens)."""
+        accelerator, optimizer = self.accelerator, self.optimizer
+        lr = float(optimizer.param_groups[0]["lr"])
         norm = torch.as_tensor(norm if norm is not None else float("nan"), dtype=torch.float64).to(sums.device)
         loss_sum, padded_tokens, grad_norm = torch.cat([sums, norm.reshape(1)]).tolist()
         window_loss = loss_sum / max(window_items, 1)

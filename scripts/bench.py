@@ -408,9 +408,9 @@ def bench_noise(cfg: dict, workdir: Path) -> dict:
 
 def meter_cost(base, data, micro: int, accum: int, windows: int) -> dict:
     """What the noise meter (accum.noise.MicroGradientNorms: its gradient hooks, start_window,
-    after_backward per micro-batch, window_result) costs the micro-steps it rides on, two ways, from
-    windows of forward + backward on one model run alternately with the meter and without (A B, B A,
-    ...), the first pair left out:
+    after_backward per micro-batch, window_result with clipping's norm, as train() hands it over) costs
+    the micro-steps it rides on, two ways, from windows of forward + backward + clipping on one model run
+    alternately with the meter and without (A B, B A, ...), the first pair left out:
 
     - own: the wall time inside the meter's own hooks and calls (each of its gradient hooks is
       bracketed by two timing hooks registered around it, present in both arms), per micro-step and
@@ -459,8 +459,10 @@ def meter_cost(base, data, micro: int, accum: int, windows: int) -> dict:
             torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").backward()
             if metered:
                 timed(meter.after_backward, micro)
+        # as train() does: clipping takes the window's norm in both arms, and the meter takes it from there
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         if metered:
-            timed(meter.window_result)  # also disarms the hooks for the unmetered window
+            timed(meter.window_result, norm.double().square())  # also disarms the hooks for the unmetered window
         return clocks()[0] - wall, clocks()[1] - cpu, own[0]
 
     own_ms, own_fraction, extra_ms, fraction, fraction_wall = [], [], [], [], []

@@ -137,6 +137,50 @@ def test_the_fused_noise_meter_measures_what_the_per_parameter_loop_measured():
     assert (trackers[0].b_simple is None) == (trackers[1].b_simple is None)
 
 
+def test_the_meter_takes_its_big_batch_norm_from_clipping_and_measures_the_same():
+    """The Accumulator hands the noise meter clipping's norm, squared, instead of letting it make its
+    own pass over .grad: window by window, the same measurement within 1e-6 relative as the meter's own
+    pass before clipping, with clipping active (max_grad_norm below the norms, so a norm read after
+    clipping would differ). With a loss scaler (fp16) the meter keeps its own pass."""
+    from accelerate import Accelerator
+
+    from accum import Accumulator, TaskLoss, pad_collate, plan_from_accumulation
+    from accum.noise import NoiseMeter, NoiseScaleTracker, clip_norm_serves_noise
+
+    class Recording(NoiseScaleTracker):  # the window norms the meter measured, as handed to the tracker
+        def update(self, *measured):
+            self.measured = measured
+            return super().update(*measured)
+
+    def measurements(from_clip: bool):
+        accelerator = Accelerator(cpu=True)
+        model = tiny_gpt2()
+        model_, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        accumulator = Accumulator(accelerator, model_, optimizer, plan_from_accumulation(2, 4), loss=TaskLoss("clm"),
+                                  collate=pad_collate("clm", 0), max_grad_norm=0.05,
+                                  noise_scale=NoiseMeter(model_, 1, 4, tracker=Recording()))
+        assert accumulator._noise_from_clip
+        accumulator._noise_from_clip = from_clip  # the other arm: the meter's own pass, before clipping
+        data, rows = varied_data("clm", 96), []
+        for window in range(12):
+            result = accumulator.step(data[window * 8:(window + 1) * 8])
+            assert result.grad_norm > 0.05 and not result.skipped  # clipping changed every window's gradients
+            rows.append(accumulator.noise.tracker.measured)  # (g_small_sq, b_small, g_big_sq, b_big)
+        return rows, accumulator.noise.tracker
+
+    (from_clip, clip_tracker), (own, own_tracker) = measurements(True), measurements(False)
+    for got, want in zip(from_clip, own, strict=True):
+        assert got == pytest.approx(want, rel=1e-6)
+    # B_simple is the ratio of these two averages (None while the |G|^2 one is not yet positive)
+    assert clip_tracker.g_sq == pytest.approx(own_tracker.g_sq, rel=1e-4)
+    assert clip_tracker.trace_sigma == pytest.approx(own_tracker.trace_sigma, rel=1e-4)
+    assert (clip_tracker.b_simple is None) == (own_tracker.b_simple is None)
+    model, half = tiny_gpt2(), tiny_gpt2().half()
+    assert clip_norm_serves_noise(None, model, False) and not clip_norm_serves_noise(None, half, False)
+    assert not clip_norm_serves_noise(None, model, loss_scaled=True)
+    assert not any(clip_norm_serves_noise(engine, model, False) for engine in ("FSDP", "DeepSpeed"))
+
+
 def test_a_gradient_scaler_unscales_once_per_window_and_an_overflow_is_a_counted_skip():
     """fp16's loss scaling, on the CPU: a torch.amp.GradScaler handed to the Accelerator before
     prepare() scales every backward; clipping unscales once per window (not per micro-batch); an
