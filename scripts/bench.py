@@ -66,7 +66,7 @@ NUM_LABELS = 3
 # "tiny" a 2-layer BERT built from a config, for the quick run.
 FULL = {
     "model": "minilm", "threads": 1,
-    "overhead": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 5, "repeats": 10},
+    "overhead": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 9, "repeats": 10},
     "noise": {"micro": 8, "accum": 4, "seq_len": 64, "optimizer_steps": 8, "repeats": 6, "meter_windows": 12},
     "integrity": {"micro": 8, "accum": 4, "seq_len": 64, "windows": 12},
     "data": {"samples": 512, "seq_len": 64, "optimizer_steps": 8, "repeats": 4, "max_memory": "650MiB"},
