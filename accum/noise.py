@@ -263,8 +263,8 @@ class MicroGradientNorms:
       a sparse embedding table's hook reads only its touched rows). N independent small batches per
       window: the lower-variance choice. The big batch is the window's `.grad`:
       one fused pass, or none where the loop hands over clipping's norm (`window_result(big_sq)`).
-      On a CPU, about 2% of a MiniLM micro-step of 8 x 64 tokens with sparse embedding gradients
-      (`make bench`).
+      On a CPU, 2.0-2.35% of a MiniLM micro-step of 8 x 64 tokens with sparse embedding gradients
+      (`make bench`): one read of the dense gradients, bound by memory bandwidth.
     - keep_previous=False: the prefix A_k (k < N) is itself the mean gradient of the first k
       micro-batches' items; no hooks, one pass over `.grad` per micro-batch, noisier.
 
@@ -357,8 +357,9 @@ class MicroGradientNorms:
 
         big_sq: the squared norm of `.grad` as the window left it (in `.grad`'s units: under fp16 with
         the loss scale in it), where the loop has it already: gradient clipping computes the window's
-        norm anyway (`clip_grad_norm_` returns it, unscaled: times the loss scale, squared). Then the
-        meter makes no pass over `.grad` of its own; without it, one fused pass."""
+        norm anyway (`clip_grad_norm_` returns it: squared; not under a loss scaler, see
+        `clip_norm_serves_noise`). Then the meter makes no pass over `.grad` of its own; without it,
+        one fused pass."""
         self._armed = False
         self._norms.clear()
         self._parts.clear()
@@ -376,9 +377,12 @@ class MicroGradientNorms:
             big_sq = self._last_sq
         # mean gradient of a batch of n items = (its share of .grad) / (c n)
         device = self._small_sq[0].device
-        big = torch.zeros((), device=device) if big_sq is None else torch.as_tensor(big_sq).to(device)
         # fp64 for a few numbers costs nothing and keeps an fp64 norm exact (MPS has no fp64)
         wide = torch.float32 if device.type == "mps" else torch.float64
+        if big_sq is None:
+            big = torch.zeros((), device=device)
+        else:
+            big = big_sq if torch.is_tensor(big_sq) else torch.tensor(float(big_sq), dtype=wide)
         *smalls, big_value = torch.stack([t.to(device, wide) for t in (*self._small_sq, big)]).tolist()  # one transfer
         g_small_sq = sum(s / (c * n) ** 2 for s, n in zip(smalls, sizes, strict=True)) / len(sizes)
         b_small = len(sizes) / sum(1.0 / n for n in sizes)  # E mean_k |g_k|^2 = |G|^2 + S mean_k(1/n_k)
@@ -571,7 +575,7 @@ class NoiseMeter:
     `.unavailable` is the one line to print when neither applies. Per window:
     `start_window(grad_scale)`, `after_backward(items)` after each micro-batch, then
     `finish_window(local_items, total_items, reduce_mean)` before clipping (or after it, with
-    `big_sq` = (clipping's norm x the loss scale) squared). `accum.Accumulator`
+    `big_sq` = clipping's norm squared, where `clip_norm_serves_noise` allows: no loss scaler). `accum.Accumulator`
     makes these calls in this order; a loop of one's own must too.
     """
 

@@ -413,7 +413,9 @@ class Accumulator:
         sums = accelerator.reduce(torch.stack([loss_sum.double(), padded]), "sum")
         norm = self._clip()
         if self._noise_from_clip:  # the meter's big batch is the window's gradient, whose norm clipping took
-            big_sq = norm.double().square() if norm is not None else None
+            # no norm (an engine that does not say): NaN, a window not measured, rather than a pass over
+            # gradients clipping may have changed
+            big_sq = norm.square() if norm is not None else float("nan")
             b_simple = self.noise.finish_window(local_items, window_items, lambda t: accelerator.reduce(t, "mean"),
                                                 big_sq)
         grad_norm, lr, skipped, reason, window_loss, padded_tokens = self._optimizer_step(sums, norm, window_items)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check, on a lent GPU machine (the device tool; README "GPU results"), in one call:
+# Every GPU check, on a GPU machine without network (README, "Benchmarks"), in one call:
 #   bash bench/gpu_run.sh "$OUT" [SECONDS]
 # That machine has torch, accelerate and transformers but not the rest: the wheels, the MiniLM
 # tokenizer files and the tweets travel in .carry/ (made by bench/gpu_carry.sh here). Sections run

@@ -164,7 +164,7 @@ def test_the_meter_takes_its_big_batch_norm_from_clipping_and_measures_the_same(
         data, rows = varied_data("clm", 96), []
         for window in range(12):
             result = accumulator.step(data[window * 8:(window + 1) * 8])
-            assert result.grad_norm > 0.05 and not result.skipped  # clipping changed every window's gradients
+            assert result.grad_norm > 0.2 and not result.skipped  # clipping shrank every window's gradient 4x or more
             rows.append(accumulator.noise.tracker.measured)  # (g_small_sq, b_small, g_big_sq, b_big)
         return rows, accumulator.noise.tracker
 
@@ -175,6 +175,12 @@ def test_the_meter_takes_its_big_batch_norm_from_clipping_and_measures_the_same(
     assert clip_tracker.g_sq == pytest.approx(own_tracker.g_sq, rel=1e-4)
     assert clip_tracker.trace_sigma == pytest.approx(own_tracker.trace_sigma, rel=1e-4)
     assert (clip_tracker.b_simple is None) == (own_tracker.b_simple is None)
+    accelerator = Accelerator(cpu=True)  # a loss scaler (fp16): the meter keeps its own pass before clipping
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    model = tiny_gpt2()
+    model_, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert not Accumulator(accelerator, model_, optimizer, plan_from_accumulation(2, 4), loss=TaskLoss("clm"),
+                           collate=pad_collate("clm", 0), noise_scale=True)._noise_from_clip
     model, half = tiny_gpt2(), tiny_gpt2().half()
     assert clip_norm_serves_noise(None, model, False) and not clip_norm_serves_noise(None, half, False)
     assert not clip_norm_serves_noise(None, model, loss_scaled=True)
